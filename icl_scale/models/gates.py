@@ -1,0 +1,163 @@
+"""Head and FFN gates applied in the forward pass with hooks.
+
+transformers 5.x ignores `head_mask` and has no `prune_heads`, so gates are installed as
+hooks that work the same for every supported family:
+
+* head gate g[l, h] multiplies head h's attention output, i.e. the input of layer l's output
+  projection viewed as (..., heads, head_dim) (a forward pre-hook on that projection);
+* FFN gate f[l] multiplies the FFN block's output before it is added to the residual stream
+  (a forward hook on the block's output module).
+
+Three uses:
+* fixed masks for evaluation: `Gates(adapter, head_mask=m, ffn_mask=f)`;
+* differentiable gates: pass tensors with requires_grad=True and differentiate the loss w.r.t.
+  them (d loss / d g[l, h] = sum over tokens of <head output, d loss / d head output>);
+* per-token probes (`record=True`): every forward creates ones-tensors of shape
+  (batch, seq, heads) / (batch, seq) that require grad, so one backward pass yields the
+  per-token contributions <head output, d loss / d head output> needed for sum-of-|.| importance.
+
+Model parameters are never touched. Leaving the context removes every hook.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import Adapter
+
+
+class MaskError(ValueError):
+    pass
+
+
+def check_mask(mask: torch.Tensor | None, shape: tuple[int, ...], name: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != shape:
+        raise MaskError(f"{name} has shape {tuple(mask.shape)} but this model needs {shape}; "
+                        f"build it with shape {shape} (layers{', heads' if len(shape) == 2 else ''})")
+    if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
+        raise MaskError(f"{name} has dtype {mask.dtype}; use a float (0.0/1.0) or bool tensor")
+    return mask
+
+
+class Gates:
+    """Context manager installing head/FFN gates on a model through its adapter."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        head_mask: torch.Tensor | None = None,
+        ffn_mask: torch.Tensor | None = None,
+        record: bool = False,
+    ):
+        g = adapter.geometry
+        self.adapter = adapter
+        self.head_mask = check_mask(head_mask, (g.n_layers, g.n_heads), "head_mask")
+        self.ffn_mask = check_mask(ffn_mask, (g.n_layers,), "ffn_mask")
+        self.record = record
+        self.head_probes: list[list[torch.Tensor]] = [[] for _ in range(g.n_layers)]
+        self.ffn_probes: list[list[torch.Tensor]] = [[] for _ in range(g.n_layers)]
+        self._handles: list = []
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def _head_gate(self, l: int):
+        g = self.adapter.geometry
+        mask = self.head_mask
+        row = None
+        if mask is not None:
+            row = mask[l]
+            # A fixed all-ones row is the identity: skip the multiply (keeps logits bit-identical
+            # and costs nothing).
+            if not row.requires_grad and bool((row == 1).all()):
+                row = None
+        if row is None and not self.record:
+            return None
+
+        def pre_hook(module, args, kwargs):
+            x = args[0]
+            shape = x.shape
+            xh = x.view(*shape[:-1], g.n_heads, g.head_dim)
+            if row is not None:
+                xh = xh * row.to(dtype=x.dtype, device=x.device)[:, None]
+            if self.record:
+                probe = torch.ones(shape[:-1] + (g.n_heads,), dtype=x.dtype, device=x.device,
+                                   requires_grad=True)
+                self.head_probes[l].append(probe)
+                xh = xh * probe[..., None]
+            return (xh.reshape(shape), *args[1:]), kwargs
+
+        return pre_hook
+
+    def _ffn_gate(self, l: int):
+        mask = self.ffn_mask
+        val = None
+        if mask is not None:
+            val = mask[l]
+            if not val.requires_grad and bool(val == 1):
+                val = None
+        if val is None and not self.record:
+            return None
+
+        def hook(module, args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            if val is not None:
+                y = y * val.to(dtype=y.dtype, device=y.device)
+            if self.record:
+                probe = torch.ones(y.shape[:-1], dtype=y.dtype, device=y.device, requires_grad=True)
+                self.ffn_probes[l].append(probe)
+                y = y * probe[..., None]
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        return hook
+
+    # --- context ----------------------------------------------------------------------------
+    def __enter__(self) -> "Gates":
+        ad = self.adapter
+        try:
+            for l in range(ad.geometry.n_layers):
+                h = self._head_gate(l)
+                if h is not None:
+                    self._handles.append(ad.o_proj(l).register_forward_pre_hook(h, with_kwargs=True))
+                f = self._ffn_gate(l)
+                if f is not None:
+                    self._handles.append(ad.ffn(l).register_forward_hook(f))
+        except Exception:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def probe_grads(self, loss: torch.Tensor, batch_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token contributions from one recorded forward pass.
+
+        Returns head [layers, batch, seq, heads] and ffn [layers, batch, seq]: entry (l, b, t, h)
+        is <head output, d loss / d head output> at token t, i.e. d loss / d gate for a gate that
+        acts on that token alone. Only the probes receive gradients (no parameter gradients).
+        """
+        if not self.record:
+            raise RuntimeError("probe_grads needs Gates(..., record=True)")
+        heads = [p for lst in self.head_probes for p in lst]
+        ffns = [p for lst in self.ffn_probes for p in lst]
+        n = self.adapter.geometry.n_layers
+        if len(heads) != n or len(ffns) != n:
+            raise RuntimeError(f"expected one recorded forward pass ({n} probes each), got "
+                               f"{len(heads)} head and {len(ffns)} FFN probes; call clear_probes() first")
+        grads = torch.autograd.grad(loss, heads + ffns)
+        b, t = batch_shape
+        head = torch.stack([g.reshape(b, t, -1) for g in grads[:n]])
+        ffn = torch.stack([g.reshape(b, t) for g in grads[n:]])
+        return head, ffn
+
+    def clear_probes(self) -> None:
+        for lst in self.head_probes + self.ffn_probes:
+            lst.clear()
