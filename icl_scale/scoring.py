@@ -1,0 +1,189 @@
+"""Log-likelihood engine for multiple-choice tasks.
+
+score(continuation | context) = sum over continuation tokens of log-softmax, with context and
+continuation tokenised separately (no special tokens) and concatenated, as the paper's harness
+(lm-eval 0.2.0) did; the model's document-start token (if any) goes first.
+
+Two implementations that must agree (tests check <= 1e-4 nats per choice):
+
+* `score_naive`: one full forward per (context, continuation) pair. The reference.
+* `score_requests`: each document's shared context is run once (length-sorted, right-padded
+  batches of documents) and kept as a KV cache; all continuations of those documents are then
+  scored in one more batched pass on top of the cached prefix. The first continuation token is
+  scored from the context pass, so single-token answers (" yes"/" no", " True"/...) need no
+  second pass at all. The unembedding runs only at positions whose log-probs are needed.
+
+Truncation: a sequence longer than `max_length + 1` tokens (context + continuation) loses tokens
+from the left of the context (the document-start token is kept); pairs that need it are scored
+by the naive path, which handles it exactly, so both paths give the same numbers.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .models.gates import Gates
+from .models.loading import LoadedModel
+from .tasks.base import Request
+
+
+@dataclass
+class ChoiceScore:
+    logprob: float  # summed log P(continuation tokens | context)
+    n_tokens: int  # continuation tokens scored
+
+
+class Tokenised:
+    """Token ids for every (context, continuation) pair, tokenised once per unique string."""
+
+    def __init__(self, lm: LoadedModel, requests: Sequence[Request]):
+        tok = lm.tokenizer
+        strings = sorted({s for r in requests for s in (*r.contexts, *r.continuations)})
+        enc = tok(strings, add_special_tokens=False)["input_ids"] if strings else []
+        self.ids = dict(zip(strings, enc))
+        self.start = list(lm.doc_start_ids)
+        self.max_len = lm.max_length
+
+    def context(self, s: str) -> list[int]:
+        return self.start + self.ids[s]
+
+    def continuation(self, s: str) -> list[int]:
+        ids = self.ids[s]
+        if not ids:
+            raise ValueError(f"continuation {s!r} tokenises to nothing; every choice needs at least one token")
+        return ids
+
+    def pair(self, ctx: str, cont: str) -> tuple[list[int], list[int]]:
+        """(input ids, continuation ids) with left truncation to max_length inputs."""
+        c, x = self.context(ctx), self.continuation(cont)
+        full = c + x
+        budget = self.max_len + 1  # the last token is only a target, never an input
+        if len(full) > budget:
+            keep = budget - len(self.start)
+            if len(x) >= keep:
+                raise ValueError(f"continuation of {len(x)} tokens does not fit max_length={self.max_len}")
+            full = self.start + full[len(full) - keep:]
+        return full[:-1], x
+
+    def fits(self, ctx: str, cont: str) -> bool:
+        return len(self.context(ctx)) + len(self.ids[cont]) <= self.max_len + 1
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _gates(lm: LoadedModel, head_mask, ffn_mask):
+    if head_mask is None and ffn_mask is None:
+        return nullcontext()
+    return Gates(lm.adapter, head_mask=head_mask, ffn_mask=ffn_mask)
+
+
+def _logprob_of(hidden: torch.Tensor, targets: torch.Tensor, unembed) -> torch.Tensor:
+    """log P(target) for each row of hidden [N, d] (unembedding applied only here)."""
+    logits = unembed(hidden).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ffn_mask=None,
+                batch_size: int = 1, progress: bool = False) -> list[list[ChoiceScore]]:
+    """Reference scorer: one full forward per (context, continuation) pair."""
+    tk = Tokenised(lm, requests)
+    pairs = [(i, j, *tk.pair(*r.pair(j))) for i, r in enumerate(requests) for j in range(r.n_choices)]
+    out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
+    pad = lm.tokenizer.pad_token_id
+    with _gates(lm, head_mask, ffn_mask):
+        for s in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="naive", leave=False):
+            chunk = pairs[s: s + batch_size]
+            ids, mask = _pad([p[2] for p in chunk], pad)
+            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for row, (i, j, inp, cont) in enumerate(chunk):
+                n = len(inp)
+                pos = torch.arange(n - len(cont), n, device=logp.device)
+                tgt = torch.tensor(cont, device=logp.device)
+                out[i][j] = ChoiceScore(float(logp[row, pos, tgt].sum()), len(cont))
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ffn_mask=None,
+                   batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> list[list[ChoiceScore]]:
+    """Prefix-cached scorer (see module docstring). `batch_size` = documents per context pass."""
+    tk = Tokenised(lm, requests)
+    out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
+    # Work units: (request index, context string, [choice indices sharing it]).
+    units, overflow = [], []
+    for i, r in enumerate(requests):
+        by_ctx: dict[str, list[int]] = {}
+        for j in range(r.n_choices):
+            ctx, cont = r.pair(j)
+            if tk.fits(ctx, cont):
+                by_ctx.setdefault(ctx, []).append(j)
+            else:
+                overflow.append((i, j))
+        units += [(i, ctx, js) for ctx, js in by_ctx.items()]
+    # Longest contexts first: similar lengths share a batch (little padding), and memory peaks early.
+    units.sort(key=lambda u: -len(tk.context(u[1])))
+    base = lm.model.base_model
+    unembed = lm.model.get_output_embeddings()
+    pad = lm.tokenizer.pad_token_id
+    dev = lm.device
+    with _gates(lm, head_mask, ffn_mask):
+        bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
+        for s in range(0, len(units), batch_size):
+            chunk = units[s: s + batch_size]
+            ctx_rows = [tk.context(u[1]) for u in chunk]
+            ctx_len = torch.tensor([len(c) for c in ctx_rows])
+            ids, mask = _pad(ctx_rows, pad)
+            res = base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+            last = res.last_hidden_state[torch.arange(len(chunk)), (ctx_len - 1).to(dev)]  # [B, d]
+            cache = res.cache
+            # One row per continuation: (unit, request, choice, tokens).
+            rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]))
+                    for u, (i, _, js) in enumerate(chunk) for j in js]
+            unit_idx = torch.tensor([r[0] for r in rows], device=dev)
+            first_tok = torch.tensor([r[3][0] for r in rows], device=dev)
+            first = _logprob_of(last[unit_idx], first_tok, unembed)  # [N]
+            rest = torch.zeros(len(rows), device=dev)
+            tails = [r[3][:-1] for r in rows]  # inputs that predict tokens 1..m-1
+            if max(len(t) for t in tails) > 0:
+                cache.batch_select_indices(unit_idx)  # repeat each document's prefix per choice
+                x_ids, x_mask = _pad([t if t else [pad] for t in tails], pad)
+                x_mask[[k for k, t in enumerate(tails) if not t], 0] = 0
+                x_ids, x_mask = x_ids.to(dev), x_mask.to(dev)
+                full_mask = torch.cat([mask.to(dev)[unit_idx], x_mask], dim=1)
+                pos = ctx_len.to(dev)[unit_idx, None] + torch.arange(x_ids.shape[1], device=dev)[None]
+                h = base(input_ids=x_ids, attention_mask=full_mask, position_ids=pos, cache=cache,
+                         use_cache=True).last_hidden_state  # [N, Lx, d]
+                targets = torch.zeros_like(x_ids)
+                for k, r in enumerate(rows):
+                    targets[k, : len(r[3]) - 1] = torch.tensor(r[3][1:], device=dev)
+                sel = x_mask.bool() & (torch.arange(x_ids.shape[1], device=dev)[None] <
+                                       torch.tensor([len(t) for t in tails], device=dev)[:, None])
+                lp = _logprob_of(h[sel], targets[sel], unembed)
+                rest = torch.zeros(len(rows), device=dev).index_add_(0, sel.nonzero()[:, 0], lp)
+            total = (first + rest).tolist()
+            for k, (_, i, j, toks) in enumerate(rows):
+                out[i][j] = ChoiceScore(total[k], len(toks))
+            del cache, res
+            bar.update(len(chunk))
+        bar.close()
+    if overflow:  # left-truncated pairs: exact naive path
+        idx = sorted({i for i, _ in overflow})
+        nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], head_mask, ffn_mask, batch_size=1)))
+        for i, j in overflow:
+            out[i][j] = nv[i][j]
+    return out  # type: ignore[return-value]
