@@ -41,3 +41,22 @@ def get_model(name: str):
 @pytest.fixture(scope="session")
 def smollm():
     return get_model("smollm2-135m")
+
+
+def compose(*overrides: str) -> dict:
+    """The resolved job config, exactly as jobs/*.py would see it with these overrides."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hcompose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def tiny_shard_cfg(root, task="copa", shot=1, model="tiny-opt", *extra):
+    d = data_dir()
+    return compose(f"model={model}", f"task={task}", f"shot={shot}", f"store.root={root}",
+                   f"data.dir={d}", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=3",
+                   "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]",
+                   "progress=false", "importance.checkpoint_every=1", *extra)

@@ -28,7 +28,8 @@ class Request:
     # Extras some metrics need (kept JSON-serialisable):
     group: str | None = None  # MultiRC: question id (a question is right only if all answers are)
     answers: list[str] = field(default_factory=list)  # ReCoRD: gold answer strings for EM/F1
-    choice_texts: list[str] = field(default_factory=list)  # ReCoRD: entity of each choice
+    # ReCoRD: entity of each choice; multiple-choice tasks: bare choice text (acc_norm divides by its length)
+    choice_texts: list[str] = field(default_factory=list)
 
     @property
     def n_choices(self) -> int:

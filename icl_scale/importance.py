@@ -1,0 +1,171 @@
+"""Task-specific importance of every attention head and FFN block.
+
+Gradient importance (paper Eq. 8-9, after Michel et al. 2019): for each training example the input
+is the k-shot context plus the gold continuation, the loss is the mean NLL of the continuation
+tokens, and
+
+    I[l, h] = (1 / T) * sum over examples, over token positions t of |<o_{l,h}(t), dL/do_{l,h}(t)>|
+
+where o_{l,h}(t) is head h's attention output at token t (the input of the output projection) and
+T the total number of input tokens. <o, dL/do> at one token is exactly dL/dg for a gate g that
+scales that head at that token, so one backward pass to per-token gate probes gives every head and
+every FFN at once (icl_scale.models.gates, record=True). No parameter gradients are computed.
+
+Options: `abs_mode="sum"` takes |sum over tokens| per example instead of sum over tokens of |.|
+(the head-mask gradient of the original code); `normalize_layers=True` divides each layer's head
+scores by their L2 norm (Michel et al.).
+
+FFN knock-out importance (the paper's FFN ranking): accuracy drop when FFN l alone is removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .models.gates import Gates
+from .models.loading import LoadedModel
+from .scoring import Tokenised, _pad
+from .tasks.base import Request
+
+ABS_MODES = ("per_token", "sum")
+
+
+@dataclass
+class ImportanceState:
+    """Running sums; checkpointable (all tensors / ints)."""
+
+    heads: torch.Tensor  # [L, H] sum of |contributions|
+    ffn: torch.Tensor  # [L]
+    n_examples: int = 0
+    n_tokens: int = 0
+
+    @classmethod
+    def zeros(cls, lm: LoadedModel) -> "ImportanceState":
+        g = lm.adapter.geometry
+        return cls(torch.zeros(g.n_layers, g.n_heads, dtype=torch.float64), torch.zeros(g.n_layers, dtype=torch.float64))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"heads_sum": self.heads, "ffn_sum": self.ffn,
+                "counts": torch.tensor([self.n_examples, self.n_tokens], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "ImportanceState":
+        n_ex, n_tok = (int(x) for x in t["counts"])
+        return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok)
+
+    def result(self, normalize_layers: bool = False) -> dict[str, torch.Tensor]:
+        if self.n_tokens == 0:
+            raise ValueError("no importance examples were processed (importance.n_examples must be >= 1)")
+        heads = (self.heads / self.n_tokens).float()
+        ffn = (self.ffn / self.n_tokens).float()
+        if normalize_layers:
+            heads = heads / heads.norm(dim=1, keepdim=True).clamp_min(1e-20)
+        return {"heads": heads, "ffn": ffn}
+
+
+def importance_inputs(lm: LoadedModel, requests: Sequence[Request]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, gold continuation ids) per example: the same tokenisation as the scorer."""
+    tk = Tokenised(lm, requests)
+    return [tk.pair(*r.pair(r.gold_index())) for r in requests]
+
+
+def gradient_importance(
+    lm: LoadedModel,
+    requests: Sequence[Request],
+    batch_size: int = 4,
+    head_mask: torch.Tensor | None = None,
+    ffn_mask: torch.Tensor | None = None,
+    abs_mode: str = "per_token",
+    state: ImportanceState | None = None,
+    on_batch: Callable[[ImportanceState], None] | None = None,
+    progress: bool = False,
+) -> ImportanceState:
+    """Accumulate gradient importance over `requests` (resuming from `state.n_examples`).
+
+    `head_mask`/`ffn_mask` (fixed 0/1) apply while scoring: used by iterative pruning, where a
+    removed component's importance is then exactly 0. `on_batch(state)` runs after every batch
+    (checkpointing)."""
+    if abs_mode not in ABS_MODES:
+        raise ValueError(f"importance.abs={abs_mode!r}; use one of {', '.join(ABS_MODES)}")
+    state = state or ImportanceState.zeros(lm)
+    examples = importance_inputs(lm, requests)
+    base = lm.model.base_model
+    unembed = lm.model.get_output_embeddings()
+    pad = lm.tokenizer.pad_token_id
+    dev = lm.device
+    todo = range(state.n_examples, len(examples), batch_size)
+    bar = tqdm(total=len(examples), initial=state.n_examples, disable=not progress, desc="importance",
+               unit="ex", leave=False)
+    with Gates(lm.adapter, head_mask=head_mask, ffn_mask=ffn_mask, record=True) as gates:
+        for s in todo:
+            chunk = examples[s: s + batch_size]
+            ids, mask = _pad([inp for inp, _ in chunk], pad)
+            ids, mask = ids.to(dev), mask.to(dev)
+            b, t = ids.shape
+            # Continuation positions and targets; each example's loss is its own mean NLL.
+            rows, pos, tgt, weight = [], [], [], []
+            for i, (inp, cont) in enumerate(chunk):
+                n, m = len(inp), len(cont)
+                rows += [i] * m
+                pos += range(n - m, n)
+                tgt += cont
+                weight += [1.0 / m] * m
+            rows_t = torch.tensor(rows, device=dev)
+            pos_t = torch.tensor(pos, device=dev)
+            gates.clear_probes()
+            with torch.enable_grad():
+                h = base(input_ids=ids, attention_mask=mask).last_hidden_state
+                logits = unembed(h[rows_t, pos_t]).float()  # unembed only where the loss needs it
+                nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(tgt, device=dev)[:, None]).squeeze(-1)
+                loss = (nll * torch.tensor(weight, device=dev)).sum()  # sum over examples of mean NLL
+                head_c, ffn_c = gates.probe_grads(loss, (b, t))  # [L, b, t, H], [L, b, t]
+            # Rows never interact (causal attention, right padding), so row i holds example i's
+            # contributions; pad positions get exactly zero gradient.
+            if abs_mode == "per_token":
+                state.heads += head_c.abs().sum(dim=(1, 2)).double().cpu()
+                state.ffn += ffn_c.abs().sum(dim=(1, 2)).double().cpu()
+            else:
+                state.heads += head_c.sum(dim=2).abs().sum(dim=1).double().cpu()
+                state.ffn += ffn_c.sum(dim=2).abs().sum(dim=1).double().cpu()
+            state.n_examples += len(chunk)
+            state.n_tokens += int(mask.sum())
+            gates.clear_probes()
+            bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(state)
+    bar.close()
+    return state
+
+
+def ffn_knockout(
+    lm: LoadedModel,
+    evaluate: Callable[[torch.Tensor | None, torch.Tensor | None], float],
+    head_mask: torch.Tensor | None = None,
+    done: dict[int, float] | None = None,
+    on_layer: Callable[[int, float], None] | None = None,
+    progress: bool = False,
+) -> tuple[float, torch.Tensor]:
+    """Accuracy drop when FFN l alone is removed, for every layer.
+
+    `evaluate(head_mask, ffn_mask) -> accuracy` on the knock-out split; `done` holds accuracies
+    already measured (resume) keyed by layer, with -1 for the baseline."""
+    n = lm.adapter.geometry.n_layers
+    done = dict(done or {})
+    if -1 not in done:
+        done[-1] = evaluate(head_mask, None)
+        if on_layer:
+            on_layer(-1, done[-1])
+    for l in tqdm(range(n), disable=not progress, desc="ffn knock-out", leave=False):
+        if l in done:
+            continue
+        m = torch.ones(n)
+        m[l] = 0
+        done[l] = evaluate(head_mask, m)
+        if on_layer:
+            on_layer(l, done[l])
+    base = done[-1]
+    return base, torch.tensor([base - done[l] for l in range(n)], dtype=torch.float32)

@@ -1,0 +1,187 @@
+"""The results store: one folder per (model, task, shot) shard, written atomically.
+
+    <root>/<model>/<task>/<shot>shot/
+        manifest.json            resolved config, config hash, versions, timings, status
+        importance.safetensors   heads [L, H], ffn [L], ffn_knockout [L] (float32)
+        masks/*.safetensors      the pruning masks of every curve level
+        curves.json              accuracy at every pruning level (heads, ffn, combined grid)
+        samples/*.jsonl          per-level per-doc eval samples
+        checkpoint/              progress inside a running shard (removed when complete)
+
+Every file is written to a temporary name in the same folder and renamed into place (atomic on
+POSIX), so a reader never sees a half-written file. A shard is complete only when its manifest
+says `status: complete`; a rerun with the same config hash then does no work. No pickle: tensors
+are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+# --- atomic primitives ------------------------------------------------------------------------
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_bytes(path, "".join(json.dumps(r, default=str) + "\n" for r in rows).encode())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes(path, data)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path} is corrupt ({e.msg} at line {e.lineno}); delete it or rerun with force=true") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise StoreError(f"{path} is not a readable safetensors file ({e}); rerun the shard with force=true") from None
+
+
+def config_hash(cfg: dict) -> str:
+    """Hash of the settings that change results (callers drop paths, launcher, wandb...)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("icl_scale", "torch", "transformers", "safetensors", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_writable(root: Path) -> Path:
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise StoreError(f"store.root={root} is not writable ({e.strerror}); set store.root to a writable folder") from None
+    return root
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+def safe_name(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))
+
+
+class Shard:
+    """One (model, task, shot) result folder."""
+
+    def __init__(self, root: Path | str, model: str, task: str, shot: int):
+        self.root = Path(root)
+        self.model, self.task, self.shot = model, task, int(shot)
+        self.path = self.root / safe_name(model) / safe_name(task) / f"{self.shot}shot"
+
+    def __repr__(self) -> str:
+        return f"Shard({self.model}/{self.task}/{self.shot}shot)"
+
+    # manifest
+    def manifest(self) -> dict | None:
+        p = self.path / MANIFEST
+        return read_json(p) if p.exists() else None
+
+    def is_complete(self, cfg_hash: str | None = None) -> bool:
+        m = self.manifest()
+        return bool(m and m.get("status") == "complete" and (cfg_hash is None or m.get("config_hash") == cfg_hash))
+
+    def write_manifest(self, **fields) -> dict:
+        m = {}
+        p = self.path / MANIFEST
+        if p.exists():
+            try:
+                m = read_json(p)
+            except StoreError:
+                m = {}
+        m.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_json(p, m)
+        return m
+
+    # files
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def ckpt(self, name: str) -> Path:
+        return self.path / "checkpoint" / name
+
+    def clear_checkpoint(self) -> None:
+        d = self.path / "checkpoint"
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        return read_tensors(self.file("importance.safetensors"))
+
+    def curves(self) -> dict:
+        return read_json(self.file("curves.json"))
+
+
+def list_shards(root: Path | str) -> list[Shard]:
+    """Every shard folder under root (complete or not), sorted."""
+    root = Path(root)
+    out = []
+    for m in sorted(root.glob("*/*/*shot")):
+        if m.is_dir() and m.name[:-4].isdigit():
+            model, task = m.parent.parent.name, m.parent.name
+            out.append(Shard(root, model, task, int(m.name[:-4])))
+    return out

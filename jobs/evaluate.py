@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Evaluate one (task, shot) on a model, optionally with head/FFN masks; writes
+out_dir/metrics.json and out_dir/samples.jsonl.
+
+    python jobs/evaluate.py task=piqa shot=5 eval.limit=100 out_dir=runs/piqa5
+    python jobs/evaluate.py model=tiny-opt task=copa shot=1 out_dir=runs/x \
+        head_mask=store/smollm2-135m/copa/1shot/masks/heads_50.safetensors
+
+A mask file is a safetensors file holding one tensor (key `mask`): [layers, heads] for heads,
+[layers] for FFNs, 1 = keep, 0 = remove.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+
+from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@one_line_errors
+def main(cfg) -> None:
+    quiet_libraries()
+    import time
+
+    from icl_scale.models import load_model
+    from icl_scale.shard import Evaluator, primary_metric
+    from icl_scale.store import check_writable, read_tensors, write_json, write_jsonl
+    from icl_scale.tasks import build_requests
+
+    c = to_dict(cfg)
+    if not c.get("out_dir"):
+        raise ValueError("out_dir is required: add out_dir=<folder> to the command")
+    out = check_writable(Path(c["out_dir"]))
+    masks = {}
+    for key in ("head_mask", "ffn_mask"):
+        if c.get(key):
+            t = read_tensors(Path(c[key]))
+            if len(t) != 1:
+                raise ValueError(f"{key}={c[key]} holds {len(t)} tensors; it needs exactly one (key 'mask')")
+            masks[key] = next(iter(t.values()))
+    ev = c["eval"]
+    reqs = build_requests(c["task"], split=ev.get("split"), shot=int(c["shot"]), seed=int(c.get("seed", 0)),
+                          limit=ev.get("limit"), data_dir=(c.get("data") or {}).get("dir"))
+    lm = load_model(c["model"])
+    t0 = time.time()
+    metrics, per_doc = Evaluator(lm, c["task"], int(ev.get("batch_size", 8)), bool(c.get("progress")))(
+        reqs, masks.get("head_mask"), masks.get("ffn_mask"))
+    dt = time.time() - t0
+    rows = [{"request": r.to_json(), **d} for r, d in zip(reqs, per_doc)]
+    write_jsonl(out / "samples.jsonl", rows)
+    write_json(out / "metrics.json", {"model": lm.name, "task": c["task"], "shot": c["shot"], "n": len(reqs),
+                                      "metrics": metrics, "seconds": round(dt, 2),
+                                      "head_mask": c.get("head_mask"), "ffn_mask": c.get("ffn_mask")})
+    m = primary_metric(c["task"])
+    v = metrics[m]
+    print(f"{lm.name} {c['task']} {c['shot']}-shot: {m}={v['value']:.4f} "
+          f"(95% CI {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}, n={v['n']}) in {dt:.1f} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()
