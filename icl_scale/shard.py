@@ -90,8 +90,24 @@ def _level_key(p: float) -> str:
 
 def run_shard(cfg: dict, lm: LoadedModel | None = None, fail_after: str | None = None) -> dict:
     """Run (or resume, or skip) one shard. `cfg` is the resolved config as a plain dict.
-    `fail_after` (tests only) raises after the named stage to simulate a crash."""
+    `fail_after` (tests only) raises after the named stage to simulate a crash.
+
+    A failure is recorded in the manifest (status `failed`, the error) so the reducer can name it;
+    finished stages stay checkpointed and the next run resumes from them."""
     validate(cfg)
+    shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]))
+    try:
+        return _run_shard(cfg, lm, fail_after)
+    except BaseException as e:
+        if shard.path.exists():
+            try:
+                shard.write_manifest(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            except Exception:  # never mask the original error
+                pass
+        raise
+
+
+def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dict:
     task, shot = cfg["task"], int(cfg["shot"])
     root = check_writable(cfg["store"]["root"])
     shard = Shard(root, cfg["model"]["name"], task, shot)

@@ -37,11 +37,21 @@ class StoreError(RuntimeError):
 
 # --- atomic primitives ------------------------------------------------------------------------
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should be readable like any file
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

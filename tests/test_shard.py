@@ -85,7 +85,8 @@ def test_injected_failure_resumes_to_identical_result(complete, tmp_path):
         with pytest.raises(RuntimeError, match=f"injected failure after stage {stage}"):
             run_shard(cfg2, lm=lm, fail_after=stage)
         sh = Shard(tmp_path, "tiny-opt", "copa", 1)
-        assert sh.manifest()["status"] == "running" and not sh.is_complete()
+        assert sh.manifest()["status"] == "failed" and not sh.is_complete()
+        assert f"injected failure after stage {stage}" in sh.manifest()["error"]
         assert not [f for f in _files(tmp_path) if f.endswith(".tmp")]  # nothing half-written
         assert not sh.file("curves.json").exists()
     assert (sh.path / "checkpoint" / "importance_state.safetensors").exists()

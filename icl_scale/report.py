@@ -1,0 +1,347 @@
+"""Aggregation across shards: tables, rank comparisons and the paper's figures.
+
+Reads only the store (never the model). Shards that are missing, failed, still running or
+corrupt are named in the result and skipped; everything else is aggregated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from .store import Shard, StoreError, list_shards, read_json, read_tensors, write_bytes, write_json
+
+INDUCTION_FILE = "induction/scores.safetensors"
+
+
+@dataclass
+class ShardData:
+    shard: Shard
+    curves: dict
+    importance: dict[str, torch.Tensor]
+    manifest: dict
+
+
+@dataclass
+class Collected:
+    ok: list[ShardData] = field(default_factory=list)
+    problems: list[dict] = field(default_factory=list)  # {"shard", "status", "reason"}
+
+    def by_key(self) -> dict[tuple[str, str, int], ShardData]:
+        return {(d.shard.model, d.shard.task, d.shard.shot): d for d in self.ok}
+
+
+def collect(root: Path | str, model: str | None = None, expected: list[tuple[str, int]] | None = None) -> Collected:
+    """Load every complete shard; classify the others as failed / incomplete / corrupt / missing."""
+    out = Collected()
+    seen = set()
+    for sh in list_shards(root):
+        if model is not None and sh.model != model:
+            continue
+        seen.add((sh.task, sh.shot))
+        name = f"{sh.model}/{sh.task}/{sh.shot}shot"
+        try:
+            m = sh.manifest()
+        except StoreError as e:
+            out.problems.append({"shard": name, "status": "corrupt", "reason": str(e)})
+            continue
+        if m is None:
+            out.problems.append({"shard": name, "status": "incomplete", "reason": "no manifest"})
+            continue
+        if m.get("status") != "complete":
+            reason = m.get("error") or f"status {m.get('status')!r} (still running, killed, or preempted)"
+            out.problems.append({"shard": name, "status": m.get("status", "unknown"), "reason": reason})
+            continue
+        try:
+            imp = read_tensors(sh.file("importance.safetensors"))
+            curves = read_json(sh.file("curves.json"))
+            for key in ("heads", "ffn", "ffn_knockout"):
+                if key not in imp:
+                    raise StoreError(f"importance.safetensors lacks {key!r}")
+            L = imp["ffn"].shape[0]
+            if imp["heads"].dim() != 2 or imp["heads"].shape[0] != L or imp["ffn_knockout"].shape != (L,):
+                raise StoreError(f"importance tensors have inconsistent shapes {tuple(imp['heads'].shape)}, "
+                                 f"{tuple(imp['ffn'].shape)}, {tuple(imp['ffn_knockout'].shape)}")
+        except (StoreError, OSError) as e:
+            out.problems.append({"shard": name, "status": "corrupt", "reason": str(e)})
+            continue
+        out.ok.append(ShardData(sh, curves, imp, m))
+    for task, shot in expected or []:
+        if (task, shot) not in seen:
+            out.problems.append({"shard": f"{model}/{task}/{shot}shot", "status": "missing",
+                                 "reason": "no shard folder (job never started or failed before writing)"})
+    return out
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+def curve_table(col: Collected) -> list[dict]:
+    """One row per (shard, curve kind, level)."""
+    rows = []
+    for d in col.ok:
+        c = d.curves
+        for kind in ("heads", "ffn"):
+            for r in c[kind]:
+                m = r["metrics"][c["metric"]]
+                rows.append({"model": d.shard.model, "task": d.shard.task, "shot": d.shard.shot, "kind": kind,
+                             "level": r["level"], "metric": c["metric"], "value": m["value"],
+                             "ci_lo": m["ci95"][0], "ci_hi": m["ci95"][1], "n": m["n"]})
+        for r in c.get("combined", []):
+            m = r["metrics"][c["metric"]]
+            rows.append({"model": d.shard.model, "task": d.shard.task, "shot": d.shard.shot, "kind": "combined",
+                         "level": f"h{r['head_level']:g}_f{r['ffn_level']:g}", "metric": c["metric"],
+                         "value": m["value"], "ci_lo": m["ci95"][0], "ci_hi": m["ci95"][1], "n": m["n"]})
+    return rows
+
+
+def summary_table(col: Collected) -> list[dict]:
+    rows = []
+    for d in col.ok:
+        c = d.curves
+        heads = {r["level"]: r["value"] for r in c["heads"]}
+        ffn = {r["level"]: r["value"] for r in c["ffn"]}
+        base = heads.get(0.0, float("nan"))
+        row = {"model": d.shard.model, "task": d.shard.task, "shot": d.shard.shot, "metric": c["metric"],
+               "unpruned": base, "n_eval": c["n_eval"], "n_importance": c["n_importance"],
+               "seconds": d.manifest.get("timings", {}).get("total")}
+        for p, v in sorted(heads.items()):
+            row[f"heads_{p:g}"] = v
+        for p, v in sorted(ffn.items()):
+            row[f"ffn_{p:g}"] = v
+        # Largest head-pruning level whose accuracy stays within 1 point of unpruned.
+        row["heads_prunable_1pt"] = max([p for p, v in heads.items() if v >= base - 0.01], default=0.0)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["task"], r["shot"]))
+
+
+def to_csv(rows: list[dict]) -> bytes:
+    if not rows:
+        return b""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+# --- rank comparisons -------------------------------------------------------------------------------
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, frac: float = 0.2) -> float:
+    """Fraction of a's top-`frac` heads that are also in b's top-`frac` heads."""
+    k = max(1, int(round(frac * a.numel())))
+    ta = set(torch.topk(a.flatten(), k).indices.tolist())
+    tb = set(torch.topk(b.flatten(), k).indices.tolist())
+    return len(ta & tb) / k
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    r = spearmanr(a.flatten().double().numpy(), b.flatten().double().numpy()).statistic
+    return float(r) if not math.isnan(r) else float("nan")
+
+
+def rank_comparison(col: Collected, shot: int, key: str = "heads") -> dict:
+    """Spearman and top-20% overlap between every pair of tasks' importance rankings at one shot."""
+    ds = sorted((d for d in col.ok if d.shard.shot == shot), key=lambda d: d.shard.task)
+    tasks = [d.shard.task for d in ds]
+    n = len(ds)
+    sp = np.full((n, n), np.nan)
+    ov = np.full((n, n), np.nan)
+    for i in range(n):
+        for j in range(n):
+            sp[i, j] = spearman(ds[i].importance[key], ds[j].importance[key])
+            ov[i, j] = top_overlap(ds[i].importance[key], ds[j].importance[key])
+    return {"shot": shot, "component": key, "tasks": tasks, "spearman": sp.tolist(), "top20_overlap": ov.tolist()}
+
+
+def induction_relation(col: Collected, induction: dict[str, torch.Tensor]) -> list[dict]:
+    """Per shard: Spearman and top-20% overlap of head importance with prefix matching and copying,
+    and the retained induction capacity as heads are pruned by the task ranking (paper Fig. 11)."""
+    from .pruning import prune_mask
+
+    rows = []
+    for d in col.ok:
+        imp = d.importance["heads"]
+        if imp.shape != induction["prefix_matching"].shape:
+            continue
+        row = {"task": d.shard.task, "shot": d.shard.shot}
+        for name in ("prefix_matching", "copying"):
+            s = induction[name].float()
+            row[f"spearman_{name}"] = spearman(imp, s)
+            row[f"overlap_{name}"] = top_overlap(imp, s)
+            total = s.clamp_min(0).sum().item()
+            row[f"retained_{name}"] = {
+                f"{p:g}": (float((s.clamp_min(0) * prune_mask(imp, p)).sum()) / total if total > 0 else float("nan"))
+                for p in range(0, 100, 10)}
+        rows.append(row)
+    return rows
+
+
+def load_induction(root: Path | str, model: str) -> dict[str, torch.Tensor] | None:
+    p = Path(root) / model / INDUCTION_FILE
+    if not p.exists():
+        return None
+    return read_tensors(p)
+
+
+# --- figures ------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_curves(col: Collected, kind: str, path: Path) -> Path | None:
+    """Accuracy vs % of heads (or FFNs) pruned: one panel per task, one line per shot."""
+    tasks = sorted({d.shard.task for d in col.ok})
+    if not tasks:
+        return None
+    plt = _plt()
+    ncol = min(4, len(tasks))
+    nrow = math.ceil(len(tasks) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for d in sorted((d for d in col.ok if d.shard.task == task), key=lambda d: d.shard.shot):
+            rows = d.curves[kind]
+            x = [r["level"] for r in rows]
+            y = [r["value"] for r in rows]
+            lo = [r["metrics"][d.curves["metric"]]["ci95"][0] for r in rows]
+            hi = [r["metrics"][d.curves["metric"]]["ci95"][1] for r in rows]
+            line, = ax.plot(x, y, marker="o", ms=3, label=f"{d.shard.shot}-shot")
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12)
+        ax.set_title(task)
+        ax.set_xlabel(f"% {'heads' if kind == 'heads' else 'FFNs'} pruned")
+        ax.set_ylabel(col.ok[0].curves["metric"] if col.ok else "")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    model = col.ok[0].shard.model
+    fig.suptitle(f"{model}: accuracy as the least important {kind} are pruned (shaded: 95% CI)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_importance(col: Collected, path: Path) -> Path | None:
+    """Head importance heatmaps (layers x heads), one per shard."""
+    ds = sorted(col.ok, key=lambda d: (d.shard.task, d.shard.shot))
+    if not ds:
+        return None
+    plt = _plt()
+    ncol = min(6, len(ds))
+    nrow = math.ceil(len(ds) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, d in zip(axes.flat, ds):
+        im = d.importance["heads"]
+        ax.imshow((im / im.max().clamp_min(1e-20)).numpy(), aspect="auto", cmap="magma", origin="lower")
+        ax.set_title(f"{d.shard.task} {d.shard.shot}-shot", fontsize=8)
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+    for ax in list(axes.flat)[len(ds):]:
+        ax.axis("off")
+    fig.suptitle("Head importance (each panel scaled to its max)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_matrix(cmp: dict, which: str, path: Path) -> Path | None:
+    if len(cmp["tasks"]) < 2:
+        return None
+    plt = _plt()
+    n = len(cmp["tasks"])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    m = np.array(cmp[which])
+    im = ax.imshow(m, vmin=-1 if which == "spearman" else 0, vmax=1, cmap="coolwarm" if which == "spearman" else "viridis")
+    ax.set_xticks(range(n), cmp["tasks"], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), cmp["tasks"], fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(f"{'Spearman' if which == 'spearman' else 'top-20% overlap'} of head importance, {cmp['shot']}-shot")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_retained(rows: list[dict], path: Path) -> Path | None:
+    """Paper Fig. 11: induction capacity retained as heads are pruned by each task's ranking."""
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, name in zip(axes, ("prefix_matching", "copying")):
+        for r in rows:
+            ret = r[f"retained_{name}"]
+            ax.plot([float(k) for k in ret], list(ret.values()), marker=".", label=f"{r['task']} {r['shot']}s")
+        ax.plot([0, 90], [1, 0.1], "k--", lw=0.8, label="uniform")
+        ax.set_xlabel("% heads pruned (task importance, lowest first)")
+        ax.set_ylabel(f"fraction of total {name.replace('_', ' ')} retained")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- the whole reduction -------------------------------------------------------------------------------
+
+def reduce_store(root: Path | str, model: str, expected: list[tuple[str, int]] | None = None,
+                 out_dir: Path | None = None) -> dict:
+    """Aggregate one model's shards into <root>/<model>/summary/ and return what was written."""
+    root = Path(root)
+    out = Path(out_dir) if out_dir else root / model / "summary"
+    col = collect(root, model, expected)
+    files: dict[str, str] = {}
+    summary = summary_table(col)
+    curves = curve_table(col)
+    write_bytes(out / "summary.csv", to_csv(summary))
+    write_bytes(out / "curves.csv", to_csv(curves))
+    files["summary.csv"] = str(out / "summary.csv")
+    files["curves.csv"] = str(out / "curves.csv")
+    shots = sorted({d.shard.shot for d in col.ok})
+    comparisons = [rank_comparison(col, s) for s in shots]
+    induction = load_induction(root, model)
+    relation = induction_relation(col, induction) if induction is not None else []
+    figures = {}
+    for name, fn in (("curves_heads.png", lambda p: plot_curves(col, "heads", p)),
+                     ("curves_ffn.png", lambda p: plot_curves(col, "ffn", p)),
+                     ("importance_heads.png", lambda p: plot_importance(col, p)),
+                     ("induction_retained.png", lambda p: plot_retained(relation, p))):
+        if fn(out / name) is not None:
+            figures[name] = str(out / name)
+    for cmp in comparisons:
+        for which in ("spearman", "top20_overlap"):
+            name = f"rank_{which}_{cmp['shot']}shot.png"
+            if plot_matrix(cmp, which, out / name) is not None:
+                figures[name] = str(out / name)
+    result = {
+        "model": model, "n_complete": len(col.ok), "problems": col.problems, "summary": summary,
+        "rank_comparisons": comparisons, "induction_relation": relation,
+        "has_induction": induction is not None, "files": files, "figures": figures,
+    }
+    write_json(out / "summary.json", result)
+    files["summary.json"] = str(out / "summary.json")
+    return {**result, "collected": col, "curves_rows": curves}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
