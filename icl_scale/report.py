@@ -84,20 +84,17 @@ def collect(root: Path | str, model: str | None = None, expected: list[tuple[str
 # --- tables ---------------------------------------------------------------------------------------
 
 def curve_table(col: Collected) -> list[dict]:
-    """One row per (shard, curve kind, level)."""
+    """One row per (shard, curve, pruning level): heads-only rows have ffn_level 0 and vice versa."""
     rows = []
     for d in col.ok:
         c = d.curves
-        for kind in ("heads", "ffn"):
-            for r in c[kind]:
-                m = r["metrics"][c["metric"]]
-                rows.append({"model": d.shard.model, "task": d.shard.task, "shot": d.shard.shot, "kind": kind,
-                             "level": r["level"], "metric": c["metric"], "value": m["value"],
-                             "ci_lo": m["ci95"][0], "ci_hi": m["ci95"][1], "n": m["n"]})
-        for r in c.get("combined", []):
+        levels = [("heads", r, r["level"], 0.0) for r in c["heads"]]
+        levels += [("ffn", r, 0.0, r["level"]) for r in c["ffn"]]
+        levels += [("combined", r, r["head_level"], r["ffn_level"]) for r in c.get("combined", [])]
+        for kind, r, ph, pf in levels:
             m = r["metrics"][c["metric"]]
-            rows.append({"model": d.shard.model, "task": d.shard.task, "shot": d.shard.shot, "kind": "combined",
-                         "level": f"h{r['head_level']:g}_f{r['ffn_level']:g}", "metric": c["metric"],
+            rows.append({"model": d.shard.model, "task": d.shard.task, "shot": d.shard.shot, "kind": kind,
+                         "head_level": float(ph), "ffn_level": float(pf), "metric": c["metric"],
                          "value": m["value"], "ci_lo": m["ci95"][0], "ci_hi": m["ci95"][1], "n": m["n"]})
     return rows
 
@@ -237,7 +234,7 @@ def plot_curves(col: Collected, kind: str, path: Path) -> Path | None:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     model = col.ok[0].shard.model
-    fig.suptitle(f"{model}: accuracy as the least important {kind} are pruned (shaded: 95% CI)")
+    fig.suptitle(f"{model}: pruning {kind}, least important first (95% CI)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,0 +1,54 @@
+"""The reducer job: aggregate every shard of a model, draw the figures, log to W&B.
+
+W&B layout: one run per shard (job_type `shard`, grouped by the sweep name) holding its curves as
+a table and its unpruned/pruned metrics, and one `reduce` run with the summary tables and every
+figure. Offline by default; the runs' files land under `wandb.dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .report import reduce_store
+from .tracking import start_run
+
+log = logging.getLogger(__name__)
+
+CURVE_COLUMNS = ["kind", "head_level", "ffn_level", "metric", "value", "ci_lo", "ci_hi", "n"]
+
+
+def run_reduce(cfg: dict, expected: list[tuple[str, int]] | None = None) -> dict:
+    model = cfg["model"]["name"]
+    root = cfg["store"]["root"]
+    res = reduce_store(root, model, expected)
+    col = res.pop("collected")
+    rows = res.pop("curves_rows")
+    runs = []
+    if (cfg.get("wandb") or {}).get("mode", "offline") != "disabled":
+        group = cfg["wandb"].get("group") or cfg["sweep"].get("name") or model
+        for d in col.ok:
+            name = f"{d.shard.task}-{d.shard.shot}shot"
+            shard_rows = [r for r in rows if r["task"] == d.shard.task and r["shot"] == d.shard.shot]
+            with start_run({**d.manifest.get("resolved", {}), "config_hash": d.manifest.get("config_hash")},
+                           name=name, group=group, job_type="shard", dir=cfg["wandb"].get("dir")) as run:
+                run.log_table("curves", CURVE_COLUMNS, [[r[c] for c in CURVE_COLUMNS] for r in shard_rows])
+                base = d.curves["heads"][0]["value"] if d.curves["heads"] else None
+                run.log_summary({"task": d.shard.task, "shot": d.shard.shot, "metric": d.curves["metric"],
+                                 "unpruned": base, "seconds": d.manifest.get("timings", {}).get("total")})
+                runs.append(run.name)
+        with start_run({k: cfg[k] for k in ("model", "sweep", "pruning", "importance", "eval") if k in cfg},
+                       name=f"reduce-{model}", group=group, job_type="reduce", dir=cfg["wandb"].get("dir")) as run:
+            summ = res["summary"]
+            if summ:
+                cols = list(dict.fromkeys(k for r in summ for k in r))
+                run.log_table("summary", cols, [[r.get(c) for c in cols] for r in summ])
+            run.log_table("problems", ["shard", "status", "reason"],
+                          [[p["shard"], p["status"], p["reason"]] for p in res["problems"]])
+            for name, path in res["figures"].items():
+                run.log_image(name.removesuffix(".png"), path)
+            run.log_summary({"n_complete": res["n_complete"], "n_problems": len(res["problems"])})
+            runs.append(run.name)
+    res["wandb_runs"] = runs
+    for p in res["problems"]:
+        log.warning("shard %s: %s (%s)", p["shard"], p["status"], p["reason"])
+    return res

@@ -1,0 +1,234 @@
+"""The distributed batch job: one submitit array element per (task, shot), the induction job, and a
+reducer that waits for both (afterany, so it can report failures).
+
+Launchers (conf/launcher/): `local` runs the jobs as local processes through submitit's
+LocalExecutor (the laptop default); `slurm` submits sbatch job arrays with a dependent reducer.
+Shard jobs are submitit `Checkpointable`: on preemption or timeout they are requeued and resume from
+the store's checkpoints without redoing finished work.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+from .store import Shard, StoreError, check_writable, config_hash
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = ("local", "slurm")
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+def shard_cfgs(cfg: dict) -> list[dict]:
+    """One resolved config per (task, shot) of the sweep."""
+    from .shard import validate
+
+    sw = cfg["sweep"]
+    if not sw.get("tasks") or not sw.get("shots"):
+        raise ValueError("sweep.tasks and sweep.shots must be non-empty lists, e.g. sweep.tasks=[copa,rte] sweep.shots=[0,1]")
+    out = []
+    for task in sw["tasks"]:
+        for shot in sw["shots"]:
+            c = copy.deepcopy(cfg)
+            c["task"], c["shot"] = task, int(shot)
+            validate(c)
+            out.append(c)
+    return out
+
+
+def shard_done(c: dict) -> bool:
+    from .shard import shard_config
+
+    sh = Shard(c["store"]["root"], c["model"]["name"], c["task"], c["shot"])
+    try:
+        return sh.is_complete(config_hash(shard_config(c))) and not c["store"].get("force")
+    except StoreError:
+        return False
+
+
+def induction_done(cfg: dict) -> bool:
+    from .report import load_induction
+
+    try:
+        return load_induction(cfg["store"]["root"], cfg["model"]["name"]) is not None and not cfg["store"].get("force")
+    except StoreError:
+        return False
+
+
+# --- the jobs (callables submitit pickles and runs on the compute node) ---------------------------
+
+class ShardJob(submitit.helpers.Checkpointable):
+    """Runs one shard; on preemption/timeout submitit calls `checkpoint`, which requeues the same
+    call. Progress lives in the store, so the requeued job resumes where it stopped."""
+
+    def __call__(self, cfg: dict) -> dict:
+        _job_env()
+        from .shard import run_shard
+
+        res = run_shard(cfg)
+        return {k: res.get(k) for k in ("status", "shard", "config_hash", "timings", "baseline")}
+
+
+class InductionJob(submitit.helpers.Checkpointable):
+    def __call__(self, cfg: dict) -> dict:
+        _job_env()
+        from .induction_job import run_induction
+
+        return run_induction(cfg)
+
+
+class ReduceJob:
+    def __call__(self, cfg: dict, expected: list[tuple[str, int]]) -> dict:
+        _job_env()
+        from .reduce import run_reduce
+
+        res = run_reduce(cfg, expected)
+        return {k: res[k] for k in ("n_complete", "problems", "figures", "wandb_runs")}
+
+
+def _job_env() -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+# --- executors -----------------------------------------------------------------------------------------
+
+def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submitit.Executor:
+    la = cfg["launcher"]
+    name = la.get("name")
+    if name not in LAUNCHERS:
+        raise ValueError(f"launcher={name!r} is unknown; use launcher=local or launcher=slurm")
+    folder = Path(la.get("folder") or Path(cfg["store"]["root"]) / "_submitit") / "%j"
+    if name == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=int(la.get("timeout_min", 120)))
+        return ex
+    from .slurm_env import slurm_status
+
+    st = slurm_status()
+    if not st.ok:
+        raise SweepError(f"Slurm is not reachable ({st.reason}); start the local cluster with "
+                         f"`bash slurm/start.sh` (or `make slurm-start`), or use launcher=local")
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    params = {
+        "timeout_min": int(la.get("timeout_min", 240)),
+        "slurm_job_name": f"icl_{job}",
+        "slurm_array_parallelism": int(la.get("array_parallelism", 32)),
+    }
+    if job != "reduce":  # the reducer needs no GPU
+        if la.get("gpus_per_node"):
+            params["gpus_per_node"] = int(la["gpus_per_node"])
+        if la.get("cpus_per_task"):
+            params["cpus_per_task"] = int(la["cpus_per_task"])
+        if la.get("mem_gb"):
+            params["mem_gb"] = int(la["mem_gb"])
+    if la.get("partition"):
+        params["slurm_partition"] = la["partition"]
+    extra = dict(la.get("additional") or {})
+    if la.get("account"):
+        extra["account"] = la["account"]
+    if la.get("qos"):
+        extra["qos"] = la["qos"]
+    if dependency:
+        extra["dependency"] = dependency
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    ex.update_parameters(**params)
+    return ex
+
+
+@dataclass
+class Submitted:
+    shard_jobs: list = field(default_factory=list)
+    induction_job: object = None
+    reduce_job: object = None
+    skipped: list[str] = field(default_factory=list)
+
+    def all_jobs(self) -> list:
+        return [j for j in (*self.shard_jobs, self.induction_job, self.reduce_job) if j is not None]
+
+
+def submit(cfg: dict, wait: bool | None = None) -> Submitted:
+    """Submit the sweep. Complete shards (same config hash) are not resubmitted. With the local
+    launcher the array runs in waves of `launcher.array_parallelism` and the reducer after it;
+    with Slurm the reducer depends on the array and the induction job (afterany)."""
+    check_writable(cfg["store"]["root"])
+    la = cfg["launcher"]
+    if la.get("name") not in LAUNCHERS:
+        raise ValueError(f"launcher={la.get('name')!r} is unknown; use launcher=local or launcher=slurm")
+    cfgs = shard_cfgs(cfg)
+    todo = [c for c in cfgs if not shard_done(c)]
+    need_induction = bool(cfg["sweep"].get("induction", True)) and not induction_done(cfg)
+    out = Submitted(skipped=[f"{c['task']}/{c['shot']}shot" for c in cfgs if c not in todo])
+    expected = [(c["task"], c["shot"]) for c in cfgs]
+    if not todo and not need_induction:
+        return out
+    if la["name"] == "local":
+        return _submit_local(cfg, todo, need_induction, expected, out, wait=True if wait is None else wait)
+    return _submit_slurm(cfg, todo, need_induction, expected, out, wait=bool(wait))
+
+
+def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: bool) -> Submitted:
+    par = max(1, int(cfg["launcher"].get("array_parallelism", 1)))
+    if need_induction:
+        out.induction_job = make_executor(cfg, "induction").submit(InductionJob(), cfg)
+        out.induction_job.result()  # one process at a time on a laptop
+    ex = make_executor(cfg, "shard")
+    for s in range(0, len(todo), par):
+        wave = ex.map_array(ShardJob(), todo[s: s + par])
+        out.shard_jobs += wave
+        for j in wave:
+            _wait_quietly(j)
+    out.reduce_job = make_executor(cfg, "reduce").submit(ReduceJob(), cfg, expected)
+    if wait:
+        out.reduce_job.result()
+    return out
+
+
+def _submit_slurm(cfg, todo, need_induction, expected, out: Submitted, wait: bool) -> Submitted:
+    deps = []
+    if need_induction:
+        out.induction_job = make_executor(cfg, "induction").submit(InductionJob(), cfg)
+        deps.append(out.induction_job.job_id)
+    if todo:
+        out.shard_jobs = make_executor(cfg, "shard").map_array(ShardJob(), todo)
+        deps.append(out.shard_jobs[0].job_id.split("_")[0])  # the array id: afterany waits for all elements
+    rex = make_executor(cfg, "reduce", dependency="afterany:" + ":".join(deps))
+    out.reduce_job = rex.submit(ReduceJob(), cfg, expected)
+    if wait:
+        for j in out.all_jobs():
+            _wait_quietly(j)
+    return out
+
+
+def _wait_quietly(job) -> None:
+    """Wait for a job; its failure is the reducer's to report, not a reason to stop the sweep."""
+    try:
+        job.result()
+    except Exception as e:  # noqa: BLE001 - submitit wraps the job's own exception
+        log.warning("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1] if str(e).strip() else e)
+
+
+def wait_for(jobs, poll: float = 1.0, timeout: float | None = None) -> None:
+    t0 = time.time()
+    while not all(j.done() for j in jobs):
+        if timeout and time.time() - t0 > timeout:
+            raise TimeoutError(f"jobs not done after {timeout} s: {[j.job_id for j in jobs if not j.done()]}")
+        time.sleep(poll)

@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Aggregate a model's shards: tables (CSV/JSON), figures, W&B runs. The sweep runs it as a
+dependent job; run it by hand any time:
+
+    python jobs/reduce.py                         # the embedded model's store
+    python jobs/reduce.py experiment=paper wandb.mode=online
+
+Missing, failed or corrupt shards are named; the rest are still aggregated.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+
+from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@one_line_errors
+def main(cfg) -> None:
+    quiet_libraries()
+    from icl_scale.reduce import run_reduce
+
+    c = to_dict(cfg)
+    expected = [(t, int(s)) for t in c["sweep"]["tasks"] for s in c["sweep"]["shots"]]
+    res = run_reduce(c, expected)
+    for p in res["problems"]:
+        print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
+    out = Path(c["store"]["root"]).resolve() / c["model"]["name"] / "summary"
+    print(f"reduced {res['n_complete']} shards ({len(res['problems'])} problems); "
+          f"{len(res['figures'])} figures and tables in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Submit the sweep: one array element per (task, shot), the induction job, and a reducer that
+waits for them. `make sweep` runs this.
+
+    python jobs/sweep.py                                        # embedded model, local executor
+    python jobs/sweep.py experiment=demo launcher=slurm         # the demo on a Slurm cluster
+    python jobs/sweep.py experiment=paper                       # OPT-66B, 14 tasks x {0,1,5}, Slurm
+    python jobs/sweep.py sweep.tasks=[piqa] sweep.shots=[5]     # just one shard
+    python jobs/sweep.py launcher=slurm sweep.wait=false        # submit and return
+
+Complete shards (same settings) are never resubmitted or deleted; store.force=true recomputes.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+
+from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@one_line_errors
+def main(cfg) -> None:
+    quiet_libraries()
+    from icl_scale.sweep import SweepError, submit
+
+    c = to_dict(cfg)
+    try:
+        sub = submit(c, wait=c["sweep"].get("wait"))
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    root = Path(c["store"]["root"]).resolve()
+    summary = root / c["model"]["name"] / "summary"
+    if not sub.all_jobs():
+        print(f"sweep {c['sweep']['name']}: all {len(sub.skipped)} shards and the induction scores are "
+              f"complete in {root}; nothing submitted (store.force=true to recompute)")
+        return
+    print(f"sweep {c['sweep']['name']} ({c['launcher']['name']}): {len(sub.shard_jobs)} shard jobs"
+          + (f" [{sub.shard_jobs[0].job_id.split('_')[0]}]" if sub.shard_jobs else "")
+          + (f", induction [{sub.induction_job.job_id}]" if sub.induction_job else "")
+          + f", reducer [{sub.reduce_job.job_id}]; {len(sub.skipped)} already complete")
+    print(f"results: {root}/{c['model']['name']}/<task>/<shot>shot   figures: {summary}   "
+          f"W&B ({c['wandb']['mode']}): {Path(c['wandb']['dir']).resolve()}/wandb")
+    if sub.reduce_job.done():
+        res = sub.reduce_job.result()
+        for p in res["problems"]:
+            print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
+        print(f"reduced {res['n_complete']} shards; figures in {summary}")
+
+
+if __name__ == "__main__":
+    main()
