@@ -47,7 +47,13 @@ wait_for() {
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
-[ "$(id -u)" = 0 ] || die "must run as root (sudo bash slurm/start.sh)"
+if [ "$(id -u)" != 0 ]; then
+  # Re-run through passwordless sudo when there is one (CI images often run as a sudoer).
+  if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    exec sudo -n --preserve-env=ICL_SCALE_SLURM_DIR,ICL_SCALE_SLURM_CLUSTER,ICL_SCALE_SLURM_CTLD_PORT,ICL_SCALE_SLURM_SLURMD_PORT,ICL_SCALE_SLURM_DBD_PORT,ICL_SCALE_SLURM_KILL_WAIT,ICL_SCALE_SLURM_TIMEOUT bash "${BASH_SOURCE[0]}" "$@"
+  fi
+  die "must run as root (sudo bash slurm/start.sh)"
+fi
 
 # One start/stop at a time (the lock lives outside the state folder, which stop.sh wipes).
 LOCK=/run/lock/icl_scale_slurm.lock
@@ -68,7 +74,15 @@ cpus() { timeout 10 sinfo -h -p "$PARTITION" -o %C 2>/dev/null | awk -F/ '{ prin
 
 have_binaries() { local b; for b in "${BINARIES[@]}"; do command -v "$b" >/dev/null || return 1; done; }
 
-if have_binaries && conf_is_ours && ctld_ok && node_ok && sacct_ok; then
+daemons_alive() {
+  local f
+  for f in "$D/munge/munged.pid" "$D/run/mariadbd.pid" "$D/run/slurmdbd.pid" "$D/run/slurmctld.pid" \
+           "$D/run/slurmd.pid"; do
+    pid_alive "$f" || return 1
+  done
+}
+
+if have_binaries && conf_is_ours && daemons_alive && ctld_ok && node_ok && sacct_ok; then
   echo "slurm: already up (partition $PARTITION, $(cpus) cpus, state $D); stop with slurm/stop.sh"
   exit 0
 fi
@@ -131,13 +145,12 @@ install -m 600 "$D/etc/slurmdbd.conf" "$CONF_DIR/slurmdbd.conf"   # slurmdbd ins
 
 # ---------------------------------------------------------------- munged (refuses root: run as munge)
 if ! munge_ok; then
-  pid_alive "$D/run/munged.pid" && kill "$(cat "$D/run/munged.pid")" 2>/dev/null || true
+  pid_alive "$D/munge/munged.pid" && kill "$(cat "$D/munge/munged.pid")" 2>/dev/null || true
   rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
-  runuser -u munge -- munged --socket="$MUNGE_SOCK" --key-file=/etc/munge/munge.key \
+  runuser -u munge -- munged 9>&- --socket="$MUNGE_SOCK" --key-file=/etc/munge/munge.key \
     --pid-file="$D/munge/munged.pid" --log-file="$D/munge/munged.log" --seed-file="$D/munge/munged.seed" \
     || { show_log "$D/munge/munged.log"; die "munged failed to start"; }
   wait_for 15 munge munge_ok || { show_log "$D/munge/munged.log"; die "munged does not answer on $MUNGE_SOCK"; }
-  ln -sf "$D/munge/munged.pid" "$D/run/munged.pid"
 fi
 
 # ---------------------------------------------------------------- MariaDB (private datadir, socket only)
@@ -148,16 +161,16 @@ if ! db_ok; then
       --auth-root-authentication-method=socket >"$D/log/mariadb-install.log" 2>&1 \
       || { show_log "$D/log/mariadb-install.log"; die "mariadb-install-db failed"; }
   fi
-  setsid mariadbd --no-defaults --user=root --datadir="$D/mysql/data" --socket="$MYSQL_SOCK" \
+  setsid mariadbd 9>&- --no-defaults --user=root --datadir="$D/mysql/data" --socket="$MYSQL_SOCK" \
     --pid-file="$D/run/mariadbd.pid" --log-error="$D/log/mariadb.log" --skip-networking \
-    --skip-name-resolve --innodb-buffer-pool-size=128M --innodb-log-file-size=64M \
+    --skip-name-resolve --innodb-buffer-pool-size=256M --innodb-log-file-size=64M \
     --innodb-lock-wait-timeout=900 --max-allowed-packet=64M </dev/null >/dev/null 2>&1 &
   wait_for 60 mariadb db_ok || { show_log "$D/log/mariadb.log"; die "MariaDB did not start"; }
 fi
 
 # ---------------------------------------------------------------- slurmdbd + cluster/account registration
 if ! pid_alive "$D/run/slurmdbd.pid" || ! dbd_ok; then
-  pid_alive "$D/run/slurmdbd.pid" || MYSQL_UNIX_PORT="$MYSQL_SOCK" slurmdbd \
+  pid_alive "$D/run/slurmdbd.pid" || MYSQL_UNIX_PORT="$MYSQL_SOCK" slurmdbd 9>&- \
     || { show_log "$D/log/slurmdbd.log"; die "slurmdbd failed to start"; }
   wait_for 60 slurmdbd dbd_ok || { show_log "$D/log/slurmdbd.log"; die "slurmdbd does not answer (sacctmgr)"; }
 fi
@@ -175,12 +188,12 @@ fi
 
 # ---------------------------------------------------------------- slurmctld, slurmd
 if ! pid_alive "$D/run/slurmctld.pid"; then
-  slurmctld || { show_log "$D/log/slurmctld.log"; die "slurmctld failed to start"; }
+  slurmctld 9>&- || { show_log "$D/log/slurmctld.log"; die "slurmctld failed to start"; }
 fi
 wait_for 60 slurmctld ctld_ok || { show_log "$D/log/slurmctld.log"; die "slurmctld does not answer (scontrol ping)"; }
 
 if ! pid_alive "$D/run/slurmd.pid"; then
-  slurmd || { show_log "$D/log/slurmd.log"; die "slurmd failed to start"; }
+  slurmd 9>&- || { show_log "$D/log/slurmd.log"; die "slurmd failed to start"; }
 fi
 
 left=$(( TIMEOUT - $(elapsed) )); [ "$left" -gt 10 ] || left=10
