@@ -25,19 +25,22 @@ def run_reduce(cfg: dict, expected: list[tuple[str, int]] | None = None) -> dict
     rows = res.pop("curves_rows")
     runs = []
     if (cfg.get("wandb") or {}).get("mode", "offline") != "disabled":
-        group = cfg["wandb"].get("group") or cfg["sweep"].get("name") or model
+        wb = cfg["wandb"]
+        group = wb.get("group") or cfg["sweep"].get("name") or model
+        # The reducer's own W&B settings apply to every run it logs (not those saved in shards).
+        where = dict(mode=wb.get("mode"), project=wb.get("project"), entity=wb.get("entity"), dir=wb.get("dir"))
         for d in col.ok:
             name = f"{d.shard.task}-{d.shard.shot}shot"
             shard_rows = [r for r in rows if r["task"] == d.shard.task and r["shot"] == d.shard.shot]
             with start_run({**d.manifest.get("resolved", {}), "config_hash": d.manifest.get("config_hash")},
-                           name=name, group=group, job_type="shard", dir=cfg["wandb"].get("dir")) as run:
+                           name=name, group=group, job_type="shard", **where) as run:
                 run.log_table("curves", CURVE_COLUMNS, [[r[c] for c in CURVE_COLUMNS] for r in shard_rows])
                 base = d.curves["heads"][0]["value"] if d.curves["heads"] else None
                 run.log_summary({"task": d.shard.task, "shot": d.shard.shot, "metric": d.curves["metric"],
                                  "unpruned": base, "seconds": d.manifest.get("timings", {}).get("total")})
                 runs.append(run.name)
         with start_run({k: cfg[k] for k in ("model", "sweep", "pruning", "importance", "eval") if k in cfg},
-                       name=f"reduce-{model}", group=group, job_type="reduce", dir=cfg["wandb"].get("dir")) as run:
+                       name=f"reduce-{model}", group=group, job_type="reduce", **where) as run:
             summ = res["summary"]
             if summ:
                 cols = list(dict.fromkeys(k for r in summ for k in r))

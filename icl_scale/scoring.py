@@ -84,6 +84,13 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+def _cache_kwarg(base) -> str:
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _gates(lm: LoadedModel, head_mask, ffn_mask):
     if head_mask is None and ffn_mask is None:
         return nullcontext()
@@ -150,7 +157,7 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
             ids, mask = _pad(ctx_rows, pad)
             res = base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
             last = res.last_hidden_state[torch.arange(len(chunk)), (ctx_len - 1).to(dev)]  # [B, d]
-            cache = res.cache
+            cache = res.cache if "cache" in res else res.past_key_values
             # One row per continuation: (unit, request, choice, tokens).
             rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]))
                     for u, (i, _, js) in enumerate(chunk) for j in js]
@@ -166,8 +173,8 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
                 x_ids, x_mask = x_ids.to(dev), x_mask.to(dev)
                 full_mask = torch.cat([mask.to(dev)[unit_idx], x_mask], dim=1)
                 pos = ctx_len.to(dev)[unit_idx, None] + torch.arange(x_ids.shape[1], device=dev)[None]
-                h = base(input_ids=x_ids, attention_mask=full_mask, position_ids=pos, cache=cache,
-                         use_cache=True).last_hidden_state  # [N, Lx, d]
+                h = base(input_ids=x_ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                         **{_cache_kwarg(base): cache}).last_hidden_state  # [N, Lx, d]
                 targets = torch.zeros_like(x_ids)
                 for k, r in enumerate(rows):
                     targets[k, : len(r[3]) - 1] = torch.tensor(r[3][1:], device=dev)

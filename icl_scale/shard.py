@@ -108,6 +108,10 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None, fail_after: str | None =
 
 
 def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dict:
+    from .distributed import barrier, dist_env
+    from .store import set_writer
+
+    set_writer(dist_env().is_main)
     task, shot = cfg["task"], int(cfg["shot"])
     root = check_writable(cfg["store"]["root"])
     shard = Shard(root, cfg["model"]["name"], task, shot)
@@ -127,6 +131,7 @@ def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dic
     # A checkpoint from another config (or a forced rerun) is discarded, never mixed in.
     prog_path = shard.ckpt("progress.json")
     progress_state = read_json(prog_path) if prog_path.exists() else {}
+    barrier()  # every rank has read the checkpoint before rank 0 may clear it
     if progress_state.get("config_hash") != h or cfg["store"].get("force"):
         shard.clear_checkpoint()
         progress_state = {"config_hash": h, "knockout": {}, "curves": {}}

@@ -46,7 +46,18 @@ def _umask() -> int:
 _MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should be readable like any file
 
 
+# Under ZeRO-Inference every rank computes the same numbers; only rank 0 writes (set_writer).
+_WRITER = True
+
+
+def set_writer(is_writer: bool) -> None:
+    global _WRITER
+    _WRITER = bool(is_writer)
+
+
 def _atomic(path: Path, write) -> None:
+    if not _WRITER:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

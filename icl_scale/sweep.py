@@ -135,6 +135,8 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
     if job != "reduce":  # the reducer needs no GPU
         if la.get("gpus_per_node"):
             params["gpus_per_node"] = int(la["gpus_per_node"])
+            if (cfg["model"].get("deepspeed") or {}).get("enabled"):
+                params["tasks_per_node"] = int(la["gpus_per_node"])  # one ZeRO rank per GPU
         if la.get("cpus_per_task"):
             params["cpus_per_task"] = int(la["cpus_per_task"])
         if la.get("mem_gb"):

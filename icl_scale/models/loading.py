@@ -236,13 +236,21 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn,
                                                      revision=spec.get("revision"))
     adapter = Adapter(model)  # raises on unsupported architectures before we spend more time
-    model.to(dev).eval()
+    ds = spec.get("deepspeed") or {}
+    if not ds.get("enabled"):
+        model.to(dev)  # under ZeRO-3 the engine places the partitions itself
+    model.eval()
     model.requires_grad_(False)  # nothing in icl_scale needs parameter gradients
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     max_len = int(spec.get("max_length") or getattr(model.config, "max_position_embeddings", 2048))
-    return LoadedModel(
+    lm = LoadedModel(
         name=spec["name"], model=model, tokenizer=tokenizer, adapter=adapter,
         doc_start_ids=_doc_start_ids(tokenizer, spec.get("doc_start", "auto")), max_length=max_len,
         device=dev, dtype=dtype, spec=spec,
     )
+    if ds.get("enabled"):
+        from .zero import zero_inference
+
+        lm = zero_inference(lm, offload_param=ds.get("offload_param", "none"))
+    return lm

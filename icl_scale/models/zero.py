@@ -1,0 +1,85 @@
+"""DeepSpeed ZeRO-Inference: shard a big model's parameters across the GPUs of a job (stage 3,
+optionally offloaded to CPU memory) so that OPT-66B-sized models fit.
+
+Enabled by `model.deepspeed.enabled=true` (the `paper` experiment does). The gates, the scorer and
+importance keep working unchanged: ZeRO-3 gathers each submodule's parameters in that submodule's
+forward, our hooks sit on the same submodules, and gate gradients come from
+`torch.autograd.grad` on the gate probes (no `engine.backward`, no optimizer). The ranks run in
+lockstep on identical inputs (see icl_scale/distributed.py); rank 0 writes results.
+
+Facts this relies on (measured with deepspeed 0.19 / transformers 5.x): `deepspeed.initialize` on
+an already-built model partitions it correctly, whereas `zero.Init` during construction breaks
+transformers 5.x weight initialisation; `engine.module(...)` + autograd.grad gives gate gradients
+identical to plain torch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapters import Adapter
+from .loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+OFFLOAD = ("none", "cpu")
+
+
+def ds_config(dtype: torch.dtype, offload_param: str = "none") -> dict:
+    if offload_param not in OFFLOAD:
+        raise ValueError(f"model.deepspeed.offload_param={offload_param!r}; use one of {', '.join(OFFLOAD)}")
+    zero = {
+        "stage": 3,
+        # Inference only: never keep full copies, gather per submodule.
+        "stage3_param_persistence_threshold": 0,
+        "stage3_prefetch_bucket_size": 5e7,
+    }
+    if offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def zero_inference(lm: LoadedModel, offload_param: str = "none") -> LoadedModel:
+    """Partition `lm.model` with ZeRO-3 and return the LoadedModel pointing at the engine's module."""
+    import deepspeed
+
+    from ..distributed import init_process_group
+
+    de = init_process_group()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(de.local_rank)
+    cfg = ds_config(lm.dtype, offload_param)
+    engine, *_ = deepspeed.initialize(model=lm.model, config=cfg)
+    module = engine.module
+    module.eval()
+    module.requires_grad_(False)
+    lm.model = module
+    lm.adapter = Adapter(module)
+    lm.device = engine.device if hasattr(engine, "device") else lm.device
+    lm.spec = {**lm.spec, "deepspeed": {"enabled": True, "stage": 3, "offload_param": offload_param,
+                                        "world_size": de.world_size}}
+    lm.engine = engine  # keep the engine alive (it owns the partitioning hooks)
+    log.info("ZeRO-3 inference: rank %d/%d, offload_param=%s", de.rank, de.world_size, offload_param)
+    return lm
+
+
+def gathered(params):
+    """Context manager giving full parameter tensors under ZeRO-3 (a no-op otherwise); for code that
+    reads weights directly (e.g. OV circuits for induction copying scores)."""
+    import contextlib
+
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
