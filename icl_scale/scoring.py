@@ -128,22 +128,24 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
 @torch.inference_mode()
 def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ffn_mask=None,
                    batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> list[list[ChoiceScore]]:
-    """Prefix-cached scorer (see module docstring). `batch_size` = documents per context pass."""
+    """Prefix-cached scorer (see module docstring). `batch_size` = distinct contexts per pass."""
     tk = Tokenised(lm, requests)
     out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
-    # Work units: (request index, context string, [choice indices sharing it]).
-    units, overflow = [], []
+    # Work units: one per distinct context string, across documents (MultiRC's answer rows share
+    # their question's prompt; winogrande's options each have their own), with every
+    # (request, choice) scored on top of it.
+    by_ctx: dict[str, list[tuple[int, int]]] = {}
+    overflow = []
     for i, r in enumerate(requests):
-        by_ctx: dict[str, list[int]] = {}
         for j in range(r.n_choices):
             ctx, cont = r.pair(j)
             if tk.fits(ctx, cont):
-                by_ctx.setdefault(ctx, []).append(j)
+                by_ctx.setdefault(ctx, []).append((i, j))
             else:
                 overflow.append((i, j))
-        units += [(i, ctx, js) for ctx, js in by_ctx.items()]
+    units = list(by_ctx.items())
     # Longest contexts first: similar lengths share a batch (little padding), and memory peaks early.
-    units.sort(key=lambda u: -len(tk.context(u[1])))
+    units.sort(key=lambda u: -len(tk.context(u[0])))
     base = lm.model.base_model
     unembed = lm.model.get_output_embeddings()
     pad = lm.tokenizer.pad_token_id
@@ -152,7 +154,7 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
         bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
         for s in range(0, len(units), batch_size):
             chunk = units[s: s + batch_size]
-            ctx_rows = [tk.context(u[1]) for u in chunk]
+            ctx_rows = [tk.context(u[0]) for u in chunk]
             ctx_len = torch.tensor([len(c) for c in ctx_rows])
             ids, mask = _pad(ctx_rows, pad)
             res = base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
@@ -160,7 +162,7 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
             cache = res.cache if "cache" in res else res.past_key_values
             # One row per continuation: (unit, request, choice, tokens).
             rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]))
-                    for u, (i, _, js) in enumerate(chunk) for j in js]
+                    for u, (_, ij) in enumerate(chunk) for i, j in ij]
             unit_idx = torch.tensor([r[0] for r in rows], device=dev)
             first_tok = torch.tensor([r[3][0] for r in rows], device=dev)
             first = _logprob_of(last[unit_idx], first_tok, unembed)  # [N]

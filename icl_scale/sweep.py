@@ -82,9 +82,11 @@ class ShardJob(submitit.helpers.Checkpointable):
 class InductionJob(submitit.helpers.Checkpointable):
     def __call__(self, cfg: dict) -> dict:
         _job_env()
-        from .induction_job import run_induction
+        from omegaconf import OmegaConf
 
-        return run_induction(cfg)
+        from .induction import run_job
+
+        return run_job(OmegaConf.create(cfg))
 
 
 class ReduceJob:

@@ -1,0 +1,173 @@
+"""The batch job end to end: local executor, and (marked slurm) real arrays on the local cluster."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from icl_scale.report import collect
+from icl_scale.slurm_env import SKIP_REASON, slurm_status
+from icl_scale.store import Shard, read_tensors
+from icl_scale.sweep import submit
+from icl_scale.tracking import find_offline_runs, read_offline_run
+
+from conftest import REPO, compose, data_dir
+
+SMALL = ["model=tiny-opt", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=4",
+         "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
+         "importance.checkpoint_every=1", "induction.n_seeds=3"]
+
+
+def cfg_for(root, *extra):
+    return compose(*SMALL, f"store.root={root}", f"data.dir={data_dir()}", f"wandb.dir={root}", *extra)
+
+
+def snapshot(path: Path) -> dict:
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != "manifest.json" and "checkpoint" not in p.parts:
+            rel = str(p.relative_to(path))
+            out[rel] = ({k: v.tolist() for k, v in read_tensors(p).items()} if p.suffix == ".safetensors"
+                        else p.read_text())
+    return out
+
+
+def wandb_runs(root: Path) -> dict:
+    runs = {}
+    for d in find_offline_runs(root):
+        info = read_offline_run(d)
+        runs.setdefault(info["name"], []).append(info)
+    return runs
+
+
+def test_local_sweep_end_to_end(tmp_path, mirror):
+    cfg = cfg_for(tmp_path, "sweep.tasks=[copa]", "sweep.shots=[1]", "sweep.induction=false", "sweep.name=t")
+    sub = submit(cfg)
+    assert len(sub.shard_jobs) == 1 and sub.reduce_job.done()
+    res = sub.reduce_job.result()
+    assert res["n_complete"] == 1 and res["problems"] == []
+    assert Shard(tmp_path, "tiny-opt", "copa", 1).is_complete()
+    summary = tmp_path / "tiny-opt" / "summary"
+    assert (summary / "summary.csv").exists() and (summary / "curves_heads.png").exists()
+    runs = wandb_runs(tmp_path)
+    assert set(runs) == {"copa-1shot", "reduce-tiny-opt"}
+    curves = runs["copa-1shot"][0]["tables"]["curves"]
+    assert curves["columns"][:3] == ["kind", "head_level", "ffn_level"] and len(curves["data"]) == 8
+    # A second submission does no work.
+    again = submit(cfg)
+    assert again.all_jobs() == [] and again.skipped == ["copa/1shot"]
+
+
+def test_bad_launcher_and_store(tmp_path):
+    with pytest.raises(ValueError, match="launcher='nope' is unknown"):
+        submit(cfg_for(tmp_path, "launcher.name=nope"))
+    (tmp_path / "f").write_text("")
+    from icl_scale.store import StoreError
+
+    with pytest.raises(StoreError, match="not writable"):
+        submit(cfg_for(tmp_path / "f" / "x"))
+
+
+# --- the real Slurm cluster -------------------------------------------------------------------------
+
+slurm = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    st = slurm_status(timeout=10)
+    if not (st.ok and st.accounting):
+        pytest.skip(f"{SKIP_REASON} ({st.reason})")
+    return st
+
+
+SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=null", "launcher.timeout_min=20"]
+
+
+def make_sweep(*args, timeout=600):
+    """`make sweep` exactly as a user runs it."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    quoted = " ".join(f"'{a}'" for a in args)
+    p = subprocess.run(["make", "-s", "sweep", f"ARGS={quoted}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def slurm_args(root):
+    return [*SMALL, *SLURM, f"store.root={root}", f"data.dir={data_dir()}", f"wandb.dir={root}",
+            "sweep.name=it", "sweep.wait=true"]
+
+
+@slurm
+def test_make_sweep_on_slurm(cluster, tmp_path_factory, mirror):
+    root = tmp_path_factory.mktemp("slurm_store")
+    out = make_sweep(*slurm_args(root), "sweep.tasks=[copa,rte]", "sweep.shots=[0,1]")
+    assert "4 shard jobs" in out and "reducer" in out, out
+    # 4 array elements + induction + reducer, all seen by Slurm accounting as COMPLETED.
+    ids = [line for line in out.splitlines() if line.startswith("sweep it (slurm)")]
+    assert ids, out
+    col = collect(root, "tiny-opt", [(t, s) for t in ("copa", "rte") for s in (0, 1)])
+    assert len(col.ok) == 4 and col.problems == []
+    assert (root / "tiny-opt" / "induction" / "scores.safetensors").exists()
+    summary = json.loads((root / "tiny-opt" / "summary" / "summary.json").read_text())
+    assert summary["n_complete"] == 4 and summary["has_induction"]
+    runs = wandb_runs(root)
+    assert {"copa-0shot", "copa-1shot", "rte-0shot", "rte-1shot", "reduce-tiny-opt"} <= set(runs)
+    red = runs["reduce-tiny-opt"][-1]
+    assert {r[1] for r in red["tables"]["summary"]["data"]} == {"copa", "rte"}
+    assert red["group"] == "it" and runs["rte-1shot"][0]["job_type"] == "shard"
+    # A second `make sweep` submits nothing and changes nothing.
+    before = {str(p): p.stat().st_mtime_ns for p in (root / "tiny-opt").rglob("*") if p.is_file()}
+    out2 = make_sweep(*slurm_args(root), "sweep.tasks=[copa,rte]", "sweep.shots=[0,1]")
+    assert "nothing submitted" in out2
+    assert {str(p): p.stat().st_mtime_ns for p in (root / "tiny-opt").rglob("*") if p.is_file()} == before
+    test_make_sweep_on_slurm.root = root
+
+
+@slurm
+def test_requeued_shard_resumes_to_identical_store(cluster, tmp_path, mirror):
+    ref_root = getattr(test_make_sweep_on_slurm, "root", None)
+    if ref_root is None:
+        pytest.skip("needs test_make_sweep_on_slurm's uninterrupted store")
+    cfg = compose(*slurm_args(tmp_path), "sweep.tasks=[rte]", "sweep.shots=[1]", "sweep.induction=false")
+    sub = submit(cfg, wait=False)
+    (job,) = sub.shard_jobs
+    ck = Shard(tmp_path, "tiny-opt", "rte", 1).path / "checkpoint"
+    t0 = time.time()
+    while not (ck / "progress.json").exists():  # knock-out has started: importance is checkpointed
+        assert time.time() - t0 < 300, "shard never reached the knock-out stage"
+        assert not job.done(), "shard finished before it could be requeued"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    sub.reduce_job.result()
+    assert job.result()["status"] == "complete"
+    acct = subprocess.run(["sacct", "-j", job.job_id, "-n", "-X", "-D", "-o", "State"], capture_output=True,
+                          text=True).stdout.split()
+    assert "REQUEUED" in acct or len(acct) > 1, acct  # it really ran twice
+    got = snapshot(Shard(tmp_path, "tiny-opt", "rte", 1).path)
+    assert got == snapshot(Shard(ref_root, "tiny-opt", "rte", 1).path)
+
+
+@slurm
+def test_failing_shard_is_named_by_reducer(cluster, tmp_path, mirror):
+    bad = tmp_path / "data"
+    for task in ("copa", "rte"):
+        shutil.copytree(mirror / task, bad / task)
+    rows = (bad / "rte" / "validation.jsonl").read_text().splitlines()
+    row = json.loads(rows[3])
+    del row["hypothesis"]
+    rows[3] = json.dumps(row)
+    (bad / "rte" / "validation.jsonl").write_text("\n".join(rows) + "\n")
+    root = tmp_path / "store"
+    out = make_sweep(*slurm_args(root), f"data.dir={bad}", "sweep.tasks=[copa,rte]", "sweep.shots=[0]",
+                     "sweep.induction=false")
+    assert "problem: tiny-opt/rte/0shot: failed" in out and "hypothesis" in out, out
+    summary = json.loads((root / "tiny-opt" / "summary" / "summary.json").read_text())
+    assert summary["n_complete"] == 1 and [r["task"] for r in summary["summary"]] == ["copa"]
+    assert "hypothesis" in summary["problems"][0]["reason"]
