@@ -169,7 +169,7 @@ class Submitted:
         return [j for j in (*self.shard_jobs, self.induction_job, self.reduce_job) if j is not None]
 
 
-def submit(cfg: dict, wait: bool | None = None) -> Submitted:
+def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submitted:
     """Submit the sweep. Complete shards (same config hash) are not resubmitted. With the local
     launcher the array runs in waves of `launcher.array_parallelism` and the reducer after it;
     with Slurm the reducer depends on the array and the induction job (afterany)."""
@@ -185,24 +185,40 @@ def submit(cfg: dict, wait: bool | None = None) -> Submitted:
     if not todo and not need_induction:
         return out
     if la["name"] == "local":
-        return _submit_local(cfg, todo, need_induction, expected, out, wait=True if wait is None else wait)
+        return _submit_local(cfg, todo, need_induction, expected, out, wait=True if wait is None else wait,
+                             progress=progress)
     return _submit_slurm(cfg, todo, need_induction, expected, out, wait=bool(wait))
 
 
-def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: bool) -> Submitted:
+def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: bool, progress: bool) -> Submitted:
+    from tqdm.auto import tqdm
+
     par = max(1, int(cfg["launcher"].get("array_parallelism", 1)))
+    bar = tqdm(total=len(todo) + int(need_induction) + 1, desc="sweep jobs", unit="job", disable=not progress)
     if need_induction:
+        bar.set_postfix_str("induction scores")
         out.induction_job = make_executor(cfg, "induction").submit(InductionJob(), cfg)
-        out.induction_job.result()  # one process at a time on a laptop
+        _wait_quietly(out.induction_job)  # one process at a time on a laptop
+        bar.update()
     ex = make_executor(cfg, "shard")
     for s in range(0, len(todo), par):
-        wave = ex.map_array(ShardJob(), todo[s: s + par])
+        chunk = todo[s: s + par]
+        bar.set_postfix_str(", ".join(f"{c['task']} {c['shot']}-shot" for c in chunk))
+        wave = ex.map_array(ShardJob(), chunk)
         out.shard_jobs += wave
-        for j in wave:
+        for j, c in zip(wave, chunk):
             _wait_quietly(j)
+            bar.update()
+            if progress and j.exception() is None:
+                r = j.result()
+                bar.write(f"  {c['task']} {c['shot']}-shot: {r['status']}, "
+                          + ", ".join(f"unpruned {k} {v:.3f}" for k, v in (r.get("baseline") or {}).items()))
+    bar.set_postfix_str("reducer")
     out.reduce_job = make_executor(cfg, "reduce").submit(ReduceJob(), cfg, expected)
     if wait:
-        out.reduce_job.result()
+        _wait_quietly(out.reduce_job)
+        bar.update()
+    bar.close()
     return out
 
 

@@ -22,7 +22,10 @@ class TaskDataError(ValueError):
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """Explicit argument, else $ICL_SCALE_DATA_DIR, else None (= the Hugging Face hub)."""
+    """Explicit argument, else $ICL_SCALE_DATA_DIR, else None (= the Hugging Face hub).
+    `hub` asks for the hub explicitly, even when $ICL_SCALE_DATA_DIR is set."""
+    if str(data_dir) == "hub":
+        return None
     if data_dir is not None:
         return Path(data_dir)
     env = os.environ.get(ENV_DATA_DIR)
