@@ -29,6 +29,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
 bench: $(STAMP)
+	# lm-eval 0.4.13 is the scoring benchmark's reference (bench only; torch stays pinned).
+	$(PY) -m pip install -q -r bench/requirements-lmeval.txt
 	$(PY) -m icl_scale.bench $(ARGS)
 
 sweep: $(STAMP)
