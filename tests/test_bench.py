@@ -1,0 +1,80 @@
+"""Smoke test of icl_scale.bench on a tiny model with tiny sizes: result structure, the agreement
+checks and the output files. No timing assertions (CPU timings are noise here)."""
+
+import json
+
+import pytest
+
+from icl_scale import bench
+
+from conftest import get_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return get_model("tiny-llama")
+
+
+def test_scoring_structure(tiny, mirror):
+    res = bench.bench_scoring(tiny, ["piqa", "boolq"], [0, 1], {0: 3, 1: 2}, batch_size=2, repeats=1, data=mirror,
+                              log=lambda *a: None)
+    assert [(r["task"], r["shot"]) for r in res["rows"]] == [("piqa", 0), ("boolq", 0), ("piqa", 1), ("boolq", 1)]
+    have_lmeval = bench.lmeval_available() is None
+    methods = {"naive", "ours"} | ({"lmeval"} if have_lmeval else set())
+    for r in res["rows"]:
+        assert set(r["time"]) == methods and set(r["docs_per_s"]) == methods
+        assert all(v > 0 for v in r["docs_per_s"].values())
+        assert r["time"]["ours"]["best_s"] <= r["time"]["ours"]["worst_s"]
+        # the prefix-cached scorer must pick the same choice as the naive reference everywhere
+        assert r["naive_vs_ours"]["pred_agreement"] == 1.0
+        assert r["naive_vs_ours"]["max_abs_dlogprob"] < 1e-3
+        assert r["model_tokens"]["ours"] <= r["model_tokens"]["naive"]
+        assert "ours_vs_naive" in r["speedup"]
+        if have_lmeval:
+            c = r["lmeval_vs_ours"]
+            assert 0 <= c["pred_agreement"] <= 1 and 0 <= c["same_tokens_frac"] <= 1
+            if c["max_abs_dlogprob_same_tokens"] is not None:  # identical tokens: identical numbers
+                assert c["max_abs_dlogprob_same_tokens"] < 1e-3
+        else:
+            assert "lmeval" in res["skipped"]
+    assert set(res["summary"]) == {"0-shot", "1-shot"}
+    assert res["naive_vs_ours_all_agree"] is True
+    assert res["target_5shot"] is None  # no 5-shot rows here
+
+
+def test_importance_structure_and_agreement(tiny, mirror):
+    before = [p.requires_grad for p in tiny.model.parameters()]
+    res = bench.bench_importance(tiny, ["copa"], shot=1, n_examples=3, batch_size=2, repeats=1, data=mirror,
+                                 log=lambda *a: None)
+    # the original scheme turns parameter gradients on; it must leave the shared model as it was
+    assert [p.requires_grad for p in tiny.model.parameters()] == before
+    assert all(p.grad is None for p in tiny.model.parameters())
+    (row,) = res["rows"]
+    assert set(row["time"]) == {"forward", "forward_hf", "ours", "original"}
+    assert row["ratio_importance_over_forward"] > 0 and row["speedup_vs_original"] > 0
+    # same loss, same inputs: the two schemes give the same importance numbers
+    assert row["agreement"]["sum"]["max_abs_diff_over_max"] < 1e-4
+    assert row["agreement"]["per_token"]["max_abs_diff_over_max"] < 1e-4
+    assert row["agreement"]["head_mask_grad_vs_loop_max_rel"] < 1e-3
+    assert set(res["targets"]) == {"importance_over_forward<=2.5", "speedup_vs_original>=1.3", "agree_sum_mode<=1e-4"}
+
+
+def test_write_results_and_cli(tiny, mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("ICL_SCALE_DATA_DIR", str(mirror))
+    out = tmp_path / "res"
+    cfg = dict(tasks=("copa",), shots=(0,), limits={0: 2}, repeats=1, imp_tasks=("copa",), imp_shot=0,
+               imp_examples=2, imp_batch_size=2)
+    res = bench.run(["scoring", "importance"], quick=True, model=tiny, out=out, cfg=cfg, log=lambda *a: None)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {"machine", "scoring", "importance", "model"} <= set(data)
+    for k in ("cpu_count", "torch_threads", "torch", "transformers", "date"):
+        assert k in data["machine"]
+    md = out.with_suffix(".md").read_text()
+    assert "## Scoring" in md and "## Importance pass" in md
+    assert data["scoring"]["rows"][0]["docs"] == res["scoring"]["rows"][0]["docs"] == 2
+    # --only keeps the other sections of an existing results file
+    bench.run(["importance"], quick=True, model=tiny, out=out, cfg=cfg, log=lambda *a: None)
+    assert "scoring" in json.loads(out.with_suffix(".json").read_text())
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "nonsense"])
