@@ -162,8 +162,9 @@ def rank_comparison(col: Collected, shot: int, key: str = "heads") -> dict:
 def induction_relation(col: Collected, induction: dict[str, torch.Tensor]) -> list[dict]:
     """Per shard: Spearman and top-20% overlap of head importance with prefix matching and copying,
     and the retained induction capacity as heads are pruned by the task ranking (paper Fig. 11)."""
-    from .pruning import prune_mask
+    from .induction import retained_capacity
 
+    levels = list(range(0, 100, 10))
     rows = []
     for d in col.ok:
         imp = d.importance["heads"]
@@ -174,10 +175,7 @@ def induction_relation(col: Collected, induction: dict[str, torch.Tensor]) -> li
             s = induction[name].float()
             row[f"spearman_{name}"] = spearman(imp, s)
             row[f"overlap_{name}"] = top_overlap(imp, s)
-            total = s.clamp_min(0).sum().item()
-            row[f"retained_{name}"] = {
-                f"{p:g}": (float((s.clamp_min(0) * prune_mask(imp, p)).sum()) / total if total > 0 else float("nan"))
-                for p in range(0, 100, 10)}
+            row[f"retained_{name}"] = dict(zip((f"{p:g}" for p in levels), retained_capacity(s, imp, levels)))
         rows.append(row)
     return rows
 
@@ -235,6 +233,39 @@ def plot_curves(col: Collected, kind: str, path: Path) -> Path | None:
         ax.axis("off")
     model = col.ok[0].shard.model
     fig.suptitle(f"{model}: pruning {kind}, least important first (95% CI)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_rankings(col: Collected, path: Path) -> Path | None:
+    """Head pruning by task importance vs by induction score vs random rankings (mean +- range)."""
+    ds = sorted((d for d in col.ok if d.curves.get("heads_by")), key=lambda d: (d.shard.task, d.shard.shot))
+    if not ds:
+        return None
+    plt = _plt()
+    ncol = min(4, len(ds))
+    nrow = math.ceil(len(ds) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
+    for ax, d in zip(axes.flat, ds):
+        c = d.curves
+        ax.plot([r["level"] for r in c["heads"]], [r["value"] for r in c["heads"]], "o-", ms=3, label="task importance")
+        if "heads_by_induction" in c["heads_by"]:
+            rows = c["heads_by"]["heads_by_induction"]
+            ax.plot([r["level"] for r in rows], [r["value"] for r in rows], "s-", ms=3, label="prefix matching")
+        rnd = [v for k, v in c["heads_by"].items() if k.startswith("heads_random")]
+        if rnd:
+            x = [r["level"] for r in rnd[0]]
+            ys = np.array([[r["value"] for r in rows] for rows in rnd])
+            ax.plot(x, ys.mean(0), "k--", lw=1, label=f"random (n={len(rnd)})")
+            ax.fill_between(x, ys.min(0), ys.max(0), color="k", alpha=0.1)
+        ax.set_title(f"{d.shard.task} {d.shard.shot}-shot", fontsize=9)
+        ax.set_xlabel("% heads pruned")
+        ax.set_ylabel(c["metric"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(ds):]:
+        ax.axis("off")
+    fig.suptitle("Pruning heads by task importance vs induction score vs random", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -322,6 +353,7 @@ def reduce_store(root: Path | str, model: str, expected: list[tuple[str, int]] |
     for name, fn in (("curves_heads.png", lambda p: plot_curves(col, "heads", p)),
                      ("curves_ffn.png", lambda p: plot_curves(col, "ffn", p)),
                      ("importance_heads.png", lambda p: plot_importance(col, p)),
+                     ("curves_heads_rankings.png", lambda p: plot_rankings(col, p)),
                      ("induction_retained.png", lambda p: plot_retained(relation, p))):
         if fn(out / name) is not None:
             figures[name] = str(out / name)

@@ -36,7 +36,7 @@ HASHED = {
     "eval": ("split", "limit"),
     "importance": ("n_examples", "abs", "normalize_layers"),
     "knockout": ("split", "limit"),
-    "pruning": ("levels", "combined_levels", "ffn_ranking", "iterative"),
+    "pruning": ("levels", "combined_levels", "ffn_ranking", "iterative", "compare", "random_seeds"),
 }
 
 
@@ -58,6 +58,9 @@ def validate(cfg: dict) -> None:
     P.check_levels(cfg["pruning"]["combined_levels"], "pruning.combined_levels")
     if cfg["pruning"]["ffn_ranking"] not in ("knockout", "gradient"):
         raise ValueError(f"pruning.ffn_ranking={cfg['pruning']['ffn_ranking']!r}; use knockout or gradient")
+    bad = set(cfg["pruning"].get("compare") or []) - {"induction", "random"}
+    if bad:
+        raise ValueError(f"pruning.compare has {sorted(bad)}; use a list of induction and/or random")
     if cfg["knockout"]["split"] not in ("heldout", "paper"):
         raise ValueError(f"knockout.split={cfg['knockout']['split']!r}; use heldout or paper")
 
@@ -243,6 +246,21 @@ def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dic
 
     run_curve("heads", imp["heads"], pr["levels"], lambda m: (m, None))
     run_curve("ffn", ffn_rank, pr["levels"], lambda m: (None, m))
+    # Beyond the paper: prune heads by a task-agnostic ranking (prefix matching, lowest first) and by
+    # random rankings, to compare with pruning by task importance at the same levels.
+    compare = list(pr.get("compare") or [])
+    if "induction" in compare:
+        from .report import load_induction
+
+        ind = load_induction(cfg["store"]["root"], cfg["model"]["name"])
+        if ind is None or ind["prefix_matching"].shape != imp["heads"].shape:
+            raise ValueError("pruning.compare includes induction but the store has no induction scores for "
+                             f"{cfg['model']['name']}: run `python jobs/induction.py model={cfg['model']['name']}` first")
+        run_curve("heads_by_induction", ind["prefix_matching"].float(), pr["levels"], lambda m: (m, None))
+    if "random" in compare:
+        for k in range(int(pr.get("random_seeds", 3))):
+            rnd = torch.rand(imp["heads"].shape, generator=torch.Generator().manual_seed(k))
+            run_curve(f"heads_random{k}", rnd, pr["levels"], lambda m: (m, None))
     # Combined grid: heads at p_h and FFNs at p_f together.
     grid_done = curves_state.setdefault("combined", {})
     for ph in P.check_levels(pr["combined_levels"]):
@@ -266,6 +284,7 @@ def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dic
         "model": cfg["model"]["name"], "task": task, "shot": shot, "metric": metric,
         "n_eval": len(eval_reqs), "n_importance": state.n_examples, "n_knockout": len(ko_reqs),
         "heads": as_list("heads"), "ffn": as_list("ffn"),
+        "heads_by": {kind: as_list(kind) for kind in curves_state if kind.startswith("heads_")},
         "combined": sorted(({"value": v["metrics"][metric]["value"], **v} for v in grid_done.values()),
                            key=lambda r: (r["head_level"], r["ffn_level"])),
         "ffn_ranking": pr["ffn_ranking"], "knockout_baseline": ko_base,

@@ -228,7 +228,10 @@ def _submit_slurm(cfg, todo, need_induction, expected, out: Submitted, wait: boo
         out.induction_job = make_executor(cfg, "induction").submit(InductionJob(), cfg)
         deps.append(out.induction_job.job_id)
     if todo:
-        out.shard_jobs = make_executor(cfg, "shard").map_array(ShardJob(), todo)
+        # Shards that prune by induction score need the scores first.
+        wait_ind = out.induction_job is not None and "induction" in (cfg["pruning"].get("compare") or [])
+        dep = f"afterok:{out.induction_job.job_id}" if wait_ind else None
+        out.shard_jobs = make_executor(cfg, "shard", dependency=dep).map_array(ShardJob(), todo)
         deps.append(out.shard_jobs[0].job_id.split("_")[0])  # the array id: afterany waits for all elements
     rex = make_executor(cfg, "reduce", dependency="afterany:" + ":".join(deps))
     out.reduce_job = rex.submit(ReduceJob(), cfg, expected)

@@ -125,3 +125,30 @@ def test_bad_input(tmp_path, mirror):
         Gates(lm.adapter, head_mask=torch.ones(3, 4))
     write_json(tmp_path / "ok.json", {"a": 1})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+
+
+def test_compare_rankings(tmp_path, mirror):
+    lm = get_model("tiny-opt")
+    with pytest.raises(ValueError, match="no induction scores.*jobs/induction.py"):
+        run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "pruning.compare=[induction]"), lm=lm)
+    with pytest.raises(ValueError, match="pruning.compare has \\['nope'\\]"):
+        run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "pruning.compare=[nope]"), lm=lm)
+    from icl_scale.store import write_tensors
+
+    ind = torch.arange(8.0).view(2, 4)
+    write_tensors(tmp_path / "tiny-opt" / "induction" / "scores.safetensors",
+                  {"prefix_matching": ind, "copying": ind.flip(0)})
+    cfg = tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "pruning.compare=[induction,random]",
+                         "pruning.random_seeds=2")
+    run_shard(cfg, lm=lm)
+    sh = Shard(tmp_path, "tiny-opt", "copa", 1)
+    c = sh.curves()
+    assert set(c["heads_by"]) == {"heads_by_induction", "heads_random0", "heads_random1"}
+    m = read_tensors(sh.file("masks/heads_by_induction_50.safetensors"))["mask"]
+    assert torch.equal(m, torch.tensor([[0.0, 0, 0, 0], [1, 1, 1, 1]]))  # lowest prefix matching first
+    assert c["heads_by"]["heads_by_induction"][0]["value"] == c["heads"][0]["value"]  # 0% = unpruned
+    from icl_scale.report import reduce_store
+
+    res = reduce_store(tmp_path, "tiny-opt", [("copa", 1)])
+    assert "curves_heads_rankings.png" in res["figures"] and res["has_induction"]
+    assert res["induction_relation"][0]["retained_prefix_matching"]["0"] == pytest.approx(1.0)
