@@ -50,7 +50,7 @@ class Family:
     pre_ffn_norm: str
     final_norm: str
     embed: str
-    unembed: str
+    unembed: str  # informational: unembedding_weight() asks the model (names vary by version)
     rotary: bool
     conv1d: bool  # GPT-2 stores Linear weights transposed (transformers Conv1D)
 
@@ -150,7 +150,7 @@ class Adapter:
 
     def unembedding_weight(self) -> torch.Tensor:
         """[vocab, hidden] matrix mapping the final residual (after the final norm) to logits."""
-        return _get(self.model, self.family.unembed).weight
+        return self.model.get_output_embeddings().weight  # the family's own name varies by version
 
     # --- weights in a family-independent layout --------------------------------------------
     def o_proj_weight(self, l: int) -> torch.Tensor:
