@@ -650,6 +650,14 @@ def _f(x, nd=2) -> str:
     return str(x)
 
 
+def _meta_line(sec: dict) -> str:
+    m = sec.get("_meta") or {}
+    if not m:
+        return ""
+    return (f"Section run {m.get('date')}{' (--quick)' if m.get('quick') else ''}, {_f(m.get('seconds'), 0)} s, "
+            f"load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}.")
+
+
 def render_markdown(res: dict) -> str:
     m = res.get("machine", {})
     out = ["# icl_scale benchmark results", "",
@@ -663,7 +671,7 @@ def render_markdown(res: dict) -> str:
     sc = res.get("scoring")
     if sc:
         s = sc["settings"]
-        out += ["## Scoring (multiple-choice docs/s)", "",
+        out += ["## Scoring (multiple-choice docs/s)", "", _meta_line(sc), "",
                 f"Model {s['model']}, batch size {s['batch_size']} for all three (naive / lm-eval: pairs per forward; "
                 f"ours: documents per context pass), best of {s['repeats']} alternating rounds; "
                 f"docs per task {s['limits']} by shot count. Spread = (worst - best) / best over rounds.", ""]
@@ -711,7 +719,7 @@ def render_markdown(res: dict) -> str:
     im = res.get("importance")
     if im:
         s = im["settings"]
-        out += ["## Importance pass", "",
+        out += ["## Importance pass", "", _meta_line(im), "",
                 f"Model {s['model']}, {s['shot']}-shot gold inputs, {s['n_examples']} examples per task, batch size "
                 f"{s['batch_size']}, best of {s['repeats']} alternating rounds; timed with abs mode `{s['abs_mode_timed']}`.",
                 "", "| task | tokens | forward s | HF forward s | ours s | original s | ours / forward | ours / HF forward "
@@ -741,7 +749,7 @@ def render_markdown(res: dict) -> str:
         out.append("")
     ind = res.get("induction")
     if ind is not None:
-        out += ["## Induction", ""]
+        out += ["## Induction", "", _meta_line(ind), ""]
         if "skipped" in ind or "error" in ind:
             out.append(f"{'Skipped' if 'skipped' in ind else 'Error'}: {ind.get('skipped') or ind.get('error')}")
         elif ind.get("printed"):
