@@ -10,8 +10,13 @@ import sys
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# User-facing errors: printed as one line naming the field and the fix, exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, KeyError)
+def _user_errors() -> tuple:
+    """User-facing errors: printed as one line naming the field and the fix, exit code 2."""
+    from .store import StoreError
+    from .sweep import SweepError
+    from .tracking import TrackingError
+
+    return (ValueError, FileNotFoundError, PermissionError, StoreError, SweepError, TrackingError)
 
 
 def to_dict(cfg) -> dict:
@@ -35,7 +40,7 @@ def one_line_errors(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except USER_ERRORS as e:
+        except _user_errors() as e:
             if os.environ.get("ICL_SCALE_DEBUG"):
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
