@@ -44,7 +44,7 @@ import torch
 from .importance import gradient_importance, importance_inputs
 from .models.gates import Gates
 from .models.loading import LoadedModel, load_model
-from .scoring import Tokenised, _pad, score_naive, score_requests
+from .scoring import Tokenised, score_naive, score_requests
 from .tasks import build_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,20 +375,10 @@ def profile_scoring(lm: LoadedModel, task: str, shot: int, limit: int, batch_siz
 
 def _batches(lm: LoadedModel, examples, batch_size: int):
     """The exact batches `gradient_importance` builds: (ids, mask, rows, pos, targets, weights)."""
-    pad = lm.tokenizer.pad_token_id
-    dev = lm.device
+    from .importance import importance_batch
+
     for s in range(0, len(examples), batch_size):
-        chunk = examples[s: s + batch_size]
-        ids, mask = _pad([inp for inp, _ in chunk], pad)
-        rows, pos, tgt, weight = [], [], [], []
-        for i, (inp, cont) in enumerate(chunk):
-            n, m = len(inp), len(cont)
-            rows += [i] * m
-            pos += range(n - m, n)
-            tgt += cont
-            weight += [1.0 / m] * m
-        yield (ids.to(dev), mask.to(dev), torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
-               torch.tensor(tgt, device=dev), torch.tensor(weight, device=dev))
+        yield importance_batch(lm, examples[s: s + batch_size])
 
 
 @torch.inference_mode()

@@ -73,6 +73,23 @@ def importance_inputs(lm: LoadedModel, requests: Sequence[Request]) -> list[tupl
     return [tk.pair(*r.pair(r.gold_index())) for r in requests]
 
 
+def importance_batch(lm: LoadedModel, chunk: Sequence[tuple[list[int], list[int]]]):
+    """One batch of (input ids, gold continuation ids) examples on lm.device:
+    (ids, mask, rows, pos, targets, weights); (rows[k], pos[k]) predicts targets[k], and weights
+    make each example's loss its own mean NLL over its continuation tokens."""
+    dev = lm.device
+    ids, mask = _pad([inp for inp, _ in chunk], lm.tokenizer.pad_token_id)
+    rows, pos, tgt, weight = [], [], [], []
+    for i, (inp, cont) in enumerate(chunk):
+        n, m = len(inp), len(cont)
+        rows += [i] * m
+        pos += range(n - m, n)
+        tgt += cont
+        weight += [1.0 / m] * m
+    return (ids.to(dev), mask.to(dev), torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
+            torch.tensor(tgt, device=dev), torch.tensor(weight, device=dev))
+
+
 def gradient_importance(
     lm: LoadedModel,
     requests: Sequence[Request],
@@ -95,33 +112,20 @@ def gradient_importance(
     examples = importance_inputs(lm, requests)
     base = lm.model.base_model
     unembed = lm.model.get_output_embeddings()
-    pad = lm.tokenizer.pad_token_id
-    dev = lm.device
     todo = range(state.n_examples, len(examples), batch_size)
     bar = tqdm(total=len(examples), initial=state.n_examples, disable=not progress, desc="importance",
                unit="ex", leave=False)
     with Gates(lm.adapter, head_mask=head_mask, ffn_mask=ffn_mask, record=True) as gates:
         for s in todo:
             chunk = examples[s: s + batch_size]
-            ids, mask = _pad([inp for inp, _ in chunk], pad)
-            ids, mask = ids.to(dev), mask.to(dev)
+            ids, mask, rows_t, pos_t, tgt_t, weight_t = importance_batch(lm, chunk)
             b, t = ids.shape
-            # Continuation positions and targets; each example's loss is its own mean NLL.
-            rows, pos, tgt, weight = [], [], [], []
-            for i, (inp, cont) in enumerate(chunk):
-                n, m = len(inp), len(cont)
-                rows += [i] * m
-                pos += range(n - m, n)
-                tgt += cont
-                weight += [1.0 / m] * m
-            rows_t = torch.tensor(rows, device=dev)
-            pos_t = torch.tensor(pos, device=dev)
             gates.clear_probes()
             with torch.enable_grad():
                 h = base(input_ids=ids, attention_mask=mask).last_hidden_state
                 logits = unembed(h[rows_t, pos_t]).float()  # unembed only where the loss needs it
-                nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(tgt, device=dev)[:, None]).squeeze(-1)
-                loss = (nll * torch.tensor(weight, device=dev)).sum()  # sum over examples of mean NLL
+                nll = -torch.log_softmax(logits, -1).gather(-1, tgt_t[:, None]).squeeze(-1)
+                loss = (nll * weight_t).sum()  # sum over examples of mean NLL
                 head_c, ffn_c = gates.probe_grads(loss, (b, t))  # [L, b, t, H], [L, b, t]
             # Rows never interact (causal attention, right padding), so row i holds example i's
             # contributions; pad positions get exactly zero gradient.
