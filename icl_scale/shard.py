@@ -13,6 +13,7 @@ without redoing finished work:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,12 @@ from .store import write_json, write_jsonl, write_tensors
 from .tasks import build_requests, compute_metrics, get_task
 
 log = logging.getLogger(__name__)
+
+# Fault injection for preemption tests (a separate Slurm process cannot be monkeypatched):
+# "<stage>:<file>" makes a fresh (not resumed) run wait after <stage> for as long as <file> exists,
+# so a test can requeue it at a known point instead of racing a job that may already have finished;
+# the resumed run goes straight through.
+HOLD_ENV = "ICL_SCALE_HOLD_AFTER"
 
 # Settings that change a shard's numbers (paths, batch sizes, launcher, W&B do not).
 HASHED = {
@@ -135,19 +142,27 @@ def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dic
     prog_path = shard.ckpt("progress.json")
     progress_state = read_json(prog_path) if prog_path.exists() else {}
     barrier()  # every rank has read the checkpoint before rank 0 may clear it
-    if progress_state.get("config_hash") != h or cfg["store"].get("force"):
-        shard.clear_checkpoint()
-        progress_state = {"config_hash": h, "knockout": {}, "curves": {}}
-    shard.write_manifest(status="running", config_hash=h, config=scfg, resolved=cfg,
-                         versions=library_versions(), started=t_start)
 
     def save_progress():
         write_json(prog_path, progress_state)
+
+    resumed = progress_state.get("config_hash") == h and not cfg["store"].get("force")
+    if not resumed:
+        shard.clear_checkpoint()
+        progress_state = {"config_hash": h, "knockout": {}, "curves": {}}
+        save_progress()  # stamps the checkpoint folder with the config, so a partial importance pass is reused
+    shard.write_manifest(status="running", config_hash=h, config=scfg, resolved=cfg,
+                         versions=library_versions(), started=t_start)
 
     def stage_done(name: str, t0: float):
         timings[name] = round(time.time() - t0, 2)
         if fail_after == name:
             raise RuntimeError(f"injected failure after stage {name}")
+        stage, _, hold_file = os.environ.get(HOLD_ENV, "").partition(":")
+        t_hold = time.time()
+        while (stage == name and hold_file and not resumed and os.path.exists(hold_file)
+               and time.time() - t_hold < 900):
+            time.sleep(0.2)
 
     t0 = time.time()
     lm = lm or load_model(cfg["model"])

@@ -95,6 +95,25 @@ def test_injected_failure_resumes_to_identical_result(complete, tmp_path):
     assert _snapshot(sh.path) == _snapshot(Shard(root, "tiny-opt", "copa", 1).path)
 
 
+def test_partial_importance_is_resumed_not_recomputed(tmp_path, monkeypatch):
+    import icl_scale.shard as shard_mod
+
+    lm = get_model("tiny-opt")
+    cfg = tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "importance.checkpoint_every=1")
+    with pytest.raises(RuntimeError, match="injected failure after stage importance"):
+        run_shard(cfg, lm=lm, fail_after="importance")
+    seen = []
+    real = shard_mod.gradient_importance
+
+    def spy(*a, state=None, **k):
+        seen.append(None if state is None else state.n_examples)
+        return real(*a, state=state, **k)
+
+    monkeypatch.setattr(shard_mod, "gradient_importance", spy)
+    assert run_shard(cfg, lm=lm)["status"] == "complete"
+    assert seen == [cfg["importance"]["n_examples"]]  # the resumed run started from the full checkpoint
+
+
 def test_bad_input(tmp_path, mirror):
     lm = get_model("tiny-opt")
     with pytest.raises(ValueError, match="n_examples=0: must be >= 1"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from icl_scale.report import collect
+from icl_scale.shard import HOLD_ENV
 from icl_scale.slurm_env import SKIP_REASON, slurm_status
 from icl_scale.store import Shard, read_tensors
 from icl_scale.sweep import submit
@@ -131,26 +132,33 @@ def test_make_sweep_on_slurm(cluster, tmp_path_factory, mirror):
 
 
 @slurm
-def test_requeued_shard_resumes_to_identical_store(cluster, tmp_path, mirror):
+def test_requeued_shard_resumes_to_identical_store(cluster, tmp_path, mirror, monkeypatch):
     ref_root = getattr(test_make_sweep_on_slurm, "root", None)
     if ref_root is None:
         pytest.skip("needs test_make_sweep_on_slurm's uninterrupted store")
-    cfg = compose(*slurm_args(tmp_path), "sweep.tasks=[rte]", "sweep.shots=[1]", "sweep.induction=false")
+    # The first run holds after its importance stage while `hold` exists, so the requeue below always
+    # lands mid-run (a tiny shard can otherwise finish before the requeue arrives); the resumed run
+    # does not hold.
+    hold = tmp_path / "hold"
+    hold.touch()
+    monkeypatch.setenv(HOLD_ENV, f"importance:{hold}")
+    cfg = compose(*slurm_args(tmp_path / "store"), "sweep.tasks=[rte]", "sweep.shots=[1]", "sweep.induction=false")
     sub = submit(cfg, wait=False)
     (job,) = sub.shard_jobs
-    ck = Shard(tmp_path, "tiny-opt", "rte", 1).path / "checkpoint"
+    shard = Shard(tmp_path / "store", "tiny-opt", "rte", 1)
     t0 = time.time()
-    while not (ck / "progress.json").exists():  # knock-out has started: importance is checkpointed
-        assert time.time() - t0 < 300, "shard never reached the knock-out stage"
-        assert not job.done(), "shard finished before it could be requeued"
+    while not (shard.path / "checkpoint" / "importance_state.safetensors").exists():
+        assert time.time() - t0 < 300, "shard never reached the importance stage"
+        assert not job.done(), "shard ended before it could be requeued"
         time.sleep(0.2)
+    assert not shard.is_complete()
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
     sub.reduce_job.result()
     assert job.result()["status"] == "complete"
     acct = subprocess.run(["sacct", "-j", job.job_id, "-n", "-X", "-D", "-o", "State"], capture_output=True,
                           text=True).stdout.split()
     assert "REQUEUED" in acct or len(acct) > 1, acct  # it really ran twice
-    got = snapshot(Shard(tmp_path, "tiny-opt", "rte", 1).path)
+    got = snapshot(shard.path)
     assert got == snapshot(Shard(ref_root, "tiny-opt", "rte", 1).path)
 
 
