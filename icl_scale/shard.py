@@ -12,6 +12,7 @@ without redoing finished work:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -72,22 +73,44 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"knockout.split={cfg['knockout']['split']!r}; use heldout or paper")
 
 
+def _mask_key(mask: torch.Tensor | None) -> bytes | None:
+    """All-ones masks are no mask: the 0% levels and every curve's unpruned point share one key."""
+    if mask is None or bool((mask == 1).all()):
+        return None
+    return mask.detach().to(torch.float32).cpu().numpy().tobytes()
+
+
 @dataclass
 class Evaluator:
+    """Scores a request list under (head, FFN) masks and computes the task metrics.
+
+    Evaluations are memoised by the masks' contents: the curves share their unpruned point, the
+    heads x FFN grid's edges are the single-kind curves, and different rankings often give the same
+    mask at a level, so a shard never evaluates one mask twice (a third of the evaluations in the
+    demo). Results are deep-copied out, so callers may change them."""
+
     lm: LoadedModel
     task: str
     batch_size: int
     progress: bool = False
 
+    def __post_init__(self):
+        self.memo: dict[tuple, tuple] = {}
+        self.n_scored = 0
+
     def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
-        scores = score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
-                                progress=self.progress, desc=desc)
-        lls = [[c.logprob for c in row] for row in scores]
-        metrics, per_doc = compute_metrics(self.task, requests, lls)
-        for row, sc in zip(per_doc, scores):
-            row["logprobs"] = [c.logprob for c in sc]
-            row["n_tokens"] = [c.n_tokens for c in sc]
-        return metrics, per_doc
+        key = (id(requests), len(requests), _mask_key(head_mask), _mask_key(ffn_mask))
+        if key not in self.memo:
+            scores = score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
+                                    progress=self.progress, desc=desc)
+            lls = [[c.logprob for c in row] for row in scores]
+            metrics, per_doc = compute_metrics(self.task, requests, lls)
+            for row, sc in zip(per_doc, scores):
+                row["logprobs"] = [c.logprob for c in sc]
+                row["n_tokens"] = [c.n_tokens for c in sc]
+            self.memo[key] = (requests, metrics, per_doc)  # holding `requests` keeps its id unique
+            self.n_scored += 1
+        return copy.deepcopy(self.memo[key][1:])
 
 
 def primary_metric(task: str) -> str:
@@ -307,6 +330,7 @@ def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dic
     write_json(shard.file("curves.json"), curves)
     timings["total"] = round(time.time() - t_start, 2)
     m = shard.write_manifest(status="complete", config_hash=h, timings=timings, finished=time.time(),
+                             evaluations=evaluate.n_scored,
                              baseline={metric: curves["heads"][0]["value"]} if curves["heads"] else {})
     shard.clear_checkpoint()
     return {"status": "complete", "shard": str(shard.path), **m}

@@ -69,6 +69,31 @@ def test_zero_level_equals_unpruned_evaluation(complete, mirror):
     assert [d["logprobs"] for d in saved] == [d["logprobs"] for d in per_doc]
 
 
+def test_memoised_evaluations_equal_fresh_ones(complete, mirror):
+    root, cfg, _ = complete
+    sh = Shard(root, "tiny-opt", "copa", 1)
+    # Distinct masks: eval split {none, heads 50, ffn 50, both 50}; knock-out split {none, ffn 0, ffn 1}.
+    assert sh.manifest()["evaluations"] == 7
+    lm = get_model("tiny-opt")
+    reqs = build_requests("copa", shot=1, limit=12, data_dir=mirror)
+    for kind in ("heads", "ffn"):
+        mask = read_tensors(sh.file(f"masks/{kind}_50.safetensors"))["mask"]
+        _, fresh = Evaluator(lm, "copa", 8)(reqs, *((mask, None) if kind == "heads" else (None, mask)))
+        saved = [json.loads(line) for line in sh.file(f"samples/{kind}_50.jsonl").read_text().splitlines()]
+        assert [d["logprobs"] for d in saved] == [d["logprobs"] for d in fresh]
+    grid = {(r["head_level"], r["ffn_level"]): r["value"] for r in sh.curves()["combined"]}
+    assert grid[(50, 0)] == sh.curves()["heads"][1]["value"] and grid[(0, 50)] == sh.curves()["ffn"][1]["value"]
+    ev = Evaluator(lm, "copa", 8)
+    base = ev(reqs)
+    assert ev(reqs, torch.ones(2, 4), torch.ones(2)) == base and ev.n_scored == 1  # all-ones == no mask
+    hm = torch.ones(2, 4)
+    hm[0, 1] = 0
+    masked = ev(reqs, hm)
+    assert ev.n_scored == 2 and masked[1][0]["logprobs"] != base[1][0]["logprobs"]
+    masked[0]["acc"]["value"] = -1.0  # callers get copies
+    assert ev(reqs, hm.clone())[0]["acc"]["value"] != -1.0 and ev.n_scored == 2
+
+
 def test_rerun_same_config_does_no_work(complete):
     root, cfg, _ = complete
     before = {f: os.stat(root / f).st_mtime_ns for f in _files(root)}
