@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from icl_scale.scoring import Tokenised, score_naive, score_requests
+import icl_scale.scoring as scoring
+from icl_scale.scoring import Tokenised, _length_groups, score_naive, score_requests
 from icl_scale.tasks import build_requests
 
 from conftest import get_model
@@ -22,6 +23,7 @@ def _requests(mirror):
     reqs += build_requests("boolq", shot=0, limit=2, data_dir=mirror)
     reqs += build_requests("copa", shot=2, limit=2, data_dir=mirror)
     reqs += build_requests("multirc", shot=0, limit=3, data_dir=mirror)  # answer rows share one prompt
+    reqs += build_requests("piqa", shot=0, limit=3, data_dir=mirror)  # long, unequal continuations
     return reqs
 
 
@@ -65,6 +67,57 @@ def test_prompts_longer_than_max_length(mirror, model):
         assert len(inp) == 48 and inp[-len(cont) + 1:] == cont[:-1] if len(cont) > 1 else len(inp) == 48
         assert inp[: len(lm.doc_start_ids)] == lm.doc_start_ids  # the document-start token is kept
     _compare(lm, reqs, batch_sizes=(1, 8))
+
+
+def test_length_groups():
+    L = [0, 10, 3, 9, 2, 1]  # row 0 has no tail: it needs no pass
+    assert _length_groups(L, pass_cost=float("inf")) == [[1, 3, 2, 4, 5]]  # one pass when passes are dear
+    assert _length_groups(L, pass_cost=0) == [[1], [3], [2], [4], [5]]  # no padding when they are free
+    assert _length_groups(L, pass_cost=4) == [[1, 3], [2, 4, 5]]  # (4 + 2*10) + (4 + 3*3) = 37
+    capped = _length_groups(L, pass_cost=float("inf"), max_size=2)  # fewest passes, then least padding
+    assert len(capped) == 3 and sum(len(g) * L[g[0]] for g in capped) == 27 and capped[0] == [1, 3]
+    assert _length_groups([0, 0], pass_cost=1) == []
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for p in _partitions(rest):
+        yield [[first], *p]
+        for i in range(len(p)):
+            yield [*p[:i], [first, *p[i]], *p[i + 1:]]
+
+
+def test_length_groups_is_optimal_over_all_partitions():
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(30):
+        L = [rnd.randint(1, 40) for _ in range(rnd.randint(1, 7))]
+        cost, size = rnd.choice([0, 5, 40, 1000]), rnd.choice([None, 2, 3])
+
+        def total(groups):
+            return sum(cost + len(g) * max(L[k] for k in g) for g in groups)
+
+        got = _length_groups(L, pass_cost=cost, max_size=size)
+        assert sorted(k for g in got for k in g) == list(range(len(L)))
+        assert all(size is None or len(g) <= size for g in got)
+        ok = [p for p in _partitions(list(range(len(L)))) if all(size is None or len(g) <= size for g in p)]
+        assert total(got) == min(total(p) for p in ok), (L, cost, size)
+
+
+def test_continuations_split_by_length_reuse_the_context_cache(mirror, monkeypatch):
+    """Several continuation passes over one context pass: each must start from the context-only
+    cache (a pass that saw another's tokens would be off by far more than 1e-4)."""
+    lm = get_model("tiny-opt")
+    reqs = build_requests("piqa", shot=0, limit=6, data_dir=mirror)
+    passes = []
+    real = scoring._continuation_logprobs
+    monkeypatch.setattr(scoring, "_continuation_logprobs", lambda *a: passes.append(len(a[3])) or real(*a))
+    _compare(lm, reqs, batch_sizes=(8,))
+    assert len(passes) > 1 and sum(passes) == 12, passes
 
 
 def test_truncation_keeps_the_right_tokens():
