@@ -7,11 +7,14 @@ continuation tokenised separately (no special tokens) and concatenated, as the p
 Two implementations that must agree (tests check <= 1e-4 nats per choice):
 
 * `score_naive`: one full forward per (context, continuation) pair. The reference.
-* `score_requests`: each document's shared context is run once (length-sorted, right-padded
-  batches of documents) and kept as a KV cache; all continuations of those documents are then
-  scored in one more batched pass on top of the cached prefix. The first continuation token is
-  scored from the context pass, so single-token answers (" yes"/" no", " True"/...) need no
-  second pass at all. The unembedding runs only at positions whose log-probs are needed.
+* `score_requests`: each document's shared context is run once (right-padded batches of
+  contexts of similar length) and kept as a KV cache; all continuations of those documents are
+  then scored on top of the cached prefix, in passes of similar continuation length. Passes are
+  chosen by an exact dynamic programme over the length-sorted rows that minimises padded tokens
+  plus a fixed per-pass cost (`pass_cost_tokens`): on a CPU a padded token costs as much as a real
+  one, and each pass reads every weight once. The first continuation token is scored from the
+  context pass, so single-token answers (" yes"/" no", " True"/...) need no second pass at all.
+  The unembedding runs only at positions whose log-probs are needed.
 
 Truncation: a sequence longer than `max_length + 1` tokens (context + continuation) loses tokens
 from the left of the context (the document-start token is kept); pairs that need it are scored
