@@ -179,3 +179,18 @@ def test_failing_shard_is_named_by_reducer(cluster, tmp_path, mirror):
     summary = json.loads((root / "tiny-opt" / "summary" / "summary.json").read_text())
     assert summary["n_complete"] == 1 and [r["task"] for r in summary["summary"]] == ["copa"]
     assert "hypothesis" in summary["problems"][0]["reason"]
+
+
+def test_demo_entry_point_on_a_tiny_model(tmp_path, mirror):
+    """`make run`'s script end to end (the demo experiment on tiny-opt): model summary, induction,
+    4 shards, reducer, and the closing line naming the figures."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", ICL_SCALE_DATA_DIR=str(data_dir()))
+    p = subprocess.run([sys.executable, "jobs/demo.py", "model=tiny-opt", f"store.root={tmp_path}", "progress=false"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "model tiny-opt:" in p.stdout and "per-token loss" in p.stdout
+    summary = json.loads((tmp_path / "tiny-opt" / "summary" / "summary.json").read_text())
+    assert summary["n_complete"] == 4 and summary["has_induction"]
+    assert {(r["task"], r["shot"]) for r in summary["summary"]} == {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
+    assert f"figures in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
+    assert (tmp_path / "tiny-opt" / "summary" / "curves_heads.png").exists()
