@@ -227,31 +227,25 @@ def model_tokens(lm: LoadedModel, requests, hflm=None) -> dict[str, int]:
 
 
 def padded_tokens(lm: LoadedModel, requests, batch_size: int, hflm=None) -> dict[str, int]:
-    """Token positions each method computes including right padding (batch rows x longest row),
-    replaying each method's batching: naive = pairs in request order; lm-eval = distinct inputs
-    sorted longest first; ours = contexts sorted longest first, then per batch every continuation
-    padded to the batch's longest continuation (its tokens but the last)."""
+    """Token positions each method computes including right padding (rows x longest row per
+    forward pass). naive and lm-eval replay their batching: naive = pairs in request order; lm-eval
+    = distinct inputs sorted longest first. Ours is measured: the scorer runs once with the model's
+    forward wrapped to count its input positions and passes (`ours_passes`)."""
     tk = Tokenised(lm, requests)
 
     def pad(lengths):
         return sum(max(c) * len(c) for c in (lengths[i: i + batch_size] for i in range(0, len(lengths), batch_size)))
 
     out = {"naive": pad([len(tk.pair(*r.pair(j))[0]) for r in requests for j in range(r.n_choices)])}
-    units = []
-    for r in requests:
-        by_ctx: dict[str, list[int]] = {}
-        for j in range(r.n_choices):
-            by_ctx.setdefault(r.pair(j)[0], []).append(len(tk.continuation(r.pair(j)[1])) - 1)
-        units += [(len(tk.context(c)), tails) for c, tails in by_ctx.items()]
-    units.sort(key=lambda u: -u[0])
-    ours = 0
-    for i in range(0, len(units), batch_size):
-        chunk = units[i: i + batch_size]
-        ours += max(u[0] for u in chunk) * len(chunk)
-        tails = [t for u in chunk for t in u[1]]
-        if max(tails) > 0:
-            ours += max(tails) * len(tails)
-    out["ours"] = ours
+    base = lm.model.base_model
+    seen: list[int] = []
+    handle = base.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(int(kwargs["input_ids"].numel())), with_kwargs=True)
+    try:
+        score_requests(lm, requests, batch_size=batch_size)
+    finally:
+        handle.remove()
+    out["ours"], out["ours_passes"] = sum(seen), len(seen)
     if hflm is not None:
         keys = sorted({tuple((c + x)[:-1]) for row in lmeval_tokens(hflm, requests) for c, x in row},
                       key=lambda k: -len(k))
@@ -669,7 +663,7 @@ def render_markdown(res: dict) -> str:
             out += [f"Skipped: {v}" for v in sc["skipped"].values()] + [""]
         out += ["| task | shot | docs | naive docs/s | ours docs/s | lm-eval docs/s | ours / naive | ours / lm-eval "
                 "| per-round ours / lm-eval | spread ours / lm-eval | model tokens naive / lm-eval / ours "
-                "| with padding naive / lm-eval / ours |",
+                "| with padding naive / lm-eval / ours (passes) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
             dps, sp, t, mt = r["docs_per_s"], r["speedup"], r["time"], r.get("model_tokens", {})
@@ -679,7 +673,8 @@ def render_markdown(res: dict) -> str:
                        f"{sp.get('ours_vs_lmeval_per_round', '-')} | "
                        f"{_f(t.get('ours', {}).get('spread'))} / {_f(t.get('lmeval', {}).get('spread'))} | "
                        f"{mt.get('naive', '-')} / {mt.get('lmeval', '-')} / {mt.get('ours', '-')} | "
-                       f"{pt.get('naive', '-')} / {pt.get('lmeval', '-')} / {pt.get('ours', '-')} |")
+                       f"{pt.get('naive', '-')} / {pt.get('lmeval', '-')} / {pt.get('ours', '-')}"
+                       f"{' (%s)' % pt['ours_passes'] if 'ours_passes' in pt else ''} |")
         out += ["", "| shots | naive docs/s | ours docs/s | lm-eval docs/s | ours / naive (total) | ours / lm-eval (total) "
                 "| ours / lm-eval (geomean, min over tasks) |", "|---|---|---|---|---|---|---|"]
         for k, v in sc["summary"].items():
