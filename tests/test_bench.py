@@ -29,6 +29,8 @@ def test_scoring_structure(tiny, mirror):
         assert r["naive_vs_ours"]["pred_agreement"] == 1.0
         assert r["naive_vs_ours"]["max_abs_dlogprob"] < 1e-3
         assert r["model_tokens"]["ours"] <= r["model_tokens"]["naive"]
+        # measured from the forward passes: every needed position, plus padding
+        assert r["padded_tokens"]["ours"] >= r["model_tokens"]["ours"] and r["padded_tokens"]["ours_passes"] >= 1
         assert "ours_vs_naive" in r["speedup"]
         if have_lmeval:
             c = r["lmeval_vs_ours"]
