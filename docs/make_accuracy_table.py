@@ -8,7 +8,6 @@ scored. 95% intervals: Wilson for proportions, bootstrap for F1 (see icl_scale/t
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

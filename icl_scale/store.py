@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 MANIFEST = "manifest.json"
 
