@@ -206,16 +206,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _panels(n: int, max_cols: int = 4, size: tuple[float, float] = (3.6, 2.9)):
+    """A grid of n panels (at most `max_cols` per row); the unused cells are hidden."""
+    ncol = min(max_cols, n)
+    nrow = math.ceil(n / ncol)
+    fig, axes = _plt().subplots(nrow, ncol, figsize=(size[0] * ncol, size[1] * nrow), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
 def plot_curves(col: Collected, kind: str, path: Path) -> Path | None:
     """Accuracy vs % of heads (or FFNs) pruned: one panel per task, one line per shot."""
     tasks = sorted({d.shard.task for d in col.ok})
     if not tasks:
         return None
-    plt = _plt()
-    ncol = min(4, len(tasks))
-    nrow = math.ceil(len(tasks) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
+    fig, axes = _panels(len(tasks))
+    for ax, task in zip(axes, tasks):
         for d in sorted((d for d in col.ok if d.shard.task == task), key=lambda d: d.shard.shot):
             rows = d.curves[kind]
             x = [r["level"] for r in rows]
@@ -229,8 +236,6 @@ def plot_curves(col: Collected, kind: str, path: Path) -> Path | None:
         ax.set_ylabel(col.ok[0].curves["metric"] if col.ok else "")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
     model = col.ok[0].shard.model
     fig.suptitle(f"{model}: pruning {kind}, least important first (95% CI)", fontsize=10)
     fig.tight_layout()
@@ -242,11 +247,8 @@ def plot_rankings(col: Collected, path: Path) -> Path | None:
     ds = sorted((d for d in col.ok if d.curves.get("heads_by")), key=lambda d: (d.shard.task, d.shard.shot))
     if not ds:
         return None
-    plt = _plt()
-    ncol = min(4, len(ds))
-    nrow = math.ceil(len(ds) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
-    for ax, d in zip(axes.flat, ds):
+    fig, axes = _panels(len(ds))
+    for ax, d in zip(axes, ds):
         c = d.curves
         ax.plot([r["level"] for r in c["heads"]], [r["value"] for r in c["heads"]], "o-", ms=3, label="task importance")
         if "heads_by_induction" in c["heads_by"]:
@@ -263,8 +265,6 @@ def plot_rankings(col: Collected, path: Path) -> Path | None:
         ax.set_ylabel(c["metric"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(ds):]:
-        ax.axis("off")
     fig.suptitle("Pruning heads by task importance vs induction score vs random", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -275,18 +275,13 @@ def plot_importance(col: Collected, path: Path) -> Path | None:
     ds = sorted(col.ok, key=lambda d: (d.shard.task, d.shard.shot))
     if not ds:
         return None
-    plt = _plt()
-    ncol = min(6, len(ds))
-    nrow = math.ceil(len(ds) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol, 3.2 * nrow), squeeze=False)
-    for ax, d in zip(axes.flat, ds):
+    fig, axes = _panels(len(ds), max_cols=6, size=(2.4, 3.2))
+    for ax, d in zip(axes, ds):
         im = d.importance["heads"]
         ax.imshow((im / im.max().clamp_min(1e-20)).numpy(), aspect="auto", cmap="magma", origin="lower")
         ax.set_title(f"{d.shard.task} {d.shard.shot}-shot", fontsize=8)
         ax.set_xlabel("head", fontsize=7)
         ax.set_ylabel("layer", fontsize=7)
-    for ax in list(axes.flat)[len(ds):]:
-        ax.axis("off")
     fig.suptitle("Head importance (each panel scaled to its max)")
     fig.tight_layout()
     return _save(fig, path)
