@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from icl_scale.models import load_model
+from icl_scale.tasks.data import is_unset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["tiny-opt", "tiny-llama", "tiny-gpt2", "tiny-gpt-neox"]
@@ -14,18 +16,68 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def data_dir() -> Path | None:
-    """The local task mirror: $ICL_SCALE_DATA_DIR, else ../shared/data beside the repo."""
-    env = os.environ.get("ICL_SCALE_DATA_DIR")
-    p = Path(env) if env else REPO.parent / "shared" / "data"
-    return p if p.is_dir() else None
+FIXTURES = REPO / "tests" / "data" / "fixtures"  # small verbatim slices of every task (tests/data/make_fixtures.py)
+_ROWS = json.loads((FIXTURES / "rows.json").read_text(encoding="utf-8"))["tasks"]
+MIRROR_SKIP = "needs the full task data: set ICL_SCALE_DATA_DIR to a mirror <dir>/<task>/<split>.jsonl"
+
+
+def data_dir() -> Path:
+    """The task data every test uses: the in-repo fixtures (always a real folder). Only tests marked
+    `@pytest.mark.mirror` see the full mirror, through the `full_mirror` fixture."""
+    return FIXTURES
+
+
+def fixture_rows(task: str, split: str) -> list[int]:
+    """The mirror row number of each fixture row of <task>/<split>.jsonl (tests/data/fixtures/rows.json)."""
+    return [i for a, b in _ROWS[task][split]["ranges"] for i in range(a, b)]
+
+
+def fixture_row(task: str, split: str, mirror_row: int) -> int:
+    """The fixture row holding mirror row `mirror_row` (golden files name mirror rows)."""
+    rows = fixture_rows(task, split)
+    if mirror_row not in rows:
+        raise LookupError(f"mirror row {mirror_row} of {task} {split} is not in the fixtures: "
+                          f"add it in tests/data/make_fixtures.py and rerun it")
+    return rows.index(mirror_row)
+
+
+def mirror_size(task: str, split: str) -> int:
+    """Rows of the full split in the mirror the fixtures were cut from."""
+    return _ROWS[task][split]["mirror_rows"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not is_unset(os.environ.get("ICL_SCALE_DATA_DIR")):
+        return
+    skip = pytest.mark.skip(reason=MIRROR_SKIP)
+    for item in items:
+        if item.get_closest_marker("mirror"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def mirror() -> Path:
-    p = data_dir()
-    if p is None:
-        pytest.skip("no task data mirror: set ICL_SCALE_DATA_DIR or place it at ../shared/data")
+def task_data() -> Path:
+    """The fixtures folder (see data_dir)."""
+    return data_dir()
+
+
+@pytest.fixture(scope="session")
+def mirror(task_data) -> Path:
+    """Old name of `task_data` (the fixtures, not a full mirror), kept for the tests that use it."""
+    return task_data
+
+
+@pytest.fixture
+def full_mirror(request) -> Path:
+    """$ICL_SCALE_DATA_DIR, the full mirror; only for tests marked `@pytest.mark.mirror`."""
+    if request.node.get_closest_marker("mirror") is None:
+        pytest.fail("full_mirror is only for tests marked @pytest.mark.mirror")
+    env = os.environ.get("ICL_SCALE_DATA_DIR")
+    if is_unset(env):
+        pytest.skip(MIRROR_SKIP)
+    p = Path(env)
+    if not p.is_dir():
+        pytest.fail(f"ICL_SCALE_DATA_DIR={env} is not a folder")
     return p
 
 

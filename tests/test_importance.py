@@ -76,9 +76,9 @@ def reference_importance(lm, requests, abs_mode):
 
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 @pytest.mark.parametrize("abs_mode", ["per_token", "sum"])
-def test_importance_matches_independent_computation(mirror, model, abs_mode):
+def test_importance_matches_independent_computation(task_data, model, abs_mode):
     lm = get_model(model)
-    reqs = build_requests("copa", split="train", shot=1, limit=5, data_dir=mirror)
+    reqs = build_requests("copa", split="train", shot=1, limit=5, data_dir=task_data)
     st = gradient_importance(lm, reqs, batch_size=3, abs_mode=abs_mode)  # batches with padding
     got = st.result()
     ref_h, ref_f = reference_importance(lm, reqs, abs_mode)
@@ -89,10 +89,10 @@ def test_importance_matches_independent_computation(mirror, model, abs_mode):
     assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
 
 
-def test_sum_mode_matches_finite_differences(mirror):
+def test_sum_mode_matches_finite_differences(task_data):
     """|sum over tokens| of one example equals |dL/dg| by central differences on a real gate."""
     lm = get_model("tiny-llama")
-    req = build_requests("copa", split="train", shot=0, limit=1, data_dir=mirror)
+    req = build_requests("copa", split="train", shot=0, limit=1, data_dir=task_data)
     got = gradient_importance(lm, req, abs_mode="sum").result()
     ((inp, cont),) = importance_inputs(lm, req)
     n = len(inp)
@@ -112,9 +112,9 @@ def test_sum_mode_matches_finite_differences(mirror):
         assert got["heads"][l, h].item() * n == pytest.approx(fd, rel=2e-2, abs=1e-6)
 
 
-def test_iterative_masked_heads_get_zero_importance(mirror):
+def test_iterative_masked_heads_get_zero_importance(task_data):
     lm = get_model("tiny-opt")
-    reqs = build_requests("copa", split="train", shot=0, limit=3, data_dir=mirror)
+    reqs = build_requests("copa", split="train", shot=0, limit=3, data_dir=task_data)
     m = torch.ones(2, 4)
     m[1, 2] = 0
     got = gradient_importance(lm, reqs, head_mask=m).result()["heads"]
@@ -153,9 +153,9 @@ def test_curve_levels_nest_and_iterative_rescore():
     assert res[50.0]["kept"] == 5 and len(calls) == 1
 
 
-def test_knockout_equals_ffn_gate_zero(mirror):
+def test_knockout_equals_ffn_gate_zero(task_data):
     lm = get_model("tiny-llama")
-    reqs = build_requests("copa", shot=1, limit=10, data_dir=mirror)
+    reqs = build_requests("copa", shot=1, limit=10, data_dir=task_data)
     ev = Evaluator(lm, "copa", 4)
     seen = {}
 

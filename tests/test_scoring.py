@@ -14,16 +14,16 @@ from conftest import get_model
 TOL = 1e-4
 
 
-def _requests(mirror):
+def _requests(task_data):
     reqs = []
     # multi-token choices, shared context (hellaswag, 1-shot), per-option contexts (winogrande),
     # single-token answers that need no continuation pass (boolq), contexts shared across docs (multirc).
-    reqs += build_requests("hellaswag", shot=1, limit=3, data_dir=mirror)
-    reqs += build_requests("winogrande", shot=1, limit=2, data_dir=mirror)
-    reqs += build_requests("boolq", shot=0, limit=2, data_dir=mirror)
-    reqs += build_requests("copa", shot=2, limit=2, data_dir=mirror)
-    reqs += build_requests("multirc", shot=0, limit=3, data_dir=mirror)  # answer rows share one prompt
-    reqs += build_requests("piqa", shot=0, limit=3, data_dir=mirror)  # long, unequal continuations
+    reqs += build_requests("hellaswag", shot=1, limit=3, data_dir=task_data)
+    reqs += build_requests("winogrande", shot=1, limit=2, data_dir=task_data)
+    reqs += build_requests("boolq", shot=0, limit=2, data_dir=task_data)
+    reqs += build_requests("copa", shot=2, limit=2, data_dir=task_data)
+    reqs += build_requests("multirc", shot=0, limit=3, data_dir=task_data)  # answer rows share one prompt
+    reqs += build_requests("piqa", shot=0, limit=3, data_dir=task_data)  # long, unequal continuations
     return reqs
 
 
@@ -42,9 +42,9 @@ def _compare(lm, reqs, hm=None, fm=None, batch_sizes=(1, 8)):
 # heads, the last FFN); removing 40% of its heads at random wrecks the model (~11 nats/token) and
 # fp32 rounding then reaches ~3e-4 nats per choice in both scorers alike (3e-6 relative).
 @pytest.mark.parametrize("model,head_drop,ffn_layer", [("tiny-opt", 0.4, 0), ("smollm2-135m", 0.1, -1)])
-def test_prefix_cached_equals_naive(mirror, model, head_drop, ffn_layer):
+def test_prefix_cached_equals_naive(task_data, model, head_drop, ffn_layer):
     lm = get_model(model)
-    reqs = _requests(mirror)
+    reqs = _requests(task_data)
     g = lm.adapter.geometry
     ref = _compare(lm, reqs)
     hm = (torch.rand(g.n_layers, g.n_heads, generator=torch.Generator().manual_seed(0)) > head_drop).float()
@@ -55,11 +55,11 @@ def test_prefix_cached_equals_naive(mirror, model, head_drop, ffn_layer):
 
 
 @pytest.mark.parametrize("model", ["tiny-opt", "smollm2-135m"])
-def test_prompts_longer_than_max_length(mirror, model):
+def test_prompts_longer_than_max_length(task_data, model):
     base = get_model(model)
     lm = dataclasses.replace(base, max_length=48)  # force left-truncation on real prompts
-    reqs = build_requests("hellaswag", shot=2, limit=3, data_dir=mirror)
-    reqs += build_requests("boolq", shot=0, limit=2, data_dir=mirror)
+    reqs = build_requests("hellaswag", shot=2, limit=3, data_dir=task_data)
+    reqs += build_requests("boolq", shot=0, limit=2, data_dir=task_data)
     tk = Tokenised(lm, reqs)
     assert all(not tk.fits(*r.pair(0)) for r in reqs)  # every one is truncated
     for r in reqs:
@@ -108,11 +108,11 @@ def test_length_groups_is_optimal_over_all_partitions():
         assert total(got) == min(total(p) for p in ok), (L, cost, size)
 
 
-def test_continuations_split_by_length_reuse_the_context_cache(mirror, monkeypatch):
+def test_continuations_split_by_length_reuse_the_context_cache(task_data, monkeypatch):
     """Several continuation passes over one context pass: each must start from the context-only
     cache (a pass that saw another's tokens would be off by far more than 1e-4)."""
     lm = get_model("tiny-opt")
-    reqs = build_requests("piqa", shot=0, limit=6, data_dir=mirror)
+    reqs = build_requests("piqa", shot=0, limit=6, data_dir=task_data)
     passes = []
     real = scoring._continuation_logprobs
     monkeypatch.setattr(scoring, "_continuation_logprobs", lambda *a: passes.append(len(a[3])) or real(*a))

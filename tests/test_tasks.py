@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, compose, data_dir, fixture_row, fixture_rows, mirror_size
 
 from icl_scale.tasks import (
     TASKS,
@@ -23,24 +24,12 @@ from icl_scale.tasks import (
     load_split,
     sample_demos,
 )
+from icl_scale.tasks import data as task_data_mod
+from icl_scale.tasks.data import data_source
 from icl_scale.tasks.metrics import compute_f1, macro_f1, wilson_ci
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
-
-
-def _mirror() -> Path | None:
-    env = os.environ.get("ICL_SCALE_DATA_DIR")
-    p = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return p if p.is_dir() else None
-
-
-@pytest.fixture(scope="module")
-def data():
-    p = _mirror()
-    if p is None:
-        pytest.skip("no task data mirror: set ICL_SCALE_DATA_DIR or place it at ../shared/data")
-    return p
 
 
 def _pairs(req: Request) -> list[list[str]]:
@@ -59,14 +48,15 @@ def test_golden_files_cover_every_task():
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_golden_prompts_match_lm_eval_020(name, data):
+def test_golden_prompts_match_lm_eval_020(name, task_data):
+    """The golden files name mirror rows; the fixtures hold them (rows.json maps the numbers)."""
     g = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))
     t = get_task(name)
     for c in g["cases"]:
         assert c["split"] == t.eval_split
-        doc = load_split(name, c["split"], data)[c["doc_id"]]
-        demo_rows = load_split(name, c["demo_split"], data)
-        demos = [demo_rows[i] for i in c["demo_ids"]]
+        doc = load_split(name, c["split"], task_data)[fixture_row(name, c["split"], c["doc_id"])]
+        demo_rows = load_split(name, c["demo_split"], task_data)
+        demos = [demo_rows[fixture_row(name, c["demo_split"], i)] for i in c["demo_ids"]]
         assert t.doc_to_text(doc) == c["doc_to_text"]
         assert t.doc_to_target(doc) == c["doc_to_target"]
         req = t.make_request(doc, c["doc_id"], demos)
@@ -75,9 +65,10 @@ def test_golden_prompts_match_lm_eval_020(name, data):
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_golden_metrics_match_lm_eval_020(name, data):
+def test_golden_metrics_match_lm_eval_020(name, task_data):
     mc = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))["metric_check"]
-    reqs = build_requests(name, split=mc["split"], limit=mc["n_docs"], data_dir=data)
+    assert fixture_rows(name, mc["split"])[: mc["n_docs"]] == list(range(mc["n_docs"]))  # the same first docs
+    reqs = build_requests(name, split=mc["split"], limit=mc["n_docs"], data_dir=task_data)
     metrics, per_doc = compute_metrics(name, reqs, mc["loglikelihoods"])
     assert set(metrics) == set(mc["metrics"]) == set(get_task(name).metrics)
     for m, v in mc["metrics"].items():
@@ -98,11 +89,11 @@ def test_golden_metrics_match_lm_eval_020(name, data):
 # ---------------------------------------------------------------------------------------------
 # few-shot sampler
 # ---------------------------------------------------------------------------------------------
-def test_sampler_deterministic_and_order_independent(data):
-    a = build_requests("copa", shot=3, limit=20, seed=7, data_dir=data)
-    b = build_requests("copa", shot=3, limit=5, seed=7, data_dir=data)
+def test_sampler_deterministic_and_order_independent(task_data):
+    a = build_requests("copa", shot=3, limit=20, seed=7, data_dir=task_data)
+    b = build_requests("copa", shot=3, limit=5, seed=7, data_dir=task_data)
     assert [r.contexts for r in a[:5]] == [r.contexts for r in b]  # limit does not change demos
-    c = build_requests("copa", shot=3, limit=5, seed=8, data_dir=data)
+    c = build_requests("copa", shot=3, limit=5, seed=8, data_dir=task_data)
     assert [r.contexts for r in c] != [r.contexts for r in b]  # the seed does
     pool = list(range(400))
     fwd = [sample_demos("copa", i, 4, pool, seed=1, split="validation") for i in range(50)]
@@ -111,8 +102,8 @@ def test_sampler_deterministic_and_order_independent(data):
     assert len({tuple(d) for d in fwd}) > 40  # docs do get different demos
 
 
-def test_sampler_excludes_the_doc_on_its_own_split(data):
-    rows = load_split("cb", "train", data)
+def test_sampler_excludes_the_doc_on_its_own_split(task_data):
+    rows = load_split("cb", "train", task_data)
     s = DemoSampler("cb", rows, k=len(rows) - 1, split="train", same_split=True)
     for i in (0, 17, len(rows) - 1):
         d = s(i, rows[i])
@@ -120,41 +111,63 @@ def test_sampler_excludes_the_doc_on_its_own_split(data):
     with pytest.raises(ValueError, match="remain"):
         DemoSampler("cb", rows, k=len(rows), split="train", same_split=True)(0, rows[0])
     # rendering train docs with train demos (importance scoring): no doc is its own demo
-    reqs = build_requests("rte", split="train", shot=2, limit=30, data_dir=data)
-    train = load_split("rte", "train", data)
+    reqs = build_requests("rte", split="train", shot=2, limit=30, data_dir=task_data)
+    train = load_split("rte", "train", task_data)
     for r in reqs:
-        demos = demo_ids("rte", r.doc_id, split="train", shot=2, data_dir=data)
+        demos = demo_ids("rte", r.doc_id, split="train", shot=2, data_dir=task_data)
         assert r.doc_id not in demos
         own = get_task("rte").doc_to_text(train[r.doc_id])
         assert r.contexts[0].count(own) == 1
 
 
-def test_multirc_same_split_excludes_the_paragraph(data):
-    rows = load_split("multirc", "train", data)
+def _multirc_paragraph_excluded(rows, docs):
     s = DemoSampler("multirc", rows, k=8, split="train", same_split=True)
-    for i in (0, 5, 1000):
+    for i in docs:
         para = rows[i]["idx"]["paragraph"]
         assert all(rows[j]["idx"]["paragraph"] != para for j in s(i, rows[i]))
 
 
-def test_wsc_demos_are_positive_only(data):
-    train = load_split("wsc", "train", data)
+def test_multirc_same_split_excludes_the_paragraph(task_data):
+    rows = load_split("multirc", "train", task_data)
+    first = {}  # the first row of each paragraph
+    for i, r in enumerate(rows):
+        first.setdefault(r["idx"]["paragraph"], i)
+    assert len(first) >= 3
+    _multirc_paragraph_excluded(rows, sorted({5, len(rows) - 1, *first.values()}))
+
+
+@pytest.mark.mirror
+def test_multirc_same_split_excludes_the_paragraph_full(full_mirror):
+    _multirc_paragraph_excluded(load_split("multirc", "train", full_mirror), (0, 5, 1000))
+
+
+def test_wsc_demos_are_positive_only(task_data):
+    train = load_split("wsc", "train", task_data)
     n_pos = sum(1 for r in train if r["label"])
     for doc_id in range(10):
-        ids = demo_ids("wsc", doc_id, shot=5, data_dir=data)
+        ids = demo_ids("wsc", doc_id, shot=5, data_dir=task_data)
         assert len(ids) == 5 and all(train[i]["label"] == 1 for i in ids)
-    for r in build_requests("wsc", shot=3, limit=5, data_dir=data):
+    for r in build_requests("wsc", shot=3, limit=5, data_dir=task_data):
         demos = r.contexts[0].split("\n\n")[:-1]
         assert len(demos) == 3 and all(d.endswith("Answer: yes") for d in demos)
     with pytest.raises(ValueError, match=f"only {n_pos} rows"):
-        build_requests("wsc", shot=n_pos + 1, limit=1, data_dir=data)
+        build_requests("wsc", shot=n_pos + 1, limit=1, data_dir=task_data)
 
 
-def test_shot_errors(data):
-    with pytest.raises(ValueError, match="only 250 rows"):
-        build_requests("cb", shot=251, limit=1, data_dir=data)
+def test_shot_errors(task_data):
+    n = len(load_split("cb", "train", task_data))
+    with pytest.raises(ValueError, match=f"only {n} rows"):
+        build_requests("cb", shot=n + 1, limit=1, data_dir=task_data)
+    build_requests("cb", shot=n, limit=1, data_dir=task_data)  # the whole pool is fine
     with pytest.raises(ValueError, match=">= 0"):
-        build_requests("cb", shot=-1, limit=1, data_dir=data)
+        build_requests("cb", shot=-1, limit=1, data_dir=task_data)
+
+
+@pytest.mark.mirror
+def test_shot_errors_full_size(full_mirror):
+    """The real demo pool: CB has 250 train rows."""
+    with pytest.raises(ValueError, match="only 250 rows"):
+        build_requests("cb", shot=251, limit=1, data_dir=full_mirror)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +187,9 @@ def test_registry():
     assert "\n" not in msg and "hellaswagg" in msg and all(n in msg for n in TASKS)
 
 
-def test_missing_file_error(data, tmp_path):
+def test_missing_file_error(task_data, tmp_path):
     with pytest.raises(TaskDataError) as e:
-        load_split("cb", "test", data)
+        load_split("cb", "test", task_data)
     msg = str(e.value)
     assert "\n" not in msg and "cb/test.jsonl" in msg and "train, validation" in msg
     with pytest.raises(TaskDataError, match="none"):
@@ -213,6 +226,142 @@ def test_malformed_rows(tmp_path):
             del os.environ["ICL_SCALE_DATA_DIR"]
         else:
             os.environ["ICL_SCALE_DATA_DIR"] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# where the rows come from: data_dir > $ICL_SCALE_DATA_DIR > embedded demo slice > hub
+# ---------------------------------------------------------------------------------------------
+ENV = "ICL_SCALE_DATA_DIR"
+
+
+def _write_split(root: Path, task: str, split: str, rows: list[dict]) -> list[dict]:
+    (root / task).mkdir(parents=True, exist_ok=True)
+    (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def _copa(n: int, tag: str) -> list[dict]:
+    return [{"premise": f"{tag} {i}", "choice1": "a", "choice2": "b", "question": "cause", "idx": i, "label": 0}
+            for i in range(n)]
+
+
+def test_data_dir_is_a_real_folder():
+    """The fixtures folder, never None (a Hydra override data.dir=None would be the string "None")."""
+    assert data_dir() == FIXTURES and FIXTURES.is_dir()
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    a = _write_split(tmp_path / "a", "copa", "train", _copa(2, "a"))
+    b = _write_split(tmp_path / "b", "copa", "train", _copa(3, "b"))
+    # nothing set: the embedded slice for the splits it has, the hub for everything else
+    emb = load_split("copa", "train")
+    assert len(emb) == 200 and emb[:40] == load_split("copa", "train", FIXTURES)  # verbatim first rows
+    assert data_source("copa", "train") == "embedded slice (icl_scale/tasks/embedded, 200 rows)"
+    assert data_source("copa", "validation") == "embedded slice (icl_scale/tasks/embedded, 100 rows)"
+    assert data_source("arc_easy", "test") == "embedded slice (icl_scale/tasks/embedded, 100 rows)"
+    assert len(load_split("arc_easy", "test")) == 100 and len(load_split("arc_easy", "train")) == 200
+    assert data_source("arc_easy", "validation") == "hub allenai/ai2_arc/ARC-Easy"  # not embedded
+    assert data_source("cb", "validation") == "hub aps/super_glue/cb"
+    assert data_source("hellaswag", "validation") == "hub Rowan/hellaswag"
+    for unset in (None, "", "None", "null", "NULL", " none "):
+        assert data_source("copa", "train", unset).startswith("embedded"), unset
+        monkeypatch.setenv(ENV, unset or "")
+        assert data_source("copa", "train").startswith("embedded"), unset
+    # $ICL_SCALE_DATA_DIR beats the embedded slice
+    monkeypatch.setenv(ENV, str(tmp_path / "b"))
+    assert load_split("copa", "train") == b and data_source("copa", "train") == f"mirror {(tmp_path / 'b').resolve()}"
+    # data_dir beats $ICL_SCALE_DATA_DIR; unset values fall through to it
+    assert load_split("copa", "train", tmp_path / "a") == a and load_split("copa", "train", str(tmp_path / "a")) == a
+    assert data_source("copa", "train", tmp_path / "a") == f"mirror {(tmp_path / 'a').resolve()}"
+    assert load_split("copa", "train", "None") == b
+    # hub, asked for explicitly, beats both (by argument or by the variable)
+    assert data_source("copa", "train", "hub") == "hub aps/super_glue/copa"
+    monkeypatch.setenv(ENV, "hub")
+    assert data_source("copa", "train") == "hub aps/super_glue/copa"
+    assert load_split("copa", "train", tmp_path / "a") == a
+
+
+def test_hub_is_the_last_resort(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    calls, row = [], {"premise": "p", "hypothesis": "h", "idx": 0, "label": 0}
+    monkeypatch.setattr(task_data_mod, "_load_hub", lambda task, split: calls.append((task, split)) or (row,))
+    assert load_split("cb", "validation") == [row]
+    assert len(load_split("copa", "train")) == 200  # embedded: no hub call
+    load_split("copa", "train", "hub")
+    assert calls == [("cb", "validation"), ("copa", "train")]
+
+
+def test_embedded_slice_is_announced_once_per_task(monkeypatch, caplog):
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(task_data_mod, "_announced", set())
+    with caplog.at_level("INFO", logger="icl_scale.tasks.data"):
+        for _ in range(2):
+            build_requests("copa", shot=1, limit=3)  # validation docs, train demos
+            load_split("arc_easy", "test")
+    msgs = [r.getMessage() for r in caplog.records if "embedded" in r.getMessage()]
+    tail = "; set ICL_SCALE_DATA_DIR or data.dir for the full data"
+    assert msgs == [f"copa: using the embedded demo slice (200 train, 100 validation rows){tail}",
+                    f"arc_easy: using the embedded demo slice (100 test, 200 train rows){tail}"]
+
+
+def test_data_dir_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    missing, afile = tmp_path / "nope", tmp_path / "file.txt"
+    afile.write_text("x")
+    calls = (lambda d: load_split("copa", "train", d), lambda d: data_source("copa", "train", d),
+             lambda d: build_requests("copa", shot=1, limit=1, data_dir=str(d)))
+    for d, what in ((missing, "does not exist"), (afile, "is not a folder")):
+        for call in calls:
+            with pytest.raises(TaskDataError) as e:
+                call(d)  # never the embedded slice or the hub instead
+            msg = str(e.value)
+            assert "\n" not in msg and msg.startswith(f"data.dir={d} {what}: ") and "data.dir=hub" in msg, msg
+    monkeypatch.setenv(ENV, str(missing))
+    with pytest.raises(TaskDataError) as e:
+        load_split("copa", "train")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{ENV}={missing} does not exist: ") and "unset it" in msg, msg
+    with pytest.raises(TaskDataError, match=rf"data.dir={missing} \(from {ENV}\) does not exist"):
+        load_split("copa", "train", str(missing))  # data.dir's default is ${oc.env:ICL_SCALE_DATA_DIR,null}
+    # the CLI: one line on stderr, exit 2
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    p = _cli("render", "--task", "copa", "--data-dir", str(missing), env=env)
+    assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"data.dir={missing} does not exist" in p.stderr
+
+
+def test_hydra_data_dir_values(monkeypatch):
+    """What `data.dir=...` on a command line turns into: null, the string None, the empty string."""
+    monkeypatch.delenv(ENV, raising=False)
+    for v in ("null", "None", "''"):
+        d = compose(f"data.dir={v}")["data"]["dir"]
+        assert data_source("copa", "train", d).startswith("embedded"), (v, d)
+    assert data_source("copa", "train", compose("data.dir=hub")["data"]["dir"]) == "hub aps/super_glue/copa"
+
+
+# ---------------------------------------------------------------------------------------------
+# the fixtures against the full mirror
+# ---------------------------------------------------------------------------------------------
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.mark.mirror
+def test_fixtures_are_verbatim_mirror_rows(full_mirror):
+    """Every fixture line is the mirror's line, byte for byte, at the row rows.json names; the
+    fixtures cover every split the mirror has; the embedded slice is the mirror's first rows."""
+    for name in TASKS:
+        splits = sorted(p.stem for p in (full_mirror / name).glob("*.jsonl"))
+        assert splits == sorted(p.stem for p in (FIXTURES / name).glob("*.jsonl")), name
+        for split in splits:
+            full = _lines(full_mirror / name / f"{split}.jsonl")
+            fix = _lines(FIXTURES / name / f"{split}.jsonl")
+            assert len(full) == mirror_size(name, split), (name, split)
+            assert fix == [full[i] for i in fixture_rows(name, split)], (name, split)
+    for f in sorted(task_data_mod.EMBEDDED_DIR.glob("*/*.jsonl")):
+        emb = _lines(f)
+        assert emb == _lines(full_mirror / f.parent.name / f.name)[: len(emb)], f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +444,8 @@ def _cli(*args, env=None):
                           text=True, cwd=REPO, env=env, timeout=60)
 
 
-def test_cli_render(data):
-    p = _cli("render", "--task", "winogrande", "--shot", "1", "--limit", "3", "--data-dir", str(data))
+def test_cli_render(task_data):
+    p = _cli("render", "--task", "winogrande", "--shot", "1", "--limit", "3", "--data-dir", str(task_data))
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert len(lines) == 3
@@ -304,7 +453,7 @@ def test_cli_render(data):
         rec = json.loads(line)
         assert list(rec) == ["doc", "contexts", "continuations", "gold"] and rec["doc"] == i
         assert len(rec["contexts"]) == 2 and len(rec["continuations"]) == 1
-    reqs = build_requests("winogrande", shot=1, limit=3, data_dir=data)
+    reqs = build_requests("winogrande", shot=1, limit=3, data_dir=task_data)
     assert [json.loads(x)["contexts"] for x in lines] == [r.contexts for r in reqs]
 
 

@@ -1,4 +1,17 @@
-"""Loading task splits: a local JSONL mirror (`<data_dir>/<task>/<split>.jsonl`) or the HF hub.
+"""Loading task splits: a local JSONL mirror, the embedded demo slice, or the HF hub.
+
+Where a split's rows come from, first match wins:
+
+1. the explicit `data_dir` argument (`data.dir` in the configs, `--data-dir` on the command line):
+   a mirror folder `<data_dir>/<task>/<split>.jsonl`, or the word `hub` for the Hugging Face hub;
+2. `$ICL_SCALE_DATA_DIR` (a mirror folder, or `hub`);
+3. the embedded demo slice shipped inside the package (`icl_scale/tasks/embedded/<task>/<split>.jsonl`:
+   the first rows of copa and arc_easy, enough for the demo), for the splits it has;
+4. the Hugging Face hub.
+
+None, "", "None" and "null" mean "not set" (never a folder of that name). A folder that is set but
+does not exist is an error, not a silent fall-through. `data_source()` says in one short string
+which of these a split uses (for logs and shard manifests).
 
 Rows are in the Hugging Face `datasets` schema of the task's hub dataset. Required fields are
 checked at load time so a broken mirror fails here, with the row number, and not deep inside a
@@ -9,41 +22,131 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .registry import Task, get_task
 
+log = logging.getLogger(__name__)
+
 ENV_DATA_DIR = "ICL_SCALE_DATA_DIR"
+HUB = "hub"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+_UNSET = ("", "none", "null")
 
 
 class TaskDataError(ValueError):
     """A split could not be loaded or a row is unusable. The message is one line."""
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """Explicit argument, else $ICL_SCALE_DATA_DIR, else None (= the Hugging Face hub).
-    `hub` asks for the hub explicitly, even when $ICL_SCALE_DATA_DIR is set."""
-    if str(data_dir) == "hub":
-        return None
-    if data_dir is not None:
-        return Path(data_dir)
+@dataclass(frozen=True)
+class Source:
+    """Where one split's rows come from: kind "mirror" | "embedded" | "hub"; `root` holds
+    `<task>/<split>.jsonl` (None for the hub); `setting` names what chose it."""
+
+    kind: str
+    root: Path | None
+    setting: str  # "data.dir", ENV_DATA_DIR, or "default"
+
+
+def is_unset(value) -> bool:
+    """None, "", "None", "null" (any case, surrounding blanks ignored): no data folder was given."""
+    return value is None or str(value).strip().lower() in _UNSET
+
+
+def _setting(kind: str, value) -> Source:
+    """A set data_dir / $ICL_SCALE_DATA_DIR value: `hub`, or a folder that must exist."""
+    if str(value).strip().lower() == HUB:
+        return Source("hub", None, kind)
+    root = Path(value).expanduser()
+    if root.is_dir():
+        return Source("mirror", root, kind)
+    what = "is not a folder" if root.exists() else "does not exist"
+    mirror = "a local mirror folder <dir>/<task>/<split>.jsonl"
+    unset = f"the embedded demo slice ({', '.join(embedded_tasks()) or 'none'}) or the hub"
     env = os.environ.get(ENV_DATA_DIR)
-    return Path(env) if env else None
+    if kind == ENV_DATA_DIR:
+        msg = (f"{ENV_DATA_DIR}={value} {what}: point {ENV_DATA_DIR} at {mirror}, set it to hub for the "
+               f"Hugging Face hub, or unset it for {unset}")
+    elif env is not None and env.strip() == str(value).strip():  # data.dir's default is the variable
+        msg = (f"data.dir={value} (from {ENV_DATA_DIR}) {what}: point {ENV_DATA_DIR} or data.dir at {mirror}, "
+               f"use hub for the Hugging Face hub, or unset both for {unset}")
+    else:
+        msg = (f"data.dir={value} {what}: point data.dir (--data-dir on the command line) at {mirror}, use "
+               f"data.dir=hub for the Hugging Face hub, or leave it unset (null) for {unset}")
+    raise TaskDataError(msg)
+
+
+def resolve_source(task: str | Task, split: str, data_dir: str | os.PathLike | None = None) -> Source:
+    """The source `load_split(task, split, data_dir)` reads (see the module docstring for the order)."""
+    t = get_task(task)
+    if not is_unset(data_dir):
+        return _setting("data.dir", data_dir)
+    env = os.environ.get(ENV_DATA_DIR)
+    if not is_unset(env):
+        return _setting(ENV_DATA_DIR, env)
+    if (EMBEDDED_DIR / t.name / f"{split}.jsonl").is_file():
+        return Source("embedded", EMBEDDED_DIR, "default")
+    return Source("hub", None, "default")
+
+
+def embedded_tasks() -> list[str]:
+    """Tasks with an embedded demo slice."""
+    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir() and any(p.glob("*.jsonl"))) \
+        if EMBEDDED_DIR.is_dir() else []
+
+
+@functools.cache
+def _count_rows(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def data_source(task: str | Task, split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """A short description of where `load_split(task, split, data_dir)` gets its rows, e.g.
+    "mirror /data/icl", "embedded slice (icl_scale/tasks/embedded, 200 rows)", "hub aps/super_glue/copa".
+    Raises TaskDataError for a data folder that is set but does not exist. Reads no rows."""
+    t = get_task(task)
+    src = resolve_source(t, split, data_dir)
+    if src.kind == "mirror":
+        return f"mirror {src.root.resolve()}"
+    if src.kind == "embedded":
+        n = _count_rows(str(src.root / t.name / f"{split}.jsonl"))
+        return f"embedded slice (icl_scale/tasks/embedded, {n} rows)"
+    path, name = t.hub
+    return f"hub {path}/{name}" if name else f"hub {path}"
+
+
+_announced: set[str] = set()
+
+
+def _announce_embedded(task: str) -> None:
+    """Once per task and process: say that the rows are the small demo slice, and how to get all."""
+    if task in _announced:
+        return
+    _announced.add(task)
+    counts = ", ".join(f"{_count_rows(str(p))} {p.stem}" for p in sorted((EMBEDDED_DIR / task).glob("*.jsonl")))
+    log.info("%s: using the embedded demo slice (%s rows); set %s or data.dir for the full data",
+             task, counts, ENV_DATA_DIR)
 
 
 def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """All rows of one split, in order; row i is doc_id i. The rows are shared (cached): don't mutate."""
     t = get_task(task)
-    root = resolve_data_dir(data_dir)
-    if root is None:
+    src = resolve_source(t, split, data_dir)
+    if src.kind == "hub":
         return list(_load_hub(t.name, split))
+    root = src.root
     path = root / t.name / f"{split}.jsonl"
     if not path.is_file():
         have = sorted(p.stem for p in (root / t.name).glob("*.jsonl")) if (root / t.name).is_dir() else []
         raise TaskDataError(
             f"missing data file {path}; {t.name} splits present in {root}: {', '.join(have) or 'none'}"
         )
+    if src.kind == "embedded":
+        _announce_embedded(t.name)
     st = path.stat()
     return list(_load_jsonl(t.name, split, str(path), st.st_mtime_ns, st.st_size))
 
@@ -80,7 +183,7 @@ def _load_hub(task: str, split: str) -> tuple[dict, ...]:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TaskDataError(
             f"could not load {task} {split} from the hub ({path}, {name}): {type(e).__name__}: {msg}; "
-            f"set {ENV_DATA_DIR} or pass data_dir to use a local mirror"
+            f"set {ENV_DATA_DIR} or data.dir to a local mirror folder"
         ) from None
     rows = [dict(r) for r in ds]
     for i, row in enumerate(rows):

@@ -4,7 +4,7 @@ How the golden files were made (from the repo root):
 
     python -m pip install --no-deps --target /tmp/lm02 /tmp/lmeval02/lm_eval-0.2.0-py3-none-any.whl \
         sqlitedict==1.6.0 sacrebleu==1.5.0 portalocker scikit-learn joblib threadpoolctl narwhals
-    ICL_SCALE_DATA_DIR=../shared/data .venv/bin/python tests/data/make_golden.py --lm02 /tmp/lm02
+    ICL_SCALE_DATA_DIR=<full mirror> .venv/bin/python tests/data/make_golden.py --lm02 /tmp/lm02
 
 (the wheel is the PyPI release `lm-eval==0.2.0`; `pip download --no-deps lm-eval==0.2.0` fetches it.)
 
@@ -22,7 +22,8 @@ What it does, per task:
 * metric check: fixed pseudo-random log-likelihoods for the first N eval docs, scored with 0.2.0's
   `process_results` + `aggregation` (sklearn F1 for CB, acc_all for MultiRC).
 
-Row ids in the JSON are row numbers of the mirror's jsonl files (= our doc_ids).
+Row ids in the JSON are row numbers of the mirror's jsonl files (= our doc_ids). The tests run on
+the fixtures, which hold those rows: tests/data/fixtures/rows.json maps the numbers.
 """
 
 from __future__ import annotations
@@ -202,9 +203,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lm02", default="/tmp/lm02", help="pip --target dir holding lm_eval 0.2.0 and its deps")
     env = os.environ.get("ICL_SCALE_DATA_DIR")
-    ap.add_argument("--data-dir", default=env or str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=env, help="full mirror (default $ICL_SCALE_DATA_DIR)")
     ap.add_argument("--tasks", nargs="*", default=list(SPEC))
     a = ap.parse_args()
+    if not a.data_dir:
+        ap.error("no mirror: pass --data-dir DIR or set ICL_SCALE_DATA_DIR")
     mods = import_lm02(a.lm02)
     OUT.mkdir(parents=True, exist_ok=True)
     for task in a.tasks:
