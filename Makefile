@@ -30,8 +30,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	# lm-eval 0.4.13 is the scoring benchmark's reference (bench only; torch stays pinned).
+	# Task data: $$ICL_SCALE_DATA_DIR, or ARGS="--data-dir DIR" (see bench/README.md).
 	$(PY) -m pip install -q -r bench/requirements-lmeval.txt
-	$(PY) -m icl_scale.bench $(ARGS)
+	$(PY) bench/run.py $(ARGS)
 
 sweep: $(STAMP)
 	$(PY) jobs/sweep.py $(ARGS)

@@ -1,13 +1,18 @@
-"""Smoke test of icl_scale.bench on a tiny model with tiny sizes: result structure, the agreement
-checks and the output files. No timing assertions (CPU timings are noise here)."""
+"""Smoke test of the benchmarks (bench/run.py and its sections) on a tiny model with tiny sizes: result
+structure, the agreement checks, the output files and the data-folder error. No timing assertions (CPU
+timings are noise here)."""
 
 import json
+import sys
 
 import pytest
+from conftest import REPO, get_model
 
-from icl_scale import bench
+if str(REPO) not in sys.path:  # bench/ is not part of the installed package: import it from the checkout
+    sys.path.insert(0, str(REPO))
 
-from conftest import get_model
+from bench import importance, induction, scoring
+from bench import run as bench_run
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +21,10 @@ def tiny():
 
 
 def test_scoring_structure(tiny, mirror):
-    res = bench.bench_scoring(tiny, ["piqa", "boolq"], [0, 1], {0: 3, 1: 2}, batch_size=2, repeats=1, data=mirror,
-                              log=lambda *a: None)
+    res = scoring.bench_scoring(tiny, ["piqa", "boolq"], [0, 1], {0: 3, 1: 2}, batch_size=2, repeats=1, data=mirror,
+                                log=lambda *a: None)
     assert [(r["task"], r["shot"]) for r in res["rows"]] == [("piqa", 0), ("boolq", 0), ("piqa", 1), ("boolq", 1)]
-    have_lmeval = bench.lmeval_available() is None
+    have_lmeval = scoring.lmeval_available() is None
     methods = {"naive", "ours"} | ({"lmeval"} if have_lmeval else set())
     for r in res["rows"]:
         assert set(r["time"]) == methods and set(r["docs_per_s"]) == methods
@@ -46,8 +51,8 @@ def test_scoring_structure(tiny, mirror):
 
 def test_importance_structure_and_agreement(tiny, mirror):
     before = [p.requires_grad for p in tiny.model.parameters()]
-    res = bench.bench_importance(tiny, ["copa"], shot=1, n_examples=3, batch_size=2, repeats=1, data=mirror,
-                                 log=lambda *a: None)
+    res = importance.bench_importance(tiny, ["copa"], shot=1, n_examples=3, batch_size=2, repeats=1, data=mirror,
+                                      log=lambda *a: None)
     # the original scheme turns parameter gradients on; it must leave the shared model as it was
     assert [p.requires_grad for p in tiny.model.parameters()] == before
     assert all(p.grad is None for p in tiny.model.parameters())
@@ -61,22 +66,43 @@ def test_importance_structure_and_agreement(tiny, mirror):
     assert set(res["targets"]) == {"importance_over_forward<=2.5", "speedup_vs_original>=1.3", "agree_sum_mode<=1e-4"}
 
 
+def test_induction_section(tiny):
+    """The original loops (tests/reference_induction.py) against ours, on the tiny model's first seed."""
+    res = induction.section(tiny, quick=True)
+    assert "error" not in res, res.get("error")
+    assert res["function"] == "bench.induction.run" and res["kwargs"]["loop_seeds"] == (0,)
+    assert res["loops"]["seeds"] == [0] and res["forward"]["seeds"] == [0]
+    assert res["loops"]["max_abs_diff"]["inputs"] < 1e-4  # same captured inputs: same numbers
+    assert res["forward"]["ratio"] > 0 and "induction scores" in res["printed"]
+
+
 def test_write_results_and_cli(tiny, mirror, tmp_path, monkeypatch):
-    monkeypatch.setenv("ICL_SCALE_DATA_DIR", str(mirror))
     out = tmp_path / "res"
-    cfg = dict(tasks=("copa",), shots=(0,), limits={0: 2}, repeats=1, imp_tasks=("copa",), imp_shot=0,
-               imp_examples=2, imp_batch_size=2)
-    res = bench.run(["scoring", "importance"], quick=True, model=tiny, out=out, cfg=cfg, log=lambda *a: None)
+    cfg = {"tasks": ("copa",), "shots": (0,), "limits": {0: 2}, "repeats": 1, "imp_tasks": ("copa",), "imp_shot": 0,
+           "imp_examples": 2, "imp_batch_size": 2}
+    res = bench_run.run(["scoring", "importance"], quick=True, model=tiny, out=out, cfg=cfg, data=mirror,
+                        log=lambda *a: None)
     data = json.loads(out.with_suffix(".json").read_text())
     assert {"machine", "scoring", "importance", "model"} <= set(data)
     for k in ("cpu_count", "torch_threads", "torch", "transformers", "date"):
         assert k in data["machine"]
     md = out.with_suffix(".md").read_text()
-    assert "## Scoring" in md and "## Importance pass" in md
+    assert "## Scoring" in md and "## Importance pass" in md and "python bench/run.py" in md
     assert data["scoring"]["rows"][0]["docs"] == res["scoring"]["rows"][0]["docs"] == 2
-    # --only keeps the other sections of an existing results file
-    bench.run(["importance"], quick=True, model=tiny, out=out, cfg=cfg, log=lambda *a: None)
+    # --only keeps the other sections of an existing results file; the data folder may come from the env
+    monkeypatch.setenv("ICL_SCALE_DATA_DIR", str(mirror))
+    bench_run.run(["importance"], quick=True, model=tiny, out=out, cfg=cfg, log=lambda *a: None)
     assert "scoring" in json.loads(out.with_suffix(".json").read_text())
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(SystemExit):
-        bench.main(["--only", "nonsense"])
+        bench_run.main(["--only", "nonsense"])
+
+
+def test_no_data_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("ICL_SCALE_DATA_DIR", raising=False)
+    assert bench_run.main(["--only", "scoring", "--out", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error:") and "--data-dir" in err and "ICL_SCALE_DATA_DIR" in err
+    assert bench_run.main(["--only", "importance", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

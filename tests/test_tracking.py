@@ -1,5 +1,5 @@
-"""icl_scale.tracking: a real offline wandb run, read back from its .wandb file; misconfiguration errors;
-no credential ever reaches the run files. No network: WANDB_MODE=offline."""
+"""icl_scale.tracking: a real offline wandb run, read back from its .wandb file (tests/wandb_offline.py);
+misconfiguration errors; no credential ever reaches the run files. No network: WANDB_MODE=offline."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from wandb_offline import find_offline_runs, read_offline_run
 
 from icl_scale import tracking
-from icl_scale.tracking import TrackingError, read_offline_run, resolve_mode, sanitize_config, start_run
+from icl_scale.tracking import TrackingError, resolve_mode, sanitize_config, start_run
 
 FAKE_KEY = "zzfake0key0zzfake0key0zzfake0key0zzfake0"
 
@@ -94,6 +95,7 @@ def test_offline_run_roundtrip(tmp_path, monkeypatch):
     assert img.endswith(".png") and Path(img).read_bytes() == image.read_bytes()
 
     # The reader also accepts the folder given to start_run (newest run) and the .wandb file itself.
+    assert find_offline_runs(tmp_path / "out") == [run_dir]
     assert read_offline_run(tmp_path / "out")["run_id"] == run.id
     assert read_offline_run(info["wandb_file"])["tables"]["ranking"]["data"] == rows
 

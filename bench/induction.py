@@ -1,10 +1,15 @@
-"""Benchmarks for icl_scale.induction (called by `make bench`; also `python -m icl_scale.bench_induction`).
+"""Induction section: icl_scale.induction against the original code's loops and the bare forward passes.
+
+    python bench/induction.py [--parts loops forward] [--loop-seeds 0 10] [--threads 1]
+
+(also the `induction` section of bench/run.py, `make bench`).
 
 (a) ours vs a faithful re-implementation of the original per-layer/per-head/per-token Python loops
     (llm-interpret's prefix_matching_copying.py: eager attention with output_attentions, `.item()`
     accumulation, every head's output through the full-vocabulary unembedding + softmax, per-position
-    loops) with the original definitions (CopyingOptions.paper()), on the first seeds only (the
-    loops take minutes per seed); reported per measured seeds, not extrapolated:
+    loops; tests/reference_induction.py) with the original definitions (CopyingOptions.paper()), on
+    the first seeds only (the loops take minutes per seed); reported per measured seeds, not
+    extrapolated:
     - scoring on identical inputs: the same captured attention probabilities and values go into the
       loops and into our vectorised reductions (the functions the probes call);
     - end to end: each side with its own forward passes.
@@ -14,19 +19,24 @@
 (b) ours (default options, the model's own attention) vs the bare forward passes the scores need:
     one base-model forward per sequence (prefix: BOS + 4 repeats; copying: BOS + 4n tokens), no LM
     head, on identical sequences, seeds spread over the paper's lengths; interleaved, min of repeats.
-
-The reference loops are also the tests' slow ground truth (tests/test_induction.py).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # `python bench/induction.py`: import bench.* and tests.* from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import contextlib
+import io
 import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .induction import (
+from icl_scale.induction import (
     CopyingOptions,
     copying_from,
     default_lengths,
@@ -37,113 +47,18 @@ from .induction import (
     token_pool,
     unembedding_matrix,
 )
-from .models import Adapter, load_model
+from icl_scale.models import Adapter, load_model
+from icl_scale.models.loading import LoadedModel
+from tests.reference_induction import (
+    copying_inputs,
+    reference_copying_loops,
+    reference_prefix_loops,
+    reference_unembedding,
+)
 
-# --- the original code's loops (generic over the supported families) --------------------------------------
-
-def reference_prefix_loops(attentions, n: int) -> torch.Tensor:
-    """llm-interpret's loop over per-layer attention probabilities [1, H, T, T] (BOS = 1 token):
-    from each j in repeats 2-4 to num*n + j%n + 1 for num < j//n, summed with .item(), / 3n."""
-    L, H = len(attentions), attentions[0].shape[1]
-    m = torch.zeros(L, H)
-    for layer in range(L):
-        for head in range(H):
-            a = attentions[layer][0, head]
-            c = 0
-            for j in range(n + 1, 4 * n + 1):
-                for num in range(j // n):
-                    m[layer][head] += a[j][num * n + (j % n) + 1].item()
-                c += 1
-            m[layer][head] = m[layer][head] / c
-    return m
-
-
-def reference_prefix_matching(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """The original prefix-matching computation: one eager forward with output_attentions, then loops."""
-    out = model(input_ids=ids, output_attentions=True, use_cache=False)
-    return reference_prefix_loops(out.attentions, n)
-
-
-def _layer_attention(model, adapter: Adapter, l: int, x: torch.Tensor):
-    """Layer l's attention module called directly on hidden states x (eager, causal):
-    (probs [H, T, T], pre-attention-normed input [T, hidden])."""
-    T = x.shape[1]
-    h = adapter.pre_attn_norm(l)(x)
-    mask = torch.zeros(T, T, dtype=x.dtype).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
-                                                         torch.finfo(x.dtype).min)[None, None]
-    kw = {"attention_mask": mask}
-    if adapter.family.rotary:
-        kw["position_embeddings"] = model.base_model.rotary_emb(h, torch.arange(T)[None])
-    _, probs = adapter.attn(l)(h, **kw)
-    return probs[0], h[0]
-
-
-def reference_unembedding(model, fold_norm: bool) -> torch.Tensor:
-    """[V, hidden], the final norm's weight (and LayerNorm centring) folded in by hand."""
-    ad = Adapter(model)
-    U = model.get_output_embeddings().weight.float()
-    if fold_norm:
-        norm = ad.final_norm()
-        U = U * norm.weight
-        if isinstance(norm, torch.nn.LayerNorm):
-            U = U - U.mean(-1, keepdim=True)
-    return U
-
-
-def copying_inputs(model, ids: torch.Tensor, opts: CopyingOptions) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (attention probs [H, T, T], values [T, n_kv*D]) as the original code gets them: each
-    layer's attention module called on its input (the embeddings, or the real residual stream)."""
-    ad = Adapter(model)
-    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    res = []
-    for layer in range(ad.geometry.n_layers):
-        x = out.hidden_states[0 if opts.input == "embeddings" else layer]
-        probs, h = _layer_attention(model, ad, layer, x)
-        W_v, b_v = ad.v_weight(layer)
-        res.append((probs, h @ W_v.t() + (b_v if b_v is not None else 0)))
-    return res
-
-
-def reference_copying_loops(model, ids: torch.Tensor, inputs, opts: CopyingOptions, U: torch.Tensor,
-                            dtype=torch.float64) -> torch.Tensor:
-    """The original copying loop from per-layer (probs, values): every head's output through the whole
-    unembedding (softmax over the vocabulary if opts.softmax), then per head and per position j >= 1
-    the ReLU ratio of the mean-centred attendable logits at the most-attended token (BOS = 1 token).
-    `dtype` is the precision of the logits (float64 for tests, float32 as in the original)."""
-    ad = Adapter(model)
-    g = ad.geometry
-    D, H = g.head_dim, g.n_heads
-    m = torch.zeros(g.n_layers, H)
-    T = ids.shape[1]
-    for layer, (probs, values) in enumerate(inputs):
-        W_o, b_o = ad.o_proj_weight(layer), ad.o_proj(layer).bias
-        for head in range(H):
-            kv = head // g.group_size
-            v = values[:, kv * D:(kv + 1) * D]
-            src = probs[head] @ v if opts.source == "output" else v
-            o = src @ W_o[:, head * D:(head + 1) * D].t()
-            if opts.o_bias and b_o is not None:
-                o = o + b_o
-            logits = (o @ U.t()).to(dtype)  # [T, vocab]
-            if opts.softmax:
-                logits = F.softmax(logits, dim=-1)
-            _, ind = torch.sort(probs[head], dim=1)
-            max_ind = ind[:, -1]
-            c = 0
-            for j in range(1, T):
-                c += 1
-                attendable = logits[j][ids[0][:j + 1]]
-                relu = F.relu(attendable - attendable.mean())
-                tot = relu.sum().item()
-                m[layer][head] += relu[max_ind[j]].item() / tot if tot != 0 else 0
-            m[layer][head] = m[layer][head] / c
-    return m
-
-
-def reference_copying(model, ids: torch.Tensor, opts: CopyingOptions, dtype=torch.float64) -> torch.Tensor:
-    """The original copying computation end to end (capture, then loops)."""
-    U = reference_unembedding(model, opts.final_norm == "fold")
-    return reference_copying_loops(model, ids, copying_inputs(model, ids, opts), opts, U, dtype)
+FUNCTION = "bench.induction.run"
+PARTS = ("loops", "forward")
+QUICK = {"loop_seeds": (0,), "forward_seeds": (0,), "repeats": 1}  # --quick: first seed, one repeat
 
 
 def ours_from_inputs(model, attentions, n: int, copy_ids: torch.Tensor, cinputs,
@@ -187,9 +102,50 @@ class _Clock(dict):
         self[self._key] = self.get(self._key, 0.0) + time.perf_counter() - self._t0
 
 
+def _loop_seed(lm, i: int, seqs, bos, U, t: _Clock, diff: dict) -> None:
+    """One seed of (a): the original loops and ours on the same captured inputs, then ours end to end."""
+    m, paper = lm.model, CopyingOptions.paper()
+    n, (s_pref, s_copy) = 2 * i + 25, seqs
+    pids, cids = torch.cat([bos, s_pref.repeat(4)])[None], torch.cat([bos, s_copy])[None]
+    orig_impl = m.config._attn_implementation
+    m.set_attn_implementation("eager")  # the loops read output_attentions
+    try:
+        with t("fwd_prefix"):
+            att = m(input_ids=pids, output_attentions=True, use_cache=False).attentions
+        with t("loops_prefix"):
+            ref_pm = reference_prefix_loops(att, n)
+        with t("capture_copy"):
+            cin = copying_inputs(m, cids, paper)
+        with t("loops_copy"):
+            ref_cp = reference_copying_loops(m, cids, cin, paper, U, dtype=torch.float32)
+        with t("ours_inputs"):
+            pm, cp = ours_from_inputs(m, att, n, cids, cin, paper)
+    finally:
+        m.set_attn_implementation(orig_impl)
+    diff["inputs"] = max(diff["inputs"], float((pm - ref_pm).abs().max()), float((cp - ref_cp).abs().max()))
+    del att, cin
+    with t("ours_e2e"):
+        r = induction_scores(lm, bos=bos.tolist(), lengths=[n], seed=0, copying=paper)
+    if i == 0:  # induction_scores draws seed 0's sequences: comparable only there
+        diff["e2e"] = max(float((r.prefix_matching - ref_pm).abs().max()),
+                          float((r.copying - ref_cp).abs().max()))
+
+
+def _loops(lm, pool, bos, loop_seeds: Sequence[int]) -> dict:
+    """(a): the original loops vs ours, paper definitions, the seeds' own sequences."""
+    t = _Clock()
+    all_seqs = make_sequences(pool, default_lengths(max(loop_seeds) + 1), seed=0)
+    diff = {"inputs": 0.0, "e2e": 0.0}
+    with torch.no_grad():
+        U = reference_unembedding(lm.model, fold_norm=False)
+        for i in loop_seeds:
+            _loop_seed(lm, i, all_seqs[i], bos, U, t, diff)
+    return _loop_summary(t, loop_seeds, diff)
+
+
 def run(out: dict | None = None, model: str = "smollm2-135m", loop_seeds: Sequence[int] = (0, 10),
         forward_seeds: Sequence[int] = (0, 20, 40, 60, 80), repeats: int = 2, threads: int | None = None,
-        parts: Sequence[str] = ("loops", "forward"), verbose: bool = True) -> dict:
+        parts: Sequence[str] = PARTS, verbose: bool = True) -> dict:
     """Measure (a) "loops" and (b) "forward" (`parts`); print a small table; return (and store under
     out["induction"]) the numbers. Seed i has length 2*i+25 as in the paper's 100-seed run. The loops
     take ~9 min on one core for the default seeds; (b) ~4 min."""
@@ -203,42 +159,9 @@ def run(out: dict | None = None, model: str = "smollm2-135m", loop_seeds: Sequen
     if len(bos) != 1:
         raise ValueError("the original loops assume a single BOS token")
     pool, _ = token_pool(lm.tokenizer, m.get_output_embeddings().weight.shape[0], 0.04, exclude_ids=bos.tolist())
-    paper = CopyingOptions.paper()
-
-    # (a) the original loops vs ours, paper definitions, the seeds' own sequences.
-    t = _Clock()
     loop_seeds = tuple(loop_seeds) if "loops" in parts else ()
-    all_seqs = make_sequences(pool, default_lengths(max(loop_seeds) + 1), seed=0) if loop_seeds else []
-    diff = {"inputs": 0.0, "e2e": 0.0}
-    orig_impl = m.config._attn_implementation
-    with torch.no_grad():
-        U = reference_unembedding(m, fold_norm=False) if loop_seeds else None
-        for i in loop_seeds:
-            n, (s_pref, s_copy) = 2 * i + 25, all_seqs[i]
-            pids, cids = torch.cat([bos, s_pref.repeat(4)])[None], torch.cat([bos, s_copy])[None]
-            m.set_attn_implementation("eager")  # the loops read output_attentions
-            try:
-                with t("fwd_prefix"):
-                    att = m(input_ids=pids, output_attentions=True, use_cache=False).attentions
-                with t("loops_prefix"):
-                    ref_pm = reference_prefix_loops(att, n)
-                with t("capture_copy"):
-                    cin = copying_inputs(m, cids, paper)
-                with t("loops_copy"):
-                    ref_cp = reference_copying_loops(m, cids, cin, paper, U, dtype=torch.float32)
-                with t("ours_inputs"):
-                    pm, cp = ours_from_inputs(m, att, n, cids, cin, paper)
-            finally:
-                m.set_attn_implementation(orig_impl)
-            diff["inputs"] = max(diff["inputs"], float((pm - ref_pm).abs().max()), float((cp - ref_cp).abs().max()))
-            del att, cin
-            with t("ours_e2e"):
-                r = induction_scores(lm, bos=bos.tolist(), lengths=[n], seed=0, copying=paper)
-            if i == 0:  # induction_scores draws seed 0's sequences: comparable only there
-                diff["e2e"] = max(float((r.prefix_matching - ref_pm).abs().max()),
-                                  float((r.copying - ref_cp).abs().max()))
     if loop_seeds:
-        res["loops"] = _loop_summary(t, loop_seeds, diff)
+        res["loops"] = _loops(lm, pool, bos, loop_seeds)
     if "forward" in parts:
         res["forward"] = _forward_ratio(lm, pool, bos, [2 * i + 25 for i in forward_seeds], forward_seeds, repeats)
     if verbose:
@@ -298,16 +221,63 @@ def _print(res: dict) -> None:
         print(f"    seeds {b['seeds']} (n = {b['lengths']}), {b['attn']}")
 
 
-if __name__ == "__main__":
+# --- the section of bench/run.py ------------------------------------------------------------------------
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, x):
+        for st in self.streams:
+            st.write(x)
+        return len(x)
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+
+def section(lm: LoadedModel, quick: bool, parts: Sequence[str] | None = None) -> dict:
+    """run() for bench/run.py: the model by preset name (run loads its own), the current torch
+    threads, --quick's smallest sizes (QUICK). Keeps run()'s printed table (`printed`) next to what
+    it returns; an exception is recorded (`error`) so the other sections' results are not lost."""
+    kwargs: dict = {"model": lm.name, "threads": torch.get_num_threads(), "verbose": True}
+    if quick:
+        kwargs.update(QUICK)
+    if parts:
+        kwargs["parts"] = tuple(parts)
+    threads = torch.get_num_threads()
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(_Tee(sys.stdout, buf)):
+            res = run(**kwargs)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "function": FUNCTION, "kwargs": kwargs,
+                "printed": buf.getvalue()}
+    finally:
+        torch.set_num_threads(threads)
+    res = dict(res)
+    res.setdefault("function", FUNCTION)
+    res["kwargs"] = kwargs
+    res["printed"] = buf.getvalue()
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python bench/induction.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--loop-seeds", type=int, nargs="+", default=[0, 10])
     p.add_argument("--forward-seeds", type=int, nargs="+", default=[0, 20, 40, 60, 80])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", nargs="+", default=["loops", "forward"], choices=["loops", "forward"])
-    args = p.parse_args()
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    args = p.parse_args(argv)
     run(model=args.model, loop_seeds=args.loop_seeds, forward_seeds=args.forward_seeds, repeats=args.repeats,
         threads=args.threads, parts=args.parts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
