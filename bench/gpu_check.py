@@ -141,13 +141,13 @@ def main():
 
         # 4: DeepSpeed ZeRO-3 on the same weights
         if not args.skip_zero:
-            from icl_scale.models.zero import zero_inference
+            from icl_scale.models.loading import partition_zero3
 
             for offload in ("none", "cpu"):
                 try:
                     z = copy.deepcopy(lm)
                     z.model.to("cpu")
-                    z = zero_inference(z, offload_param=offload)
+                    partition_zero3(z, offload)
                     z.device = torch.device("cuda")
                     imp_z = gradient_importance(z, reqs, batch_size=4).result()
                     sc_z = score_requests(z, reqs, batch_size=8)

@@ -1,14 +1,16 @@
-"""Shared glue for the Hydra entry points in jobs/: config -> plain dict, one-line errors."""
+"""Shared glue for the Hydra entry points in jobs/: one decorator gives each job the package's
+configs, a quiet environment, a plain-dict config and one-line errors."""
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from .config import setup_environment, to_dict
+
+__all__ = ["hydra_job", "one_line_errors", "print_problems", "quiet_libraries", "to_dict"]
+
 
 def _user_errors() -> tuple:
     """User-facing errors: printed as one line naming the field and the fix, exit code 2."""
@@ -19,17 +21,35 @@ def _user_errors() -> tuple:
     return (ValueError, FileNotFoundError, PermissionError, StoreError, SweepError, TrackingError)
 
 
-def to_dict(cfg) -> dict:
-    from omegaconf import OmegaConf
+def hydra_job(config_name: str):
+    """`@hydra_job("config")` on `main(c: dict)`: a Hydra app over the package's conf/ (any key can
+    be overridden on the command line), `c` the resolved config as a plain dict, known user errors
+    as one `error:` line (exit 2)."""
+    import hydra
 
-    return OmegaConf.to_container(cfg, resolve=True)
+    from .models.loading import CONF_DIR
+
+    def wrap(fn):
+        @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+        @one_line_errors
+        @functools.wraps(fn)
+        def main(cfg):
+            setup_environment()
+            return fn(to_dict(cfg))
+
+        return main
+
+    return wrap
 
 
 def quiet_libraries() -> None:
-    import transformers
+    setup_environment()
 
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+def print_problems(problems: list[dict]) -> None:
+    """The reducer's list of missing, failed or corrupt shards, one line each."""
+    for p in problems:
+        print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
 
 
 def one_line_errors(fn):

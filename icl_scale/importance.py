@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .models.gates import Gates
 from .models.loading import LoadedModel
-from .scoring import Tokenised, _pad
+from .scoring import Tokenised, pad_right
 from .tasks.base import Request
 
 ABS_MODES = ("per_token", "sum")
@@ -78,7 +78,7 @@ def importance_batch(lm: LoadedModel, chunk: Sequence[tuple[list[int], list[int]
     (ids, mask, rows, pos, targets, weights); (rows[k], pos[k]) predicts targets[k], and weights
     make each example's loss its own mean NLL over its continuation tokens."""
     dev = lm.device
-    ids, mask = _pad([inp for inp, _ in chunk], lm.tokenizer.pad_token_id)
+    ids, mask = pad_right([inp for inp, _ in chunk], lm.tokenizer.pad_token_id)
     rows, pos, tgt, weight = [], [], [], []
     for i, (inp, cont) in enumerate(chunk):
         n, m = len(inp), len(cont)

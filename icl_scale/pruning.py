@@ -52,6 +52,11 @@ def prune_mask(importance: torch.Tensor, p: float, keep: torch.Tensor | None = N
     return mask.view_as(importance)
 
 
+def random_ranking(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """A uniformly random ranking (a baseline for pruning by importance), reproducible from `seed`."""
+    return torch.rand(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
 def curve(
     importance: torch.Tensor,
     levels: Sequence[float],

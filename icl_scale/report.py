@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from .store import Shard, StoreError, list_shards, read_json, read_tensors, write_bytes, write_json
-
-INDUCTION_FILE = "induction/scores.safetensors"
+from .figures import pyplot, save_png
+from .store import Shard, StoreError, list_shards, load_induction, read_json, read_tensors, write_bytes, write_json
 
 
 @dataclass
@@ -180,37 +179,17 @@ def induction_relation(col: Collected, induction: dict[str, torch.Tensor]) -> li
     return rows
 
 
-def load_induction(root: Path | str, model: str) -> dict[str, torch.Tensor] | None:
-    p = Path(root) / model / INDUCTION_FILE
-    if not p.exists():
-        return None
-    return read_tensors(p)
-
-
 # --- figures ------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _panels(n: int, max_cols: int = 4, size: tuple[float, float] = (3.6, 2.9)):
     """A grid of n panels (at most `max_cols` per row); the unused cells are hidden."""
     ncol = min(max_cols, n)
     nrow = math.ceil(n / ncol)
-    fig, axes = _plt().subplots(nrow, ncol, figsize=(size[0] * ncol, size[1] * nrow), squeeze=False)
+    fig, axes = pyplot().subplots(nrow, ncol, figsize=(size[0] * ncol, size[1] * nrow), squeeze=False)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     return fig, list(axes.flat)[:n]
@@ -290,7 +269,7 @@ def plot_importance(col: Collected, path: Path) -> Path | None:
 def plot_matrix(cmp: dict, which: str, path: Path) -> Path | None:
     if len(cmp["tasks"]) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     n = len(cmp["tasks"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
     m = np.array(cmp[which])
@@ -310,7 +289,7 @@ def plot_retained(rows: list[dict], path: Path) -> Path | None:
     """Paper Fig. 11: induction capacity retained as heads are pruned by each task's ranking."""
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, name in zip(axes, ("prefix_matching", "copying")):
         for r in rows:

@@ -77,7 +77,8 @@ class Tokenised:
         return len(self.context(ctx)) + len(self.ids[cont]) <= self.max_len + 1
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right to one length: (ids, attention mask), both [rows, length]."""
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
@@ -150,7 +151,7 @@ def _continuation_logprobs(base, unembed, cache, rows, unit_idx, ctx_mask, ctx_l
     """Summed log P(tokens 1..m-1) of each row's continuation on top of its context's cache."""
     tails = [r[3][:-1] for r in rows]  # inputs that predict tokens 1..m-1
     cache.batch_select_indices(unit_idx)  # repeat each document's prefix per choice
-    x_ids, x_mask = _pad(tails, pad)
+    x_ids, x_mask = pad_right(tails, pad)
     x_ids, x_mask = x_ids.to(dev), x_mask.to(dev)
     full_mask = torch.cat([ctx_mask.to(dev)[unit_idx], x_mask], dim=1)  # hides the contexts' pads
     pos = ctx_len.to(dev)[unit_idx, None] + torch.arange(x_ids.shape[1], device=dev)[None]
@@ -175,7 +176,7 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
     with _gates(lm, head_mask, ffn_mask):
         for s in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="naive", leave=False):
             chunk = pairs[s: s + batch_size]
-            ids, mask = _pad([p[2] for p in chunk], pad)
+            ids, mask = pad_right([p[2] for p in chunk], pad)
             logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
             for row, (i, j, inp, cont) in enumerate(chunk):
@@ -219,7 +220,7 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
             chunk = [units[k] for k in g]
             ctx_rows = [tk.context(u[0]) for u in chunk]
             ctx_len = torch.tensor([len(c) for c in ctx_rows])
-            ids, mask = _pad(ctx_rows, pad)
+            ids, mask = pad_right(ctx_rows, pad)
             # No attention mask: padding is on the right and attention is causal, so no real token
             # ever sees a pad, and the causal kernel skips the masked half of the score matrix.
             res = base(input_ids=ids.to(dev), use_cache=True)

@@ -1,41 +1,38 @@
 """One (model, task, shot) shard, end to end: the unit of work a sweep distributes.
 
-Stages, each checkpointed in the shard's store folder so a killed or preempted job resumes
-without redoing finished work:
+`ShardRun.run` reads top to bottom as the method: each stage is checkpointed in the shard's store
+folder, so a killed or preempted job resumes without redoing finished work.
 
-1. render eval requests (eval split) and train requests (importance + held-out knock-out docs);
-2. gradient importance of every head and FFN over `importance.n_examples` train docs;
-3. FFN knock-out importance (accuracy drop per removed FFN) on the knock-out split;
-4. pruning curves: heads, FFNs, and a heads x FFN grid, evaluated on the eval split;
-5. importance.safetensors, masks, curves.json, samples, and the manifest marked complete.
+1. render: eval requests (eval split), importance and knock-out requests (train split);
+2. importance: gradient importance of every head and FFN over `importance.n_examples` train docs;
+3. knockout: FFN knock-out importance (accuracy drop per removed FFN) on the knock-out split;
+4. curves: pruning curves (heads, FFNs, other head rankings, a heads x FFN grid) on the eval split;
+5. finish: importance.safetensors, masks, curves.json, samples, and the manifest marked complete.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from . import pruning as P
+from .distributed import barrier, dist_env
 from .importance import ImportanceState, ffn_knockout, gradient_importance
 from .models.loading import LoadedModel, load_model
 from .scoring import score_requests
-from .store import Shard, StoreError, check_writable, config_hash, library_versions, read_json, read_tensors
-from .store import write_json, write_jsonl, write_tensors
-from .tasks import build_requests, compute_metrics, get_task
+from .store import (Shard, StoreError, check_writable, config_hash, library_versions, load_induction, read_json,
+                    read_tensors, set_writer, write_json, write_jsonl, write_tensors)
+from .tasks import Request, build_requests, compute_metrics, get_task
 
 log = logging.getLogger(__name__)
-
-# Fault injection for preemption tests (a separate Slurm process cannot be monkeypatched):
-# "<stage>:<file>" makes a fresh (not resumed) run wait after <stage> for as long as <file> exists,
-# so a test can requeue it at a known point instead of racing a job that may already have finished;
-# the resumed run goes straight through.
-HOLD_ENV = "ICL_SCALE_HOLD_AFTER"
 
 # Settings that change a shard's numbers (paths, batch sizes, launcher, W&B do not).
 HASHED = {
@@ -72,6 +69,16 @@ def validate(cfg: dict) -> None:
     if cfg["knockout"]["split"] not in ("heldout", "paper"):
         raise ValueError(f"knockout.split={cfg['knockout']['split']!r}; use heldout or paper")
 
+
+def primary_metric(task: str) -> str:
+    return get_task(task).metrics[0]
+
+
+def _level_key(p: float) -> str:
+    return f"{p:g}"
+
+
+# --- evaluation under masks ----------------------------------------------------------------------
 
 def _mask_key(mask: torch.Tensor | None) -> bytes | None:
     """All-ones masks are no mask: the 0% levels and every curve's unpruned point share one key."""
@@ -113,224 +120,295 @@ class Evaluator:
         return copy.deepcopy(self.memo[key][1:])
 
 
-def primary_metric(task: str) -> str:
-    return get_task(task).metrics[0]
+# --- checkpoint, stage timing, fault hooks --------------------------------------------------------
+
+@dataclass
+class Progress:
+    """A running shard's checkpoint (checkpoint/progress.json): what is finished, for one config hash.
+    Importance sums are checkpointed separately (checkpoint/importance_state.safetensors)."""
+
+    config_hash: str
+    knockout: dict[str, float] = field(default_factory=dict)  # layer ("-1" = no knock-out) -> metric
+    curves: dict[str, dict] = field(default_factory=dict)  # curve -> level -> result; "combined" -> cell
+
+    @classmethod
+    def from_json(cls, d: dict) -> Progress:
+        return cls(d["config_hash"], d.get("knockout", {}), d.get("curves", {}))
 
 
-def _level_key(p: float) -> str:
-    return f"{p:g}"
+# Fault injection for the crash/preemption tests, in this one place. A Slurm job is a separate
+# process that a test cannot monkeypatch, so "<stage>:<file>" in this variable makes a fresh (not
+# resumed) run wait after <stage> for as long as <file> exists: the test requeues it at a known point
+# instead of racing a job that may already have finished; the resumed run goes straight through.
+HOLD_ENV = "ICL_SCALE_HOLD_AFTER"
+HOLD_MAX_S = 900
 
 
-def run_shard(cfg: dict, lm: LoadedModel | None = None, fail_after: str | None = None) -> dict:
-    """Run (or resume, or skip) one shard. `cfg` is the resolved config as a plain dict.
-    `fail_after` (tests only) raises after the named stage to simulate a crash.
-
-    A failure is recorded in the manifest (status `failed`, the error) so the reducer can name it;
-    finished stages stay checkpointed and the next run resumes from them."""
-    validate(cfg)
-    shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]))
-    try:
-        return _run_shard(cfg, lm, fail_after)
-    except BaseException as e:
-        if shard.path.exists():
-            try:
-                shard.write_manifest(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            except Exception:  # never mask the original error
-                pass
-        raise
-
-
-def _run_shard(cfg: dict, lm: LoadedModel | None, fail_after: str | None) -> dict:
-    from .distributed import barrier, dist_env
-    from .store import set_writer
-
-    set_writer(dist_env().is_main)
-    task, shot = cfg["task"], int(cfg["shot"])
-    root = check_writable(cfg["store"]["root"])
-    shard = Shard(root, cfg["model"]["name"], task, shot)
-    scfg = shard_config(cfg)
-    h = config_hash(scfg)
-    try:
-        done = shard.is_complete(h)
-    except StoreError:
-        done = False  # a corrupt manifest: recompute (never trusted)
-    if done and not cfg["store"].get("force"):
-        log.info("%s is complete (config %s): nothing to do", shard, h)
-        return {**shard.manifest(), "status": "skipped", "shard": str(shard.path)}
-
-    t_start = time.time()
-    timings: dict[str, float] = {}
-    progress = bool(cfg.get("progress", False))
-    # A checkpoint from another config (or a forced rerun) is discarded, never mixed in.
-    prog_path = shard.ckpt("progress.json")
-    progress_state = read_json(prog_path) if prog_path.exists() else {}
-    barrier()  # every rank has read the checkpoint before rank 0 may clear it
-
-    def save_progress():
-        write_json(prog_path, progress_state)
-
-    resumed = progress_state.get("config_hash") == h and not cfg["store"].get("force")
-    if not resumed:
-        shard.clear_checkpoint()
-        progress_state = {"config_hash": h, "knockout": {}, "curves": {}}
-        save_progress()  # stamps the checkpoint folder with the config, so a partial importance pass is reused
-    shard.write_manifest(status="running", config_hash=h, config=scfg, resolved=cfg,
-                         versions=library_versions(), started=t_start)
-
-    def stage_done(name: str, t0: float):
-        timings[name] = round(time.time() - t0, 2)
-        if fail_after == name:
-            raise RuntimeError(f"injected failure after stage {name}")
-        stage, _, hold_file = os.environ.get(HOLD_ENV, "").partition(":")
-        t_hold = time.time()
-        while (stage == name and hold_file and not resumed and os.path.exists(hold_file)
-               and time.time() - t_hold < 900):
-            time.sleep(0.2)
-
+def after_stage(stage: str, resumed: bool) -> None:
+    """Runs after every finished stage; in-process tests monkeypatch it to inject a crash."""
+    hold_stage, _, hold_file = os.environ.get(HOLD_ENV, "").partition(":")
     t0 = time.time()
-    lm = lm or load_model(cfg["model"])
-    stage_done("load", t0)
+    while (hold_stage == stage and hold_file and not resumed and os.path.exists(hold_file)
+           and time.time() - t0 < HOLD_MAX_S):
+        time.sleep(0.2)
 
-    t0 = time.time()
-    data_dir = (cfg.get("data") or {}).get("dir")
-    seed = int(cfg.get("seed", 0))
-    ev = cfg["eval"]
-    eval_reqs = build_requests(task, split=ev.get("split"), shot=shot, seed=seed, limit=ev.get("limit"),
-                               data_dir=data_dir)
-    train_reqs = build_requests(task, split="train", shot=shot, seed=seed, data_dir=data_dir)
-    ko = cfg["knockout"]
-    if ko["split"] == "paper":
-        ko_reqs = eval_reqs
-        imp_pool = train_reqs
-    else:
-        k = int(ko["limit"])
-        if k < 1 or k >= len(train_reqs):
-            raise ValueError(f"knockout.limit={k} must be in 1..{len(train_reqs) - 1} for {task} "
-                             f"({len(train_reqs)} train docs)")
-        ko_reqs, imp_pool = train_reqs[-k:], train_reqs[:-k]  # disjoint from importance docs
-    imp_reqs = imp_pool[: int(cfg["importance"]["n_examples"])]
-    stage_done("render", t0)
-    evaluate = Evaluator(lm, task, int(ev.get("batch_size", 8)), progress)
-    metric = primary_metric(task)
 
-    # --- gradient importance -----------------------------------------------------------------
-    t0 = time.time()
-    imp_cfg = cfg["importance"]
-    st_path = shard.ckpt("importance_state.safetensors")
-    state = ImportanceState.from_tensors(read_tensors(st_path)) if st_path.exists() else None
-    every = max(1, int(imp_cfg.get("checkpoint_every", 8)))
-    counter = {"n": 0}
+class Stages:
+    """Times each stage (manifest `timings`) and calls `after_stage` when one finishes."""
 
-    def ckpt_importance(s: ImportanceState):
-        counter["n"] += 1
-        if counter["n"] % every == 0:
-            write_tensors(st_path, s.tensors())
+    def __init__(self, resumed: bool):
+        self.resumed = resumed
+        self.timings: dict[str, float] = {}
 
-    state = gradient_importance(lm, imp_reqs, batch_size=int(imp_cfg.get("batch_size", 4)),
-                                abs_mode=imp_cfg.get("abs", "per_token"), state=state,
-                                on_batch=ckpt_importance, progress=progress)
-    write_tensors(st_path, state.tensors())
-    imp = state.result(bool(imp_cfg.get("normalize_layers", False)))
-    stage_done("importance", t0)
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.time()
+        yield
+        self.timings[name] = round(time.time() - t0, 2)
+        after_stage(name, self.resumed)
 
-    # --- FFN knock-out ---------------------------------------------------------------------------
-    t0 = time.time()
 
-    def ko_eval(hm, fm):
-        return evaluate(ko_reqs, hm, fm, desc="knock-out")[0][metric]["value"]
+def every_nth(n: int, fn: Callable) -> Callable:
+    """fn, called only on every n-th call (checkpoint every n batches)."""
+    calls = itertools.count(1)
+    return lambda *a: fn(*a) if next(calls) % n == 0 else None
 
-    def ko_save(l, acc):
-        progress_state["knockout"][str(l)] = acc
-        save_progress()
 
-    ko_done = {int(k): v for k, v in progress_state["knockout"].items()}
-    ko_base, ko_drop = ffn_knockout(lm, ko_eval, done=ko_done, on_layer=ko_save, progress=progress)
-    imp["ffn_knockout"] = ko_drop
-    write_tensors(shard.file("importance.safetensors"), imp,
-                  metadata={"n_examples": str(state.n_examples), "n_tokens": str(state.n_tokens),
-                            "knockout_baseline": repr(ko_base), "config_hash": h})
-    stage_done("knockout", t0)
+@dataclass
+class Requests:
+    eval: list[Request]
+    importance: list[Request]
+    knockout: list[Request]
 
-    # --- pruning curves ---------------------------------------------------------------------------
-    t0 = time.time()
-    pr = cfg["pruning"]
-    ffn_rank = imp["ffn_knockout"] if pr["ffn_ranking"] == "knockout" else imp["ffn"]
-    curves_state = progress_state["curves"]
 
-    def run_curve(kind: str, ranking: torch.Tensor, levels, mask_of):
-        done = {float(k): v for k, v in curves_state.get(kind, {}).items()}
+# --- the shard ------------------------------------------------------------------------------------
 
-        def ev_level(mask):
-            hm, fm = mask_of(mask)
-            metrics, per_doc = evaluate(eval_reqs, hm, fm, desc=f"{kind} prune")
+class ShardRun:
+    """One shard's run: `run()` skips a complete shard, else resumes or starts it, stage by stage."""
+
+    def __init__(self, cfg: dict, lm: LoadedModel | None = None):
+        self.cfg, self.lm = cfg, lm
+        self.task, self.shot = cfg["task"], int(cfg["shot"])
+        self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot)
+        self.scfg = shard_config(cfg)
+        self.hash = config_hash(self.scfg)
+        self.metric = primary_metric(self.task)
+        self.force = bool(cfg["store"].get("force"))
+        self.show_progress = bool(cfg.get("progress", False))
+
+    def run(self) -> dict:
+        if self.is_done():
+            log.info("%s is complete (config %s): nothing to do", self.shard, self.hash)
+            return {**self.shard.manifest(), "status": "skipped", "shard": str(self.shard.path)}
+        t_start = time.time()
+        self.start(t_start)
+        with self.stages("load"):
+            self.lm = self.lm or load_model(self.cfg["model"])
+        with self.stages("render"):
+            self.requests = self.render()
+        self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress)
+        with self.stages("importance"):
+            self.imp_state = self.importance()
+            self.imp = self.imp_state.result(bool(self.cfg["importance"].get("normalize_layers", False)))
+        with self.stages("knockout"):
+            self.knockout()
+        with self.stages("curves"):
+            self.curves()
+        return self.finish(t_start)
+
+    def is_done(self) -> bool:
+        try:
+            done = self.shard.is_complete(self.hash)
+        except StoreError:
+            done = False  # a corrupt manifest: recompute (never trusted)
+        return done and not self.force
+
+    def start(self, t_start: float) -> None:
+        """Resume the checkpoint if it belongs to this config; a checkpoint from another config (or a
+        forced rerun) is discarded, never mixed in. The fresh checkpoint is stamped at once, so a
+        partial importance pass is reused after a crash."""
+        prog_path = self.shard.ckpt("progress.json")
+        saved = read_json(prog_path) if prog_path.exists() else {}
+        barrier()  # every rank has read the checkpoint before rank 0 may clear it
+        resumed = saved.get("config_hash") == self.hash and not self.force
+        self.progress = Progress.from_json(saved) if resumed else Progress(self.hash)
+        if not resumed:
+            self.shard.clear_checkpoint()
+            self.save_progress()
+        self.stages = Stages(resumed)
+        self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg, resolved=self.cfg,
+                                  versions=library_versions(), started=t_start)
+
+    def save_progress(self) -> None:
+        write_json(self.shard.ckpt("progress.json"), asdict(self.progress))
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def render(self) -> Requests:
+        """Importance docs and held-out knock-out docs are disjoint slices of the train split
+        (`knockout.split=heldout`), or knock-out runs on the eval docs (`paper`)."""
+        c, seed = self.cfg, int(self.cfg.get("seed", 0))
+        data_dir = (c.get("data") or {}).get("dir")
+        ev = c["eval"]
+        eval_reqs = build_requests(self.task, split=ev.get("split"), shot=self.shot, seed=seed,
+                                   limit=ev.get("limit"), data_dir=data_dir)
+        train_reqs = build_requests(self.task, split="train", shot=self.shot, seed=seed, data_dir=data_dir)
+        if c["knockout"]["split"] == "paper":
+            ko_reqs, imp_pool = eval_reqs, train_reqs
+        else:
+            k = int(c["knockout"]["limit"])
+            if k < 1 or k >= len(train_reqs):
+                raise ValueError(f"knockout.limit={k} must be in 1..{len(train_reqs) - 1} for {self.task} "
+                                 f"({len(train_reqs)} train docs)")
+            ko_reqs, imp_pool = train_reqs[-k:], train_reqs[:-k]
+        return Requests(eval_reqs, imp_pool[: int(c["importance"]["n_examples"])], ko_reqs)
+
+    def gradient_importance(self, head_mask=None, state=None, on_batch=None) -> ImportanceState:
+        ic = self.cfg["importance"]
+        return gradient_importance(self.lm, self.requests.importance, batch_size=int(ic.get("batch_size", 4)),
+                                   head_mask=head_mask, abs_mode=ic.get("abs", "per_token"), state=state,
+                                   on_batch=on_batch, progress=self.show_progress)
+
+    def importance(self) -> ImportanceState:
+        path = self.shard.ckpt("importance_state.safetensors")
+        state = ImportanceState.from_tensors(read_tensors(path)) if path.exists() else None
+        every = max(1, int(self.cfg["importance"].get("checkpoint_every", 8)))
+        state = self.gradient_importance(state=state,
+                                         on_batch=every_nth(every, lambda s: write_tensors(path, s.tensors())))
+        write_tensors(path, state.tensors())
+        return state
+
+    def knockout(self) -> None:
+        def accuracy(head_mask, ffn_mask):
+            metrics, _ = self.evaluate(self.requests.knockout, head_mask, ffn_mask, desc="knock-out")
+            return metrics[self.metric]["value"]
+
+        def save(layer, acc):
+            self.progress.knockout[str(layer)] = acc
+            self.save_progress()
+
+        done = {int(k): v for k, v in self.progress.knockout.items()}
+        self.ko_base, self.imp["ffn_knockout"] = ffn_knockout(self.lm, accuracy, done=done, on_layer=save,
+                                                              progress=self.show_progress)
+        s = self.imp_state
+        write_tensors(self.shard.file("importance.safetensors"), self.imp,
+                      metadata={"n_examples": str(s.n_examples), "n_tokens": str(s.n_tokens),
+                                "knockout_baseline": repr(self.ko_base), "config_hash": self.hash})
+
+    def curves(self) -> None:
+        pr = self.cfg["pruning"]
+        heads = self.imp["heads"]
+        self.ffn_rank = self.imp["ffn_knockout"] if pr["ffn_ranking"] == "knockout" else self.imp["ffn"]
+        self.curve("heads", heads, "heads", iterative=bool(pr.get("iterative")))
+        self.curve("ffn", self.ffn_rank, "ffn")
+        # Beyond the paper: prune heads by a task-agnostic ranking (prefix matching, lowest first) and
+        # by random rankings, to compare with pruning by task importance at the same levels.
+        compare = list(pr.get("compare") or [])
+        if "induction" in compare:
+            self.curve("heads_by_induction", self.induction_ranking(), "heads")
+        if "random" in compare:
+            for k in range(int(pr.get("random_seeds", 3))):
+                self.curve(f"heads_random{k}", P.random_ranking(heads.shape, k), "heads")
+        self.combined_grid()
+
+    def curve(self, kind: str, ranking: torch.Tensor, component: str, iterative: bool = False) -> None:
+        """One accuracy curve over `pruning.levels`: masks, samples and results saved per level."""
+        pr = self.cfg["pruning"]
+        saved = self.progress.curves.setdefault(kind, {})
+
+        def evaluate(mask):
+            hm, fm = (mask, None) if component == "heads" else (None, mask)
+            metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"{kind} prune")
             return {"metrics": metrics, "per_doc": per_doc}
 
         def on_level(p, mask, res):
             key = f"{kind}_{_level_key(p)}"
-            write_tensors(shard.file(f"masks/{key}.safetensors"), {"mask": mask.float()})
+            write_tensors(self.shard.file(f"masks/{key}.safetensors"), {"mask": mask.float()})
+            per_doc = res.pop("per_doc")
             if pr.get("save_samples", True):
-                write_jsonl(shard.file(f"samples/{key}.jsonl"), res.pop("per_doc"))
-            res.pop("per_doc", None)
-            curves_state.setdefault(kind, {})[_level_key(p)] = res
-            save_progress()
+                write_jsonl(self.shard.file(f"samples/{key}.jsonl"), per_doc)
+            saved[_level_key(p)] = res
+            self.save_progress()
 
-        rescore = None
-        if pr.get("iterative") and kind == "heads":
-            def rescore(mask):
-                s = gradient_importance(lm, imp_reqs, batch_size=int(imp_cfg.get("batch_size", 4)),
-                                        head_mask=mask, abs_mode=imp_cfg.get("abs", "per_token"))
-                return s.result(bool(imp_cfg.get("normalize_layers", False)))["heads"]
-        P.curve(ranking, levels, ev_level, rescore=rescore, done=done, on_level=on_level)
+        def rescore(mask):  # re-rank the remaining heads with the current mask applied
+            return self.gradient_importance(head_mask=mask).result(
+                bool(self.cfg["importance"].get("normalize_layers", False)))["heads"]
 
-    run_curve("heads", imp["heads"], pr["levels"], lambda m: (m, None))
-    run_curve("ffn", ffn_rank, pr["levels"], lambda m: (None, m))
-    # Beyond the paper: prune heads by a task-agnostic ranking (prefix matching, lowest first) and by
-    # random rankings, to compare with pruning by task importance at the same levels.
-    compare = list(pr.get("compare") or [])
-    if "induction" in compare:
-        from .report import load_induction
+        done = {float(k): v for k, v in saved.items()}
+        P.curve(ranking, pr["levels"], evaluate, rescore=rescore if iterative else None, done=done,
+                on_level=on_level)
 
-        ind = load_induction(cfg["store"]["root"], cfg["model"]["name"])
-        if ind is None or ind["prefix_matching"].shape != imp["heads"].shape:
+    def induction_ranking(self) -> torch.Tensor:
+        name = self.cfg["model"]["name"]
+        ind = load_induction(self.cfg["store"]["root"], name)
+        if ind is None or ind["prefix_matching"].shape != self.imp["heads"].shape:
             raise ValueError("pruning.compare includes induction but the store has no induction scores for "
-                             f"{cfg['model']['name']}: run `python jobs/induction.py model={cfg['model']['name']}` first")
-        run_curve("heads_by_induction", ind["prefix_matching"].float(), pr["levels"], lambda m: (m, None))
-    if "random" in compare:
-        for k in range(int(pr.get("random_seeds", 3))):
-            rnd = torch.rand(imp["heads"].shape, generator=torch.Generator().manual_seed(k))
-            run_curve(f"heads_random{k}", rnd, pr["levels"], lambda m: (m, None))
-    # Combined grid: heads at p_h and FFNs at p_f together.
-    grid_done = curves_state.setdefault("combined", {})
-    for ph in P.check_levels(pr["combined_levels"]):
-        for pf in P.check_levels(pr["combined_levels"]):
-            key = f"h{_level_key(ph)}_f{_level_key(pf)}"
-            if key in grid_done:
-                continue
-            hm, fm = P.prune_mask(imp["heads"], ph), P.prune_mask(ffn_rank, pf)
-            metrics, per_doc = evaluate(eval_reqs, hm, fm, desc=f"combined {key}")
-            grid_done[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
-            save_progress()
-    stage_done("curves", t0)
+                             f"{name}: run `python jobs/induction.py model={name}` first")
+        return ind["prefix_matching"].float()
 
-    # --- final outputs -------------------------------------------------------------------------------
-    def as_list(kind):
-        rows = [{"level": float(k), "value": v["metrics"][metric]["value"], **v}
-                for k, v in curves_state[kind].items()]
+    def combined_grid(self) -> None:
+        """Heads pruned at p_h and FFNs at p_f together, for every pair of `pruning.combined_levels`."""
+        grid = self.progress.curves.setdefault("combined", {})
+        levels = P.check_levels(self.cfg["pruning"]["combined_levels"])
+        for ph, pf in itertools.product(levels, levels):
+            key = f"h{_level_key(ph)}_f{_level_key(pf)}"
+            if key in grid:
+                continue
+            hm, fm = P.prune_mask(self.imp["heads"], ph), P.prune_mask(self.ffn_rank, pf)
+            metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
+            grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
+            self.save_progress()
+
+    # --- outputs -------------------------------------------------------------------------------------
+
+    def curve_rows(self, kind: str) -> list[dict]:
+        rows = [{"level": float(k), "value": v["metrics"][self.metric]["value"], **v}
+                for k, v in self.progress.curves[kind].items()]
         return sorted(rows, key=lambda r: r["level"])
 
-    curves = {
-        "model": cfg["model"]["name"], "task": task, "shot": shot, "metric": metric,
-        "n_eval": len(eval_reqs), "n_importance": state.n_examples, "n_knockout": len(ko_reqs),
-        "heads": as_list("heads"), "ffn": as_list("ffn"),
-        "heads_by": {kind: as_list(kind) for kind in curves_state if kind.startswith("heads_")},
-        "combined": sorted(({"value": v["metrics"][metric]["value"], **v} for v in grid_done.values()),
-                           key=lambda r: (r["head_level"], r["ffn_level"])),
-        "ffn_ranking": pr["ffn_ranking"], "knockout_baseline": ko_base,
-    }
-    write_json(shard.file("curves.json"), curves)
-    timings["total"] = round(time.time() - t_start, 2)
-    m = shard.write_manifest(status="complete", config_hash=h, timings=timings, finished=time.time(),
-                             evaluations=evaluate.n_scored,
-                             baseline={metric: curves["heads"][0]["value"]} if curves["heads"] else {})
-    shard.clear_checkpoint()
-    return {"status": "complete", "shard": str(shard.path), **m}
+    def finish(self, t_start: float) -> dict:
+        kinds = self.progress.curves
+        grid = kinds["combined"]
+        curves = {
+            "model": self.cfg["model"]["name"], "task": self.task, "shot": self.shot, "metric": self.metric,
+            "n_eval": len(self.requests.eval), "n_importance": self.imp_state.n_examples,
+            "n_knockout": len(self.requests.knockout),
+            "heads": self.curve_rows("heads"), "ffn": self.curve_rows("ffn"),
+            "heads_by": {kind: self.curve_rows(kind) for kind in kinds if kind.startswith("heads_")},
+            "combined": sorted(({"value": v["metrics"][self.metric]["value"], **v} for v in grid.values()),
+                               key=lambda r: (r["head_level"], r["ffn_level"])),
+            "ffn_ranking": self.cfg["pruning"]["ffn_ranking"], "knockout_baseline": self.ko_base,
+        }
+        write_json(self.shard.file("curves.json"), curves)
+        self.stages.timings["total"] = round(time.time() - t_start, 2)
+        baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
+        m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.stages.timings,
+                                      finished=time.time(), evaluations=self.evaluate.n_scored, baseline=baseline)
+        self.shard.clear_checkpoint()
+        return {"status": "complete", "shard": str(self.shard.path), **m}
+
+
+def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
+    """Run (or resume, or skip) one shard. `cfg` is the resolved config as a plain dict.
+
+    A failure is recorded in the manifest (status `failed`, the error) so the reducer can name it;
+    finished stages stay checkpointed and the next run resumes from them."""
+    validate(cfg)
+    set_writer(dist_env().is_main)
+    check_writable(cfg["store"]["root"])
+    run = ShardRun(cfg, lm)
+    try:
+        return run.run()
+    except BaseException as e:
+        _record_failure(run.shard, e)
+        raise
+
+
+def _record_failure(shard: Shard, e: BaseException) -> None:
+    if not shard.path.exists():
+        return
+    first = str(e).splitlines()[0] if str(e) else ""
+    try:
+        shard.write_manifest(status="failed", error=f"{type(e).__name__}: {first}")
+    except Exception:  # noqa: BLE001 - never mask the original error
+        pass

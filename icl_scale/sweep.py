@@ -18,7 +18,8 @@ from pathlib import Path
 
 import submitit
 
-from .store import Shard, StoreError, check_writable, config_hash
+from .config import setup_environment
+from .store import Shard, StoreError, check_writable, config_hash, load_induction
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def shard_done(c: dict) -> bool:
 
 
 def induction_done(cfg: dict) -> bool:
-    from .report import load_induction
-
     try:
         return load_induction(cfg["store"]["root"], cfg["model"]["name"]) is not None and not cfg["store"].get("force")
     except StoreError:
@@ -99,15 +98,7 @@ class ReduceJob:
 
 
 def _job_env() -> None:
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except Exception:  # pragma: no cover
-        pass
+    setup_environment(log_level=logging.INFO)
 
 
 # --- executors -----------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@
    offline W&B runs);
 3. ends with a line saying where the figures are.
 
-Task data comes from $ICL_SCALE_DATA_DIR (a local mirror) or the Hugging Face hub; with neither,
-the demo still computes the task-agnostic induction scores and says how to point it at data.
+Task data: `data.dir` if set, else $ICL_SCALE_DATA_DIR (a local mirror), else the small slice of
+copa and arc_easy embedded in the package (so a fresh offline machine runs the whole demo), else
+the Hugging Face hub only when asked for (`data.dir=hub`): the demo never reaches for the network
+on its own. Each task's data source is printed before the sweep starts.
 
     make run
     make run ARGS="sweep.tasks=[piqa] sweep.shots=[0,5]"      # other tasks / shots
@@ -24,9 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if not any(a.startswith(("experiment=", "+experiment=")) for a in sys.argv[1:]):
     sys.argv.append("experiment=demo")
 
-import hydra  # noqa: E402
-
-from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+from icl_scale.cli import hydra_job, print_problems  # noqa: E402
 
 
 def model_summary(c: dict) -> None:
@@ -53,37 +53,37 @@ def model_summary(c: dict) -> None:
     del lm
 
 
-def data_available(c: dict) -> bool:
-    """A local mirror, or the hub when asked for explicitly (data.dir=hub): the demo never reaches
-    for the network on its own."""
-    d = (c.get("data") or {}).get("dir")
-    return str(d) == "hub" or d is not None
+def data_sources(c: dict) -> dict[str, str]:
+    """Where each demo task's rows come from; a task that only the hub has (and nobody asked for
+    the hub) is an error that says how to add data."""
+    from icl_scale.tasks import get_task
+    from icl_scale.tasks.data import resolve_source
+
+    out = {}
+    data_dir = (c.get("data") or {}).get("dir")
+    for task in c["sweep"]["tasks"]:
+        t = get_task(task)
+        srcs = [resolve_source(t, split, data_dir) for split in ("train", t.eval_split)]
+        if any(s.kind == "hub" and s.setting == "default" for s in srcs):
+            raise ValueError(f"sweep.tasks has {task}, which has no embedded demo data: set ICL_SCALE_DATA_DIR "
+                             f"(or data.dir) to a mirror with {task}/<split>.jsonl, or add data.dir=hub")
+        out[task] = srcs[-1].kind if srcs[-1].kind != "mirror" else f"mirror {srcs[-1].root}"
+    return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@one_line_errors
-def main(cfg) -> None:
-    quiet_libraries()
+@hydra_job("config")
+def main(c: dict) -> None:
     import time
 
     from icl_scale.sweep import submit
 
-    c = to_dict(cfg)
     t0 = time.time()
+    sources = data_sources(c)  # before the model loads: a task without data fails at once
     model_summary(c)
     root = Path(c["store"]["root"]).resolve()
-    if not data_available(c):
-        print("no task data: set ICL_SCALE_DATA_DIR=<mirror with <task>/<split>.jsonl>, or run "
-              "`make run ARGS=data.dir=hub` to download from the Hugging Face hub; "
-              "running the task-agnostic induction scores only")
-        c["sweep"]["tasks"], c["sweep"]["shots"] = [], []
-        from omegaconf import OmegaConf
-
-        from icl_scale.induction import run_job
-
-        paths = run_job(OmegaConf.create(c))
-        print(f"demo done in {time.time() - t0:.0f} s; induction heatmaps in {Path(next(iter(paths.values()))).parent}")
-        return
+    print("task data: " + ", ".join(f"{t} from {s}" for t, s in sources.items())
+          + ("" if all(s.startswith("mirror") for s in sources.values()) else
+             " (the embedded slice is small: set ICL_SCALE_DATA_DIR to a mirror for the full splits)"))
     print(f"demo sweep: tasks {c['sweep']['tasks']} x shots {c['sweep']['shots']} on the local executor "
           f"(logs in {root}/_submitit)")
     sub = submit(c, progress=True)
@@ -92,8 +92,7 @@ def main(cfg) -> None:
         print(f"everything was already complete in {root} (store.force=true to recompute)")
     else:
         res = sub.reduce_job.result()
-        for p in res["problems"]:
-            print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
+        print_problems(res["problems"])
         for row in json_summary(summary):
             print(f"  {row['task']:>10} {row['shot']}-shot: unpruned {row['metric']} {row['unpruned']:.3f}; "
                   f"heads prunable within 1 point: {row['heads_prunable_1pt']:.0f}%")

@@ -15,15 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-
-from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+from icl_scale.cli import hydra_job  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-@one_line_errors
-def main(cfg) -> None:
-    quiet_libraries()
+@hydra_job("evaluate")
+def main(c: dict) -> None:
     import time
 
     from icl_scale.models import load_model
@@ -31,7 +27,6 @@ def main(cfg) -> None:
     from icl_scale.store import check_writable, read_tensors, write_json, write_jsonl
     from icl_scale.tasks import build_requests
 
-    c = to_dict(cfg)
     if not c.get("out_dir"):
         raise ValueError("out_dir is required: add out_dir=<folder> to the command")
     out = check_writable(Path(c["out_dir"]))

@@ -13,22 +13,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-
-from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+from icl_scale.cli import hydra_job, print_problems  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@one_line_errors
-def main(cfg) -> None:
-    quiet_libraries()
+@hydra_job("config")
+def main(c: dict) -> None:
     from icl_scale.reduce import run_reduce
 
-    c = to_dict(cfg)
     expected = [(t, int(s)) for t in c["sweep"]["tasks"] for s in c["sweep"]["shots"]]
     res = run_reduce(c, expected)
-    for p in res["problems"]:
-        print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
+    print_problems(res["problems"])
     out = Path(c["store"]["root"]).resolve() / c["model"]["name"] / "summary"
     print(f"reduced {res['n_complete']} shards ({len(res['problems'])} problems); "
           f"{len(res['figures'])} figures and tables in {out}")

@@ -15,18 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-
-from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+from icl_scale.cli import hydra_job  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@one_line_errors
-def main(cfg) -> None:
-    quiet_libraries()
+@hydra_job("config")
+def main(c: dict) -> None:
     from icl_scale.shard import run_shard
 
-    c = to_dict(cfg)
     res = run_shard(c)
     if res["status"] == "skipped":
         print(f"{c['model']['name']}/{c['task']}/{c['shot']}shot: already complete in {res['shard']} "

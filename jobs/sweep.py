@@ -16,18 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-
-from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+from icl_scale.cli import hydra_job, print_problems  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@one_line_errors
-def main(cfg) -> None:
-    quiet_libraries()
+@hydra_job("config")
+def main(c: dict) -> None:
     from icl_scale.sweep import SweepError, submit
 
-    c = to_dict(cfg)
     try:
         sub = submit(c, wait=c["sweep"].get("wait"))
     except SweepError as e:
@@ -47,8 +42,7 @@ def main(cfg) -> None:
           f"W&B ({c['wandb']['mode']}): {Path(c['wandb']['dir']).resolve()}/wandb")
     if sub.reduce_job.done():
         res = sub.reduce_job.result()
-        for p in res["problems"]:
-            print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
+        print_problems(res["problems"])
         print(f"reduced {res['n_complete']} shards; figures in {summary}")
 
 

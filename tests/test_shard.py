@@ -6,11 +6,24 @@ import os
 import pytest
 import torch
 
+import icl_scale.shard as shard_mod
 from icl_scale.shard import Evaluator, run_shard
 from icl_scale.store import Shard, StoreError, read_tensors, write_json
 from icl_scale.tasks import build_requests
 
 from conftest import get_model, tiny_shard_cfg
+
+
+def crash_after(monkeypatch, stage):
+    """Make the shard runner raise right after `stage` finishes (a crash at a known point)."""
+    real = shard_mod.after_stage
+
+    def hook(name, resumed):
+        real(name, resumed)
+        if name == stage:
+            raise RuntimeError(f"injected failure after stage {stage}")
+
+    monkeypatch.setattr(shard_mod, "after_stage", hook)
 
 
 def _files(root):
@@ -102,13 +115,14 @@ def test_rerun_same_config_does_no_work(complete):
     assert {f: os.stat(root / f).st_mtime_ns for f in _files(root)} == before
 
 
-def test_injected_failure_resumes_to_identical_result(complete, tmp_path):
+def test_injected_failure_resumes_to_identical_result(complete, tmp_path, monkeypatch):
     root, cfg, _ = complete
     cfg2 = tiny_shard_cfg(tmp_path)
     lm = get_model("tiny-opt")
     for stage in ("importance", "knockout"):
-        with pytest.raises(RuntimeError, match=f"injected failure after stage {stage}"):
-            run_shard(cfg2, lm=lm, fail_after=stage)
+        with monkeypatch.context() as m, pytest.raises(RuntimeError, match=f"injected failure after stage {stage}"):
+            crash_after(m, stage)
+            run_shard(cfg2, lm=lm)
         sh = Shard(tmp_path, "tiny-opt", "copa", 1)
         assert sh.manifest()["status"] == "failed" and not sh.is_complete()
         assert f"injected failure after stage {stage}" in sh.manifest()["error"]
@@ -121,12 +135,11 @@ def test_injected_failure_resumes_to_identical_result(complete, tmp_path):
 
 
 def test_partial_importance_is_resumed_not_recomputed(tmp_path, monkeypatch):
-    import icl_scale.shard as shard_mod
-
     lm = get_model("tiny-opt")
     cfg = tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "importance.checkpoint_every=1")
-    with pytest.raises(RuntimeError, match="injected failure after stage importance"):
-        run_shard(cfg, lm=lm, fail_after="importance")
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="injected failure after stage importance"):
+        crash_after(m, "importance")
+        run_shard(cfg, lm=lm)
     seen = []
     real = shard_mod.gradient_importance
 

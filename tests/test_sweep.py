@@ -15,7 +15,7 @@ from icl_scale.shard import HOLD_ENV
 from icl_scale.slurm_env import SKIP_REASON, slurm_status
 from icl_scale.store import Shard, read_tensors
 from icl_scale.sweep import submit
-from icl_scale.tracking import find_offline_runs, read_offline_run
+from wandb_offline import find_offline_runs, read_offline_run
 
 from conftest import REPO, compose, data_dir
 
@@ -105,10 +105,16 @@ def slurm_args(root):
             "sweep.name=it", "sweep.wait=true"]
 
 
-@slurm
-def test_make_sweep_on_slurm(cluster, tmp_path_factory, mirror):
+@pytest.fixture(scope="module")
+def slurm_store(cluster, tmp_path_factory):
+    """A 4-shard `make sweep` on the local cluster: (store root, its output)."""
     root = tmp_path_factory.mktemp("slurm_store")
-    out = make_sweep(*slurm_args(root), "sweep.tasks=[copa,rte]", "sweep.shots=[0,1]")
+    return root, make_sweep(*slurm_args(root), "sweep.tasks=[copa,rte]", "sweep.shots=[0,1]")
+
+
+@slurm
+def test_make_sweep_on_slurm(slurm_store):
+    root, out = slurm_store
     assert "4 shard jobs" in out and "reducer" in out, out
     # 4 array elements + induction + reducer, all seen by Slurm accounting as COMPLETED.
     ids = [line for line in out.splitlines() if line.startswith("sweep it (slurm)")]
@@ -128,14 +134,11 @@ def test_make_sweep_on_slurm(cluster, tmp_path_factory, mirror):
     out2 = make_sweep(*slurm_args(root), "sweep.tasks=[copa,rte]", "sweep.shots=[0,1]")
     assert "nothing submitted" in out2
     assert {str(p): p.stat().st_mtime_ns for p in (root / "tiny-opt").rglob("*") if p.is_file()} == before
-    test_make_sweep_on_slurm.root = root
 
 
 @slurm
-def test_requeued_shard_resumes_to_identical_store(cluster, tmp_path, mirror, monkeypatch):
-    ref_root = getattr(test_make_sweep_on_slurm, "root", None)
-    if ref_root is None:
-        pytest.skip("needs test_make_sweep_on_slurm's uninterrupted store")
+def test_requeued_shard_resumes_to_identical_store(cluster, slurm_store, tmp_path, mirror, monkeypatch):
+    ref_root = slurm_store[0]  # the same shard, uninterrupted
     # The first run holds after its importance stage while `hold` exists, so the requeue below always
     # lands mid-run (a tiny shard can otherwise finish before the requeue arrives); the resumed run
     # does not hold.

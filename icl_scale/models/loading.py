@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config import to_dict
 from .adapters import Adapter
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     spec: dict = field(default_factory=dict)
+    engine: Any = None  # the DeepSpeed engine under ZeRO-3 (owns the partitioning hooks)
 
     def summary(self) -> dict:
         d = self.adapter.describe()
@@ -155,22 +157,16 @@ def random_config(family: str, vocab_size: int, **overrides):
 
 # --- entry point ------------------------------------------------------------------------------------
 
-def _as_dict(spec) -> dict:
-    if isinstance(spec, Mapping):
-        return dict(spec)
-    try:  # OmegaConf DictConfig
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(spec, resolve=True)
-    except Exception:  # pragma: no cover
-        raise ModelConfigError(f"model spec must be a mapping, got {type(spec).__name__}") from None
+# The Hydra configs ship inside the package (icl_scale/conf links to the repository's conf/), so
+# presets resolve the same from a checkout, an editable install or a wheel.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def preset(name: str) -> dict:
     """Read a preset from conf/model/<name>.yaml (no Hydra needed)."""
     import yaml
 
-    path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
+    path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ModelConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(known)}")
@@ -212,7 +208,7 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
 
     if isinstance(spec, str):
         spec = preset(spec)
-    spec = _as_dict(spec)
+    spec = to_dict(spec)
     src = spec.get("source")
     if src not in SOURCES:
         raise ModelConfigError(f"model.source={src!r}; use one of {', '.join(SOURCES)}")
@@ -250,7 +246,17 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
         device=dev, dtype=dtype, spec=spec,
     )
     if ds.get("enabled"):
-        from .zero import zero_inference
-
-        lm = zero_inference(lm, offload_param=ds.get("offload_param", "none"))
+        partition_zero3(lm, ds.get("offload_param", "none"))
     return lm
+
+
+def partition_zero3(lm: LoadedModel, offload_param: str) -> None:
+    """Swap lm's model for its ZeRO-3 partitioned module (icl_scale.models.zero)."""
+    from .zero import zero_inference
+
+    engine, module, world_size = zero_inference(lm.model, lm.dtype, offload_param)
+    lm.model, lm.adapter = module, Adapter(module)
+    lm.device = getattr(engine, "device", lm.device)
+    lm.spec = {**lm.spec, "deepspeed": {"enabled": True, "stage": 3, "offload_param": offload_param,
+                                        "world_size": world_size}}
+    lm.engine = engine

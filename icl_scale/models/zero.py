@@ -19,8 +19,7 @@ import logging
 
 import torch
 
-from .adapters import Adapter
-from .loading import LoadedModel
+from ..distributed import init_process_group
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +47,20 @@ def ds_config(dtype: torch.dtype, offload_param: str = "none") -> dict:
     }
 
 
-def zero_inference(lm: LoadedModel, offload_param: str = "none") -> LoadedModel:
-    """Partition `lm.model` with ZeRO-3 and return the LoadedModel pointing at the engine's module."""
+def zero_inference(model: torch.nn.Module, dtype: torch.dtype, offload_param: str = "none"):
+    """Partition `model` with ZeRO-3 across the job's ranks. Returns (engine, module, world size):
+    the caller scores with `module` and keeps `engine` alive (it owns the partitioning hooks)."""
     import deepspeed
-
-    from ..distributed import init_process_group
 
     de = init_process_group()
     if torch.cuda.is_available():
         torch.cuda.set_device(de.local_rank)
-    cfg = ds_config(lm.dtype, offload_param)
-    engine, *_ = deepspeed.initialize(model=lm.model, config=cfg)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(dtype, offload_param))
     module = engine.module
     module.eval()
     module.requires_grad_(False)
-    lm.model = module
-    lm.adapter = Adapter(module)
-    lm.device = engine.device if hasattr(engine, "device") else lm.device
-    lm.spec = {**lm.spec, "deepspeed": {"enabled": True, "stage": 3, "offload_param": offload_param,
-                                        "world_size": de.world_size}}
-    lm.engine = engine  # keep the engine alive (it owns the partitioning hooks)
     log.info("ZeRO-3 inference: rank %d/%d, offload_param=%s", de.rank, de.world_size, offload_param)
-    return lm
+    return engine, module, de.world_size
 
 
 def gathered(params):

@@ -1,0 +1,30 @@
+"""Configuration glue shared by every entry point and job: plain dicts from Hydra/OmegaConf configs,
+and the process environment a job runs in."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+
+def to_dict(cfg) -> dict:
+    """A resolved plain dict from a DictConfig (or a copy of a mapping): library code takes dicts."""
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def setup_environment(log_level: int | None = None) -> None:
+    """W&B offline unless asked otherwise, no tokenizer thread warnings, quiet library logs; with
+    `log_level`, our own log lines go to stderr (batch jobs)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
