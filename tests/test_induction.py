@@ -4,6 +4,7 @@ code's per-head/per-token loops), determinism, bad input and the reducer helpers
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose
+from reference_induction import reference_copying, reference_prefix_matching
 
-from icl_scale.bench_induction import reference_copying, reference_prefix_matching
 from icl_scale.induction import (
     CopyingOptions,
     InductionConfigError,
@@ -23,9 +25,12 @@ from icl_scale.induction import (
     prefix_targets,
     ranking_masks,
     retained_capacity,
+    run_job,
     token_pool,
 )
+from icl_scale.induction.job import CONFIG_KEYS
 from icl_scale.models import Adapter, Gates, UnsupportedArchitecture, load_model
+from icl_scale.pruning import random_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,6 +243,9 @@ def test_retained_capacity_and_masks():
     assert torch.equal(masks["induction"], m)
     assert len(masks["random"]) == 4 and all(int(r.sum()) == 3 for r in masks["random"])
     assert torch.equal(masks["random"][0], ranking_masks(scores, 50, n_random=4, seed=0)["random"][0])
+    # the k-th random mask prunes by pruning.random_ranking(shape, seed + k), as a shard's heads_random<k>
+    for k, r in enumerate(ranking_masks(scores, 50, n_random=3, seed=5)["random"]):
+        assert torch.equal(r, mask_from_ranking(random_ranking(scores.shape, 5 + k), 50))
     with pytest.raises(InductionConfigError):
         retained_capacity(scores, importance[:2])
 
@@ -245,10 +253,15 @@ def test_retained_capacity_and_masks():
 # --- the job ---------------------------------------------------------------------------------------------
 
 def test_job_writes_store(tmp_path):
+    """Run from another folder with the store named by ICL_SCALE_STORE: files in the store, none in the cwd."""
+    cwd, root = tmp_path / "cwd", tmp_path / "store"
+    cwd.mkdir()
     cmd = [sys.executable, str(ROOT / "jobs" / "induction.py"), "model=tiny-llama", "induction.n_seeds=2",
-           "induction.progress=false", f"store.root={tmp_path}"]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
-    out = tmp_path / "tiny-llama" / "induction"
+           "induction.progress=false"]
+    env = {**os.environ, "ICL_SCALE_STORE": str(root)}
+    subprocess.run(cmd, check=True, cwd=cwd, env=env, capture_output=True, timeout=300)
+    assert not list(cwd.iterdir())  # no outputs/, .hydra/ or log file
+    out = root / "tiny-llama" / "induction"
     from safetensors.torch import load_file
 
     t = load_file(out / "scores.safetensors")
@@ -257,4 +270,31 @@ def test_job_writes_store(tmp_path):
     meta = json.loads((out / "scores.json").read_text())
     assert meta["n_seeds"] == 2 and len(meta["top_heads"]["prefix_matching"]) == 8
     assert all((out / f"{k}.png").stat().st_size > 0 for k in t)
-    assert not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["scores.safetensors", "scores.json",
+                                                            *(f"{k}.png" for k in t)])
+
+
+def _compose_induction(*overrides: str) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="induction", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_job_config_is_the_shared_config(monkeypatch):
+    """conf/induction.yaml composes config.yaml: the same induction block the sweep's induction job
+    gets, the same store (ICL_SCALE_STORE), model and experiment overrides; no code defaults."""
+    monkeypatch.setenv("ICL_SCALE_STORE", "/somewhere/store")
+    shared = compose()
+    job = _compose_induction()
+    assert job["induction"] == shared["induction"] and set(shared["induction"]) == set(CONFIG_KEYS)
+    assert job["store"]["root"] == shared["store"]["root"] == "/somewhere/store"
+    demo = _compose_induction("experiment=demo", "model=tiny-opt")
+    assert demo["induction"] == compose("experiment=demo")["induction"] and demo["induction"]["n_seeds"] == 10
+    assert demo["model"]["name"] == "tiny-opt"
+    incomplete = {**shared, "induction": {k: v for k, v in shared["induction"].items() if k != "top_k"}}
+    with pytest.raises(InductionConfigError, match="lacks induction.top_k"):
+        run_job(incomplete)  # fails before loading the model

@@ -4,11 +4,18 @@ import copy
 
 import pytest
 import torch
-
-from icl_scale.models import Gates, MaskError, ModelConfigError, UnsupportedArchitecture, load_model
-from icl_scale.models.adapters import Adapter
-
 from conftest import TINY, get_model
+
+from icl_scale.models import (
+    Gates,
+    HookError,
+    Hooks,
+    MaskError,
+    ModelConfigError,
+    UnsupportedArchitecture,
+    load_model,
+)
+from icl_scale.models.adapters import Adapter
 
 ALL = TINY + ["smollm2-135m"]
 
@@ -150,6 +157,79 @@ def test_removing_gates_restores_model(lm):
         assert not torch.equal(_logits(lm, ids), ref)
     assert torch.equal(_logits(lm, ids), ref)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in lm.model.modules())
+
+
+# --- the hook system (models/hooks.py) ----------------------------------------------------------------
+
+def _attention_views(lm, ids, impl):
+    """Logits and every layer's AttentionView from one pass with attention hooks under `impl`."""
+    lm.model.set_attn_implementation(impl)
+    views = []
+    try:
+        with torch.no_grad(), Hooks(lm.adapter, [("attention", l, views.append)
+                                                 for l in range(lm.adapter.geometry.n_layers)]):
+            out = _logits(lm, ids)
+        assert lm.model.config._attn_implementation == impl  # restored
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+    return out, views
+
+
+def test_attention_hooks_see_the_pattern_and_change_nothing(lm):
+    ids = _batch(lm, 5, b=1, t=20)
+    g = lm.adapter.geometry
+    for impl in ("sdpa", "eager"):
+        lm.model.set_attn_implementation(impl)
+        ref = _logits(lm, ids)
+        out, views = _attention_views(lm, ids, impl)
+        assert torch.equal(out, ref), impl  # the wrapper computes the layer as the model does
+        assert [v.layer for v in views] == list(range(g.n_layers))
+    _, flash = _attention_views(lm, ids, "sdpa")  # CPU, no padding mask: flash kernel, log-sum-exp
+    _, eager = _attention_views(lm, ids, "eager")
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for f, e in zip(flash, eager):
+        assert f.probs is None and e.lse is None
+        shape = (1, g.n_heads, T, g.head_dim)
+        assert f.query.shape == f.key.shape == f.value.shape == f.output.shape == shape
+        probs = torch.exp(f.query @ f.key.transpose(-1, -2) * f.scaling - f.lse[..., None]) * causal
+        assert torch.allclose(probs, e.probs, atol=1e-5, rtol=0), (probs - e.probs).abs().max()
+        assert torch.allclose(f.output, e.output, atol=1e-5, rtol=0)
+
+
+def test_hooks_are_removed_on_errors():
+    lm = get_model("tiny-llama")
+    ids = _batch(lm, 6)
+    ref = _logits(lm, ids)
+
+    def fail(view):
+        raise RuntimeError("boom")
+
+    hooks = [("heads", 0, lambda m, a, k: None), ("ffn", 1, lambda m, a, o: None),
+             ("block", 1, lambda m, a, k: None), ("attention", 1, fail)]
+    with pytest.raises(RuntimeError, match="boom"), Hooks(lm.adapter, hooks):
+        _logits(lm, ids)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in lm.model.modules())
+    assert lm.model.config._attn_implementation == "sdpa"
+    assert torch.equal(_logits(lm, ids), ref)
+
+
+def test_bad_hooks_are_one_line_errors():
+    lm = get_model("tiny-llama")
+    with pytest.raises(HookError, match="unknown hook point 'mlp'; use one of block, heads, ffn, attention"):
+        Hooks(lm.adapter, [("mlp", 0, print)])
+    with pytest.raises(HookError, match="layer 2, but the model has layers 0..1"):
+        Hooks(lm.adapter, [("heads", 2, print)])
+    nested = Hooks(lm.adapter, [("attention", 1, print)])
+    with Hooks(lm.adapter, [("attention", 0, lambda v: None)]), pytest.raises(HookError, match="already installed"):
+        nested.__enter__()
+    assert lm.model.config._attn_implementation == "sdpa"
+    lm.model.config._attn_implementation = "flex_attention"  # not loadable on CPU: only the check runs
+    try:
+        with pytest.raises(HookError, match="support sdpa and eager"):
+            Hooks(lm.adapter, [("attention", 0, print)]).__enter__()
+    finally:
+        lm.model.config._attn_implementation = "sdpa"
 
 
 def test_bad_masks_are_one_line_errors():

@@ -1,12 +1,12 @@
-"""Head and FFN gates applied in the forward pass with hooks.
+"""Head and FFN gates applied in the forward pass with hooks (models/hooks.py).
 
 transformers 5.x ignores `head_mask` and has no `prune_heads`, so gates are installed as
 hooks that work the same for every supported family:
 
 * head gate g[l, h] multiplies head h's attention output, i.e. the input of layer l's output
-  projection viewed as (..., heads, head_dim) (a forward pre-hook on that projection);
+  projection viewed as (..., heads, head_dim) (the "heads" hook point);
 * FFN gate f[l] multiplies the FFN block's output before it is added to the residual stream
-  (a forward hook on the block's output module).
+  (the "ffn" hook point).
 
 Three uses:
 * fixed masks for evaluation: `Gates(adapter, head_mask=m, ffn_mask=f)`;
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .adapters import Adapter
+from .hooks import Hooks
 
 
 class MaskError(ValueError):
@@ -60,7 +61,7 @@ class Gates:
         self.record = record
         self.head_probes: list[list[torch.Tensor]] = [[] for _ in range(g.n_layers)]
         self.ffn_probes: list[list[torch.Tensor]] = [[] for _ in range(g.n_layers)]
-        self._handles: list = []
+        self._hooks: Hooks | None = None
 
     # --- hooks ---------------------------------------------------------------------------------
     def _head_gate(self, l: int):
@@ -114,25 +115,22 @@ class Gates:
         return hook
 
     # --- context ----------------------------------------------------------------------------
-    def __enter__(self) -> "Gates":
-        ad = self.adapter
-        try:
-            for l in range(ad.geometry.n_layers):
-                h = self._head_gate(l)
-                if h is not None:
-                    self._handles.append(ad.o_proj(l).register_forward_pre_hook(h, with_kwargs=True))
-                f = self._ffn_gate(l)
-                if f is not None:
-                    self._handles.append(ad.ffn(l).register_forward_hook(f))
-        except Exception:
-            self.remove()
-            raise
+    def __enter__(self) -> Gates:
+        hooks = []
+        for l in range(self.adapter.geometry.n_layers):
+            h = self._head_gate(l)
+            if h is not None:
+                hooks.append(("heads", l, h))
+            f = self._ffn_gate(l)
+            if f is not None:
+                hooks.append(("ffn", l, f))
+        self._hooks = Hooks(self.adapter, hooks).__enter__()
         return self
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
 
     def __exit__(self, *exc) -> None:
         self.remove()

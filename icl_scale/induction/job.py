@@ -1,0 +1,83 @@
+"""The induction job (jobs/induction.py, the sweep's InductionJob, the demo): load the model, score
+every head, write <store.root>/<model>/induction/ (scores.safetensors, scores.json, heatmaps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import store
+from ..figures import pyplot, save_png
+from .options import InductionConfigError, copying_options_from
+from .scores import InductionResult, induction_scores
+
+# The `induction:` block of conf/config.yaml, the one place these are set (no defaults here).
+CONFIG_KEYS = ("n_seeds", "seed", "exclude_frac", "bos", "scores", "original_indexing", "copying", "top_k",
+               "progress")
+
+
+def heatmap(scores: torch.Tensor, title: str, path: Path, cmap: str = "viridis") -> None:
+    """Layers x heads heatmap (layer 0 at the bottom, 0-based labels), small PNG, written atomically."""
+    plt = pyplot()
+    L, H = scores.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.28 * H, 1.2 + 0.16 * L), dpi=80)
+    im = ax.imshow(scores.numpy(), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, H, max(1, H // 8)))
+    ax.set_yticks(range(0, L, max(1, L // 10)))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.08)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def save_result(result: InductionResult, out_dir: Path, k: int = 10) -> dict[str, Path]:
+    """scores.safetensors ([L, H] float32 each), heatmaps (mean, variance) and scores.json, each
+    written to a temporary file in out_dir and renamed into place (icl_scale.store)."""
+    out_dir = Path(out_dir)
+    tensors = {k_: v.float().contiguous() for k_, v in result.scores().items()}
+    meta = result.metadata(k)
+    paths = {"scores": out_dir / "scores.safetensors", "json": out_dir / "scores.json"}
+    store.write_tensors(paths["scores"], tensors, metadata={"json": json.dumps(meta)})
+    for key, t in tensors.items():
+        label = key.replace("_var", " (variance)").replace("_", " ")
+        paths[key] = out_dir / f"{key}.png"
+        heatmap(t, f"{result.model} {label}, {result.n_seeds} seeds", paths[key],
+                cmap="magma" if key.endswith("_var") else "viridis")
+    store.write_json(paths["json"], meta)
+    return paths
+
+
+def induction_settings(cfg) -> dict:
+    """The `induction:` block as a plain dict; a missing or unknown key is a config error."""
+    from omegaconf import OmegaConf
+
+    block = cfg["induction"]
+    ind = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
+    missing = [k for k in CONFIG_KEYS if k not in ind]
+    unknown = sorted(set(ind) - set(CONFIG_KEYS))
+    if missing or unknown:
+        raise InductionConfigError(
+            (f"the induction config lacks {', '.join('induction.' + k for k in missing)}" if missing else
+             f"the induction config has unknown keys {', '.join('induction.' + k for k in unknown)}")
+            + f"; conf/config.yaml's induction block defines {', '.join(CONFIG_KEYS)}")
+    return ind
+
+
+def run_job(cfg) -> dict:
+    """Load cfg.model, score every head, write <store.root>/<model.name>/induction/. Returns the paths.
+    cfg: the composed config (a DictConfig or a plain dict)."""
+    from ..models import load_model
+
+    ind = induction_settings(cfg)
+    lm = load_model(cfg["model"])
+    result = induction_scores(
+        lm, bos=ind["bos"], n_seeds=int(ind["n_seeds"]), seed=int(ind["seed"]),
+        exclude_frac=float(ind["exclude_frac"]), scores=tuple(ind["scores"]),
+        original_indexing=bool(ind["original_indexing"]), copying=copying_options_from(ind["copying"]),
+        progress=bool(ind["progress"]))
+    paths = save_result(result, store.induction_dir(cfg["store"]["root"], lm.name), k=int(ind["top_k"]))
+    return {k: str(v) for k, v in paths.items()}
