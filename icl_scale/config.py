@@ -9,12 +9,15 @@ from collections.abc import Mapping
 
 
 def to_dict(cfg) -> dict:
-    """A resolved plain dict from a DictConfig (or a copy of a mapping): library code takes dicts."""
+    """A resolved plain dict from a DictConfig (or a shallow copy of a plain mapping): library code
+    takes dicts. (A DictConfig is a Mapping too: it must be converted, not copied.)"""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
     if isinstance(cfg, Mapping):
         return dict(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
+    raise TypeError(f"a config must be a mapping, got {type(cfg).__name__}")
 
 
 def setup_environment(log_level: int | None = None) -> None:
