@@ -25,8 +25,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+# Everything but the real-model, end-to-end and Slurm tests: under 3 minutes on 2 cores.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not mirror" $(ARGS)
 
 bench: $(STAMP)
 	# lm-eval 0.4.13 is the scoring benchmark's reference (bench only; torch stays pinned).
@@ -38,7 +39,7 @@ sweep: $(STAMP)
 	$(PY) jobs/sweep.py $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check icl_scale jobs tests
+	$(VENV)/bin/ruff check icl_scale jobs tests bench docs
 
 slurm-start:
 	bash slurm/start.sh

@@ -126,7 +126,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> dict:
     scale = float(b.abs().max()) or 1.0
     big = b.abs() > 1e-3 * scale
     return {"max_abs_diff_over_max": float((a - b).abs().max()) / scale,
-            "max_rel_diff_entries_above_1e-3_of_max": float(((a - b).abs()[big] / b.abs()[big]).max()) if big.any() else 0.0,
+            "max_rel_diff_entries_above_1e-3_of_max":
+                float(((a - b).abs()[big] / b.abs()[big]).max()) if big.any() else 0.0,
             "rank_identical": bool(torch.equal(a.flatten().argsort(), b.flatten().argsort()))}
 
 
@@ -182,7 +183,8 @@ def bench_importance(lm: LoadedModel, tasks: Sequence[str], shot: int, n_example
             _warm_up(lm, reqs, examples)
         row = _row(lm, task, shot, reqs, examples, batch_size, repeats, abs_mode)
         rows.append(row)
-        log(f"[importance] {task} {shot}-shot {len(examples)} ex: importance/forward {row['ratio_importance_over_forward']:.2f}, "
+        log(f"[importance] {task} {shot}-shot {len(examples)} ex: "
+            f"importance/forward {row['ratio_importance_over_forward']:.2f}, "
             f"vs original {row['speedup_vs_original']:.2f}x, |sum| agreement "
             f"{row['agreement']['sum']['max_abs_diff_over_max']:.1e}")
     tot = {m: sum(r["time"][m]["best_s"] for r in rows) for m in TIMED}
@@ -190,7 +192,8 @@ def bench_importance(lm: LoadedModel, tasks: Sequence[str], shot: int, n_example
                "ratio_importance_over_forward_hf": tot["ours"] / tot["forward_hf"],
                "speedup_vs_original": tot["original"] / tot["ours"],
                "max_rel_disagreement_sum_mode": max(r["agreement"]["sum"]["max_abs_diff_over_max"] for r in rows),
-               "max_rel_disagreement_per_token_mode": max(r["agreement"]["per_token"]["max_abs_diff_over_max"] for r in rows)}
+               "max_rel_disagreement_per_token_mode":
+                   max(r["agreement"]["per_token"]["max_abs_diff_over_max"] for r in rows)}
     targets = {"importance_over_forward<=2.5": summary["ratio_importance_over_forward"] <= 2.5,
                "speedup_vs_original>=1.3": summary["speedup_vs_original"] >= 1.3,
                "agree_sum_mode<=1e-4": summary["max_rel_disagreement_sum_mode"] <= 1e-4}

@@ -212,7 +212,8 @@ def _print(res: dict) -> None:
         print(f"    loops: prefix matching {sec['loops_prefix']:.1f} s, copying {sec['loops_copy']:.1f} s")
         print(f"{'(a) end to end (forwards included) vs original':58s} {sec['ours_e2e']:9.2f} "
               f"{a['original_end_to_end_s']:10.2f} {a['speedup_end_to_end']:7.1f}x")
-        print(f"    seeds {a['seeds']} (n = {a['lengths']}); max |ours - float32 loops| {a['max_abs_diff']['inputs']:.1e} "
+        print(f"    seeds {a['seeds']} (n = {a['lengths']}); "
+              f"max |ours - float32 loops| {a['max_abs_diff']['inputs']:.1e} "
               f"(float32 rounding of the original; float64 loops agree to < 1e-7)")
     if "forward" in res:
         b = res["forward"]

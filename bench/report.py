@@ -67,7 +67,7 @@ def _scoring_rows_md(sc: dict) -> list[str]:
                    f"{_f(t.get('ours', {}).get('spread'))} / {_f(t.get('lmeval', {}).get('spread'))} | "
                    f"{mt.get('naive', '-')} / {mt.get('lmeval', '-')} / {mt.get('ours', '-')} | "
                    f"{pt.get('naive', '-')} / {pt.get('lmeval', '-')} / {pt.get('ours', '-')}"
-                   f"{' (%s)' % pt['ours_passes'] if 'ours_passes' in pt else ''} |")
+                   f"{' ({})'.format(pt['ours_passes']) if 'ours_passes' in pt else ''} |")
     out += ["", "| shots | naive docs/s | ours docs/s | lm-eval docs/s | ours / naive (total) | ours / lm-eval (total) "
             "| ours / lm-eval (geomean, min over tasks) |", "|---|---|---|---|---|---|---|"]
     for k, v in sc["summary"].items():

@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"),
                     help="writes <out>.json and <out>.md (default: bench/results of this checkout)")
     ap.add_argument("--data-dir", default=None,
-                    help="task mirror <dir>/<task>/<split>.jsonl for scoring and importance (default $ICL_SCALE_DATA_DIR)")
+                    help="task mirror <dir>/<task>/<split>.jsonl for scoring and importance "
+                         "(default $ICL_SCALE_DATA_DIR)")
     ap.add_argument("--model", default="smollm2-135m", help="model preset (conf/model/*.yaml)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: stable ratios on a shared CPU, where oversubscribed OpenMP "

@@ -51,7 +51,7 @@ def lmeval_loglikelihood(hflm, requests) -> list[list[float]]:
     from lm_eval.api.instance import Instance
 
     inst, shape = [], []
-    for i, r in enumerate(requests):
+    for r in requests:
         shape.append(r.n_choices)
         for j in range(r.n_choices):
             inst.append(Instance(request_type="loglikelihood", doc={}, arguments=r.pair(j), idx=j))

@@ -48,7 +48,8 @@ def main():
     lines = ["| task | split | metric | value | 95% CI | n |", "|---|---|---|---|---|---|"]
     for r in rows:
         for m, v in r["metrics"].items():
-            lines.append(f"| {r['task']} | {r['split']} | {m} | {v['value']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | {v['n']} |")
+            ci = f"{v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}"
+            lines.append(f"| {r['task']} | {r['split']} | {m} | {v['value']:.3f} | {ci} | {v['n']} |")
     write_bytes(out / f"{args.model}_0shot.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 

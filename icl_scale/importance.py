@@ -20,8 +20,8 @@ FFN knock-out importance (the paper's FFN ranking): accuracy drop when FFN l alo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -44,16 +44,17 @@ class ImportanceState:
     n_tokens: int = 0
 
     @classmethod
-    def zeros(cls, lm: LoadedModel) -> "ImportanceState":
+    def zeros(cls, lm: LoadedModel) -> ImportanceState:
         g = lm.adapter.geometry
-        return cls(torch.zeros(g.n_layers, g.n_heads, dtype=torch.float64), torch.zeros(g.n_layers, dtype=torch.float64))
+        return cls(torch.zeros(g.n_layers, g.n_heads, dtype=torch.float64),
+                   torch.zeros(g.n_layers, dtype=torch.float64))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"heads_sum": self.heads, "ffn_sum": self.ffn,
                 "counts": torch.tensor([self.n_examples, self.n_tokens], dtype=torch.int64)}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "ImportanceState":
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> ImportanceState:
         n_ex, n_tok = (int(x) for x in t["counts"])
         return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok)
 

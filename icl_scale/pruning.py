@@ -7,7 +7,7 @@ Ties are broken by flat index (layer-major), so masks are deterministic.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

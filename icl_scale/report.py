@@ -273,7 +273,8 @@ def plot_matrix(cmp: dict, which: str, path: Path) -> Path | None:
     n = len(cmp["tasks"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
     m = np.array(cmp[which])
-    im = ax.imshow(m, vmin=-1 if which == "spearman" else 0, vmax=1, cmap="coolwarm" if which == "spearman" else "viridis")
+    signed = which == "spearman"
+    im = ax.imshow(m, vmin=-1 if signed else 0, vmax=1, cmap="coolwarm" if signed else "viridis")
     ax.set_xticks(range(n), cmp["tasks"], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), cmp["tasks"], fontsize=8)
     for i in range(n):

@@ -23,9 +23,9 @@ by the naive path, which handles it exactly, so both paths give the same numbers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm

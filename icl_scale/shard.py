@@ -17,9 +17,10 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,8 +29,20 @@ from .distributed import barrier, dist_env
 from .importance import ImportanceState, ffn_knockout, gradient_importance
 from .models.loading import LoadedModel, load_model
 from .scoring import score_requests
-from .store import (Shard, StoreError, check_writable, config_hash, library_versions, load_induction, read_json,
-                    read_tensors, set_writer, write_json, write_jsonl, write_tensors)
+from .store import (
+    Shard,
+    StoreError,
+    check_writable,
+    config_hash,
+    library_versions,
+    load_induction,
+    read_json,
+    read_tensors,
+    set_writer,
+    write_json,
+    write_jsonl,
+    write_tensors,
+)
 from .tasks import Request, build_requests, compute_metrics, get_task
 
 log = logging.getLogger(__name__)

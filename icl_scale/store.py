@@ -22,8 +22,9 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -99,7 +100,8 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise StoreError(f"{path} is corrupt ({e.msg} at line {e.lineno}); delete it or rerun with force=true") from None
+        raise StoreError(f"{path} is corrupt ({e.msg} at line {e.lineno}); "
+                         "delete it or rerun with force=true") from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -134,7 +136,8 @@ def check_writable(root: Path) -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise StoreError(f"store.root={root} is not writable ({e.strerror}); set store.root to a writable folder") from None
+        raise StoreError(f"store.root={root} is not writable ({e.strerror}); "
+                         "set store.root to a writable folder") from None
     return root
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,8 @@ def shard_cfgs(cfg: dict) -> list[dict]:
 
     sw = cfg["sweep"]
     if not sw.get("tasks") or not sw.get("shots"):
-        raise ValueError("sweep.tasks and sweep.shots must be non-empty lists, e.g. sweep.tasks=[copa,rte] sweep.shots=[0,1]")
+        raise ValueError("sweep.tasks and sweep.shots must be non-empty lists, "
+                         "e.g. sweep.tasks=[copa,rte] sweep.shots=[0,1]")
     out = []
     for task in sw["tasks"]:
         for shot in sw["shots"]:

@@ -41,7 +41,8 @@ def model_summary(c: dict) -> None:
     s = lm.summary()
     print(f"model {s['name']}: {s['family']} ({s['model_type']}), {s['layers']} layers x {s['heads']} heads "
           f"({s['kv_heads']} KV heads, head_dim {s['head_dim']}), hidden {s['hidden']}, "
-          f"{s['parameters'] / 1e6:.1f}M parameters, {s['dtype']} on {s['device']} (loaded in {time.time() - t0:.1f} s)")
+          f"{s['parameters'] / 1e6:.1f}M parameters, {s['dtype']} on {s['device']} "
+          f"(loaded in {time.time() - t0:.1f} s)")
     text = "The quick brown fox jumps over the lazy dog because it wants to get to the other side."
     ids = torch.tensor([lm.doc_start_ids + lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import get_model
 
 from icl_scale.importance import ffn_knockout, gradient_importance, importance_inputs
 from icl_scale.models import Gates
 from icl_scale.pruning import check_levels, curve, n_removed, prune_mask
 from icl_scale.shard import Evaluator
 from icl_scale.tasks import build_requests
-
-from conftest import get_model
 
 
 def reference_importance(lm, requests, abs_mode):
@@ -35,13 +34,13 @@ def reference_importance(lm, requests, abs_mode):
                 x = args[0]
                 if not x.requires_grad:
                     x = x.detach().requires_grad_(True)
-                acts[("h", l)] = x
+                acts[("h", l)] = x  # noqa: B023 - hooks live only within this iteration
                 return (x,)
             return f
 
         def post(l):
             def f(mod, args, out):
-                acts[("f", l)] = out
+                acts[("f", l)] = out  # noqa: B023 - hooks live only within this iteration
                 return out
             return f
 

@@ -7,7 +7,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, compose
 
 PKG = REPO / "icl_scale"

@@ -4,12 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import get_model
 
 import icl_scale.scoring as scoring
 from icl_scale.scoring import Tokenised, _length_groups, score_naive, score_requests
 from icl_scale.tasks import build_requests
-
-from conftest import get_model
 
 TOL = 1e-4
 
@@ -98,7 +97,7 @@ def test_length_groups_is_optimal_over_all_partitions():
         L = [rnd.randint(1, 40) for _ in range(rnd.randint(1, 7))]
         cost, size = rnd.choice([0, 5, 40, 1000]), rnd.choice([None, 2, 3])
 
-        def total(groups):
+        def total(groups, cost=cost, L=L):
             return sum(cost + len(g) * max(L[k] for k in g) for g in groups)
 
         got = _length_groups(L, pass_cost=cost, max_size=size)

@@ -5,13 +5,12 @@ import os
 
 import pytest
 import torch
+from conftest import get_model, tiny_shard_cfg
 
 import icl_scale.shard as shard_mod
 from icl_scale.shard import Evaluator, run_shard
 from icl_scale.store import Shard, StoreError, read_tensors, write_json
 from icl_scale.tasks import build_requests
-
-from conftest import get_model, tiny_shard_cfg
 
 
 def crash_after(monkeypatch, stage):

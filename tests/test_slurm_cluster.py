@@ -14,7 +14,7 @@ import pytest
 from icl_scale.slurm_env import SKIP_REASON, slurm_status
 
 submitit = pytest.importorskip("submitit")
-import cloudpickle
+import cloudpickle  # noqa: E402 - installed with submitit
 
 pytestmark = pytest.mark.slurm
 

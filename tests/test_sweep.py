@@ -9,15 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, compose, data_dir
+from wandb_offline import find_offline_runs, read_offline_run
 
 from icl_scale.report import collect
 from icl_scale.shard import HOLD_ENV
 from icl_scale.slurm_env import SKIP_REASON, slurm_status
 from icl_scale.store import Shard, read_tensors
 from icl_scale.sweep import submit
-from wandb_offline import find_offline_runs, read_offline_run
-
-from conftest import REPO, compose, data_dir
 
 SMALL = ["model=tiny-opt", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=4",
          "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
@@ -194,6 +193,7 @@ def test_demo_entry_point_on_a_tiny_model(tmp_path, mirror):
     assert "model tiny-opt:" in p.stdout and "per-token loss" in p.stdout
     summary = json.loads((tmp_path / "tiny-opt" / "summary" / "summary.json").read_text())
     assert summary["n_complete"] == 4 and summary["has_induction"]
-    assert {(r["task"], r["shot"]) for r in summary["summary"]} == {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
+    expected = {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
+    assert {(r["task"], r["shot"]) for r in summary["summary"]} == expected
     assert f"figures in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
     assert (tmp_path / "tiny-opt" / "summary" / "curves_heads.png").exists()
