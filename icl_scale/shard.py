@@ -44,6 +44,7 @@ from .store import (
     write_tensors,
 )
 from .tasks import Request, build_requests, compute_metrics, get_task
+from .tasks.data import data_source
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,9 @@ class ShardRun:
         eval_reqs = build_requests(self.task, split=ev.get("split"), shot=self.shot, seed=seed,
                                    limit=ev.get("limit"), data_dir=data_dir)
         train_reqs = build_requests(self.task, split="train", shot=self.shot, seed=seed, data_dir=data_dir)
+        eval_split = ev.get("split") or get_task(self.task).eval_split
+        self.data_sources = {split: data_source(self.task, split, data_dir) for split in {"train", eval_split}}
+        log.info("%s data: %s", self.shard, self.data_sources)
         if c["knockout"]["split"] == "paper":
             ko_reqs, imp_pool = eval_reqs, train_reqs
         else:
@@ -396,7 +400,8 @@ class ShardRun:
         self.stages.timings["total"] = round(time.time() - t_start, 2)
         baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
         m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.stages.timings,
-                                      finished=time.time(), evaluations=self.evaluate.n_scored, baseline=baseline)
+                                      finished=time.time(), evaluations=self.evaluate.n_scored, baseline=baseline,
+                                      data_sources=self.data_sources)
         self.shard.clear_checkpoint()
         return {"status": "complete", "shard": str(self.shard.path), **m}
 

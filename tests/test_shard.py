@@ -63,6 +63,8 @@ def test_layout_and_contents(complete):
     assert len(curves["combined"]) == 4 and curves["n_eval"] == 12
     m = sh.manifest()
     assert m["config_hash"] and m["versions"]["torch"] and "importance" in m["timings"]
+    assert sorted(m["data_sources"]) == ["train", "validation"]
+    assert all(v.startswith("mirror ") and v.endswith("fixtures") for v in m["data_sources"].values())
     assert not (sh.path / "checkpoint").exists()
     assert not [f for f in _files(root) if f.endswith(".tmp")]
     # Masks on disk are exactly the lowest-ranked heads.

@@ -183,14 +183,19 @@ def test_failing_shard_is_named_by_reducer(cluster, tmp_path, mirror):
     assert "hypothesis" in summary["problems"][0]["reason"]
 
 
-def test_demo_entry_point_on_a_tiny_model(tmp_path, mirror):
-    """`make run`'s script end to end (the demo experiment on tiny-opt): model summary, induction,
-    4 shards, reducer, and the closing line naming the figures."""
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", ICL_SCALE_DATA_DIR=str(data_dir()))
+def test_demo_entry_point_on_a_tiny_model(tmp_path):
+    """`make run`'s script end to end (the demo experiment on tiny-opt) as on a fresh offline machine:
+    no data settings, so the embedded slice; model summary, induction, 4 shards, reducer, and the
+    closing line naming the figures."""
+    env = {k: v for k, v in os.environ.items() if k != "ICL_SCALE_DATA_DIR"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
     p = subprocess.run([sys.executable, "jobs/demo.py", "model=tiny-opt", f"store.root={tmp_path}", "progress=false"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "model tiny-opt:" in p.stdout and "per-token loss" in p.stdout
+    assert "task data: copa from embedded, arc_easy from embedded" in p.stdout
+    manifest = json.loads((tmp_path / "tiny-opt" / "copa" / "1shot" / "manifest.json").read_text())
+    assert manifest["data_sources"]["train"].startswith("embedded slice")
     summary = json.loads((tmp_path / "tiny-opt" / "summary" / "summary.json").read_text())
     assert summary["n_complete"] == 4 and summary["has_induction"]
     expected = {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
