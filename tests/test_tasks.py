@@ -26,7 +26,7 @@ from icl_scale.tasks import (
 )
 from icl_scale.tasks import data as task_data_mod
 from icl_scale.tasks.data import data_source
-from icl_scale.tasks.metrics import compute_f1, macro_f1, wilson_ci
+from icl_scale.tasks.metrics import bootstrap_ci, compute_f1, macro_f1, wilson_ci
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
@@ -429,11 +429,30 @@ def test_wilson_and_input_checks():
     lo, hi = wilson_ci(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
     assert all(math.isnan(x) for x in wilson_ci(0, 0))
+    z = 1.959963984540054  # the closed form, for many (k, n)
+    for n in (1, 7, 100):
+        for k in range(n + 1):
+            p, d = k / n, 1 + z * z / n
+            c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+            assert wilson_ci(k, n) == pytest.approx((max(0, c - h), min(1, c + h)), abs=1e-12)
     r = _req(0, [" a", " b"], 0)
     with pytest.raises(ValueError, match="2 choices but 3"):
         compute_metrics("boolq", [r], [[-1, -2, -3]])
     with pytest.raises(ValueError, match="1 requests but 2"):
         compute_metrics("boolq", [r], [[-1, -2], [-1, -2]])
+
+
+def test_bootstrap_is_the_percentile_bootstrap_over_docs():
+    import numpy as np
+
+    values = np.random.default_rng(3).random(40)
+    rng = np.random.default_rng(1234)  # the reference: resample docs 1000 times, 2.5/97.5 percentiles
+    stats = [values[rng.integers(0, 40, 40)].mean() for _ in range(1000)]
+    assert bootstrap_ci(values) == pytest.approx(tuple(np.percentile(stats, [2.5, 97.5])), abs=1e-12)
+    pairs = np.array([[0, 0], [1, 1], [2, 0], [1, 1], [0, 2]])  # 2-D rows (CB's gold, pred) resample whole
+    lo, hi = bootstrap_ci(pairs, macro_f1)
+    assert 0 <= lo <= macro_f1(pairs) <= hi <= 1
+    assert bootstrap_ci(np.array([0.25])) == (0.25, 0.25) and all(math.isnan(x) for x in bootstrap_ci([]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ import string
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import binomtest, bootstrap
 
 from .base import Request
 from .registry import Task, get_task
 
 BOOTSTRAP_ITERS = 1000
 BOOTSTRAP_SEED = 1234
-Z95 = 1.959963984540054
+CONFIDENCE = 0.95
 
 
 # --- SQuAD answer normalisation: transformers.data.metrics.squad_metrics (used by 0.2.0 ReCoRD) ---
@@ -63,26 +64,25 @@ def compute_f1(a_gold: str, a_pred: str) -> float:
 
 
 # --- intervals ---------------------------------------------------------------------------------
-def wilson_ci(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_ci(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (scipy.stats.binomtest)."""
     if n == 0:
         return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = binomtest(int(successes), n).proportion_ci(CONFIDENCE, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def bootstrap_ci(values, stat=np.mean, iters: int = BOOTSTRAP_ITERS, seed: int = BOOTSTRAP_SEED):
-    """Percentile bootstrap of `stat` over the rows of `values` (resampling docs)."""
+    """95% percentile bootstrap of `stat` over the rows of `values` (resampling docs; scipy.stats.
+    bootstrap over row indices, so `stat` may take 2-D rows such as CB's (gold, pred) pairs)."""
     values = np.asarray(values)
     n = len(values)
-    if n == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    stats = np.array([stat(values[rng.integers(0, n, n)]) for _ in range(iters)])
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return (float(lo), float(hi))
+    if n < 2:  # scipy needs two rows; one row resamples to itself
+        v = float(stat(values)) if n else float("nan")
+        return (v, v)
+    res = bootstrap((np.arange(n),), lambda idx: stat(values[idx]), n_resamples=iters, vectorized=False,
+                    confidence_level=CONFIDENCE, method="percentile", random_state=np.random.default_rng(seed))
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
 def _prop(correct: Sequence[bool]) -> dict:
