@@ -28,7 +28,7 @@ from . import pruning as P
 from .distributed import barrier, dist_env
 from .importance import ImportanceState, ffn_knockout, gradient_importance
 from .models.loading import LoadedModel, load_model
-from .scoring import score_requests
+from .scoring import Tokenised, score_requests
 from .store import (
     Shard,
     StoreError,
@@ -45,6 +45,8 @@ from .store import (
 )
 from .tasks import Request, build_requests, compute_metrics, get_task
 from .tasks.data import data_source
+from .tracking import sanitize_config
+from .validation import check_config, check_data
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +61,20 @@ HASHED = {
 }
 
 
-def shard_config(cfg: dict) -> dict:
+def shard_config(cfg: dict, data: dict[str, str]) -> dict:
+    """What the config hash covers: the settings in HASHED and a fingerprint of the data rows used
+    (validation.check_data), so fixed data or another data.dir is never mistaken for done work."""
     out: dict[str, Any] = {"task": cfg["task"], "shot": int(cfg["shot"]), "seed": int(cfg.get("seed", 0))}
     for section, keys in HASHED.items():
         sec = cfg.get(section) or {}
         out[section] = {k: sec.get(k) for k in keys if k in sec}
+    out["data"] = dict(data)
     return out
 
 
 def validate(cfg: dict) -> None:
-    get_task(cfg["task"])  # unknown task -> one-line error listing valid ones
-    if int(cfg["shot"]) < 0:
-        raise ValueError(f"shot={cfg['shot']}: must be >= 0")
-    if int(cfg["importance"]["n_examples"]) < 1:
-        raise ValueError(f"importance.n_examples={cfg['importance']['n_examples']}: must be >= 1")
-    P.check_levels(cfg["pruning"]["levels"], "pruning.levels")
-    P.check_levels(cfg["pruning"]["combined_levels"], "pruning.combined_levels")
-    if cfg["pruning"]["ffn_ranking"] not in ("knockout", "gradient"):
-        raise ValueError(f"pruning.ffn_ranking={cfg['pruning']['ffn_ranking']!r}; use knockout or gradient")
-    bad = set(cfg["pruning"].get("compare") or []) - {"induction", "random"}
-    if bad:
-        raise ValueError(f"pruning.compare has {sorted(bad)}; use a list of induction and/or random")
-    if cfg["knockout"]["split"] not in ("heldout", "paper"):
-        raise ValueError(f"knockout.split={cfg['knockout']['split']!r}; use heldout or paper")
+    """Every setting, before a model loads or the store is touched (icl_scale.validation)."""
+    check_config(cfg)
 
 
 def primary_metric(task: str) -> str:
@@ -182,6 +175,12 @@ class Stages:
         after_stage(name, self.resumed)
 
 
+def n_truncated(lm: LoadedModel, requests: list[Request]) -> int:
+    """Requests with a (context, continuation) longer than the model's max_length."""
+    tk = Tokenised(lm, requests)
+    return sum(not all(tk.fits(*r.pair(i)) for i in range(r.n_choices)) for r in requests)
+
+
 def every_nth(n: int, fn: Callable) -> Callable:
     """fn, called only on every n-th call (checkpoint every n batches)."""
     calls = itertools.count(1)
@@ -204,7 +203,7 @@ class ShardRun:
         self.cfg, self.lm = cfg, lm
         self.task, self.shot = cfg["task"], int(cfg["shot"])
         self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot)
-        self.scfg = shard_config(cfg)
+        self.scfg = shard_config(cfg, check_data(cfg))
         self.hash = config_hash(self.scfg)
         self.metric = primary_metric(self.task)
         self.force = bool(cfg["store"].get("force"))
@@ -214,12 +213,13 @@ class ShardRun:
         if self.is_done():
             log.info("%s is complete (config %s): nothing to do", self.shard, self.hash)
             return {**self.shard.manifest(), "status": "skipped", "shard": str(self.shard.path)}
+        self.refuse_to_clobber()
         t_start = time.time()
-        self.start(t_start)
-        with self.stages("load"):
-            self.lm = self.lm or load_model(self.cfg["model"])
-        with self.stages("render"):
-            self.requests = self.render()
+        self.lm = self.lm or load_model(self.cfg["model"])
+        t_load = time.time()
+        self.requests = self.render()
+        self.start(t_start)  # the store is touched only now: the model and the data are fine
+        self.stages.timings.update(load=round(t_load - t_start, 2), render=round(time.time() - t_load, 2))
         self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress)
         with self.stages("importance"):
             self.imp_state = self.importance()
@@ -237,6 +237,18 @@ class ShardRun:
             done = False  # a corrupt manifest: recompute (never trusted)
         return done and not self.force
 
+    def refuse_to_clobber(self) -> None:
+        """A complete shard made with other settings or data is replaced only with store.force=true:
+        the shard's folder does not depend on its settings."""
+        try:
+            m = self.shard.manifest()
+        except StoreError:
+            return  # a corrupt manifest is never trusted: recompute
+        if m and m.get("status") == "complete" and m.get("config_hash") != self.hash and not self.force:
+            raise StoreError(f"{self.shard.path} holds a complete shard made with other settings or data "
+                             f"(config {m.get('config_hash')}, this run {self.hash}); add store.force=true to "
+                             f"replace it, or set store.root to another folder")
+
     def start(self, t_start: float) -> None:
         """Resume the checkpoint if it belongs to this config; a checkpoint from another config (or a
         forced rerun) is discarded, never mixed in. The fresh checkpoint is stamped at once, so a
@@ -250,8 +262,10 @@ class ShardRun:
             self.shard.clear_checkpoint()
             self.save_progress()
         self.stages = Stages(resumed)
-        self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg, resolved=self.cfg,
-                                  versions=library_versions(), started=t_start)
+        self.shard.remove_stale_temps()
+        self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg,
+                                  resolved=sanitize_config(self.cfg), versions=library_versions(),
+                                  started=t_start, data_sources=self.data_sources, truncated=self.truncated)
 
     def save_progress(self) -> None:
         write_json(self.shard.ckpt("progress.json"), asdict(self.progress))
@@ -278,7 +292,13 @@ class ShardRun:
                 raise ValueError(f"knockout.limit={k} must be in 1..{len(train_reqs) - 1} for {self.task} "
                                  f"({len(train_reqs)} train docs)")
             ko_reqs, imp_pool = train_reqs[-k:], train_reqs[:-k]
-        return Requests(eval_reqs, imp_pool[: int(c["importance"]["n_examples"])], ko_reqs)
+        reqs = Requests(eval_reqs, imp_pool[: int(c["importance"]["n_examples"])], ko_reqs)
+        self.truncated = {name: n_truncated(self.lm, getattr(reqs, name))
+                          for name in ("eval", "importance", "knockout")}
+        if any(self.truncated.values()):
+            log.warning("%s: contexts longer than max_length=%d are cut from the left (as lm-eval does): %s",
+                        self.shard, self.lm.max_length, self.truncated)
+        return reqs
 
     def gradient_importance(self, head_mask=None, state=None, on_batch=None) -> ImportanceState:
         ic = self.cfg["importance"]
@@ -400,8 +420,7 @@ class ShardRun:
         self.stages.timings["total"] = round(time.time() - t_start, 2)
         baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
         m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.stages.timings,
-                                      finished=time.time(), evaluations=self.evaluate.n_scored, baseline=baseline,
-                                      data_sources=self.data_sources)
+                                      finished=time.time(), evaluations=self.evaluate.n_scored, baseline=baseline)
         self.shard.clear_checkpoint()
         return {"status": "complete", "shard": str(self.shard.path), **m}
 
@@ -423,9 +442,15 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
 
 
 def _record_failure(shard: Shard, e: BaseException) -> None:
-    if not shard.path.exists():
-        return
+    """Name the error in the manifest for the reducer; a complete shard is never marked failed
+    (e.g. a run with other settings that refused to replace it)."""
     first = str(e).splitlines()[0] if str(e) else ""
+    try:
+        m = shard.manifest()
+    except StoreError:
+        m = None
+    if m and m.get("status") == "complete":
+        return
     try:
         shard.write_manifest(status="failed", error=f"{type(e).__name__}: {first}")
     except Exception:  # noqa: BLE001 - never mask the original error

@@ -186,6 +186,12 @@ class Shard:
     def ckpt(self, name: str) -> Path:
         return self.path / "checkpoint" / name
 
+    def remove_stale_temps(self) -> None:
+        """Temporary files a killed writer left behind (a finished write renames its file away)."""
+        if _WRITER and self.path.exists():
+            for tmp in self.path.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def clear_checkpoint(self) -> None:
         d = self.path / "checkpoint"
         if d.exists():

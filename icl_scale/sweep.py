@@ -19,6 +19,7 @@ import submitit
 
 from .config import setup_environment
 from .store import Shard, StoreError, check_writable, config_hash, load_induction
+from .tracking import sanitize_config
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,26 @@ def shard_cfgs(cfg: dict) -> list[dict]:
 
 
 def shard_done(c: dict) -> bool:
+    """Complete with the same settings and data. Data that cannot be read is not done: the shard
+    job then fails with the reason, which the reducer reports."""
     from .shard import shard_config
+    from .tasks import TaskDataError
+    from .validation import ConfigError, check_data
 
     sh = Shard(c["store"]["root"], c["model"]["name"], c["task"], c["shot"])
     try:
-        return sh.is_complete(config_hash(shard_config(c))) and not c["store"].get("force")
+        return sh.is_complete(config_hash(shard_config(c, check_data(c)))) and not c["store"].get("force")
+    except (StoreError, TaskDataError, ConfigError):
+        return False
+
+
+def would_clobber(c: dict) -> bool:
+    """A complete shard with other settings or data that this run would replace without store.force."""
+    try:
+        m = Shard(c["store"]["root"], c["model"]["name"], c["task"], c["shot"]).manifest()
     except StoreError:
         return False
+    return bool(m and m.get("status") == "complete" and not c["store"].get("force") and not shard_done(c))
 
 
 def induction_done(cfg: dict) -> bool:
@@ -108,7 +122,7 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
     name = la.get("name")
     if name not in LAUNCHERS:
         raise ValueError(f"launcher={name!r} is unknown; use launcher=local or launcher=slurm")
-    folder = Path(la.get("folder") or Path(cfg["store"]["root"]) / "_submitit") / "%j"
+    folder = Path(la["folder"]) / "%j"  # submitit's pickles and logs: outside the results store
     if name == "local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=int(la.get("timeout_min", 120)))
@@ -163,12 +177,20 @@ class Submitted:
 def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submitted:
     """Submit the sweep. Complete shards (same config hash) are not resubmitted. With the local
     launcher the array runs in waves of `launcher.array_parallelism` and the reducer after it;
-    with Slurm the reducer depends on the array and the induction job (afterany)."""
+    with Slurm the reducer depends on the array and the induction job (afterany).
+
+    Credential-like settings (e.g. +wandb.api_key=...) are dropped before anything is pickled for
+    the jobs: W&B reads WANDB_API_KEY or `wandb login` on the node."""
+    cfg = sanitize_config(cfg)
     check_writable(cfg["store"]["root"])
     la = cfg["launcher"]
     if la.get("name") not in LAUNCHERS:
         raise ValueError(f"launcher={la.get('name')!r} is unknown; use launcher=local or launcher=slurm")
     cfgs = shard_cfgs(cfg)
+    clobber = [f"{c['task']}/{c['shot']}shot" for c in cfgs if would_clobber(c)]
+    if clobber:
+        raise SweepError(f"store.root={cfg['store']['root']} has complete shards made with other settings or data "
+                         f"({', '.join(clobber)}); add store.force=true to replace them, or use another store.root")
     todo = [c for c in cfgs if not shard_done(c)]
     need_induction = bool(cfg["sweep"].get("induction", True)) and not induction_done(cfg)
     out = Submitted(skipped=[f"{c['task']}/{c['shot']}shot" for c in cfgs if c not in todo])

@@ -86,7 +86,7 @@ def main(c: dict) -> None:
           + ("" if all(s.startswith("mirror") for s in sources.values()) else
              " (the embedded slice is small: set ICL_SCALE_DATA_DIR to a mirror for the full splits)"))
     print(f"demo sweep: tasks {c['sweep']['tasks']} x shots {c['sweep']['shots']} on the local executor "
-          f"(logs in {root}/_submitit)")
+          f"(job logs in {c['launcher']['folder']})")
     sub = submit(c, progress=True)
     summary = root / c["model"]["name"] / "summary"
     if sub.reduce_job is None:

@@ -47,12 +47,20 @@ def mirror_size(task: str, split: str) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without a mirror the `mirror` tests are deselected (they are the full-size versions of
+    fixture tests that run anyway); the header and the summary say how many."""
     if not is_unset(os.environ.get("ICL_SCALE_DATA_DIR")):
         return
-    skip = pytest.mark.skip(reason=MIRROR_SKIP)
-    for item in items:
-        if item.get_closest_marker("mirror"):
-            item.add_marker(skip)
+    deselected = [item for item in items if item.get_closest_marker("mirror")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("mirror")]
+
+
+def pytest_report_header(config):
+    if is_unset(os.environ.get("ICL_SCALE_DATA_DIR")):
+        return f"task data: tests/data/fixtures; `mirror` tests deselected ({MIRROR_SKIP})"
+    return f"task data: tests/data/fixtures; `mirror` tests on ICL_SCALE_DATA_DIR={os.environ['ICL_SCALE_DATA_DIR']}"
 
 
 @pytest.fixture(scope="session")

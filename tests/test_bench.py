@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+
 from conftest import REPO, get_model
 
 if str(REPO) not in sys.path:  # bench/ is not part of the installed package: import it from the checkout

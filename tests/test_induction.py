@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose
-from reference_induction import reference_copying, reference_prefix_matching
 
 from icl_scale.induction import (
     CopyingOptions,
@@ -31,6 +29,9 @@ from icl_scale.induction import (
 from icl_scale.induction.job import CONFIG_KEYS
 from icl_scale.models import Adapter, Gates, UnsupportedArchitecture, load_model
 from icl_scale.pruning import random_ranking
+
+from conftest import compose
+from reference_induction import reference_copying, reference_prefix_matching
 
 ROOT = Path(__file__).resolve().parents[1]
 

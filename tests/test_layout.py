@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, compose
 
 PKG = REPO / "icl_scale"
@@ -15,7 +16,7 @@ PKG = REPO / "icl_scale"
 LAYERS = [
     {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures"},
     {"models", "tasks"},
-    {"scoring", "importance"},
+    {"scoring", "importance", "validation"},
     {"induction", "shard", "report"},
     {"reduce", "sweep"},
     {"cli"},

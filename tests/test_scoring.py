@@ -4,11 +4,12 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import get_model
 
 import icl_scale.scoring as scoring
 from icl_scale.scoring import Tokenised, _length_groups, score_naive, score_requests
 from icl_scale.tasks import build_requests
+
+from conftest import get_model
 
 TOL = 1e-4
 

@@ -5,12 +5,13 @@ import os
 
 import pytest
 import torch
-from conftest import get_model, tiny_shard_cfg
 
 import icl_scale.shard as shard_mod
 from icl_scale.shard import Evaluator, run_shard
 from icl_scale.store import Shard, StoreError, read_tensors, write_json
 from icl_scale.tasks import build_requests
+
+from conftest import get_model, tiny_shard_cfg
 
 
 def crash_after(monkeypatch, stage):
@@ -155,7 +156,7 @@ def test_partial_importance_is_resumed_not_recomputed(tmp_path, monkeypatch):
 
 def test_bad_input(tmp_path, mirror):
     lm = get_model("tiny-opt")
-    with pytest.raises(ValueError, match="n_examples=0: must be >= 1"):
+    with pytest.raises(ValueError, match="importance.n_examples=0 must be >= 1"):
         run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "importance.n_examples=0"), lm=lm)
     with pytest.raises(ValueError, match=r"pruning.levels contains 150"):
         run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "pruning.levels=[0,150]"), lm=lm)

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose, data_dir
-from wandb_offline import find_offline_runs, read_offline_run
 
 from icl_scale.report import collect
 from icl_scale.shard import HOLD_ENV
 from icl_scale.slurm_env import SKIP_REASON, slurm_status
 from icl_scale.store import Shard, read_tensors
 from icl_scale.sweep import submit
+
+from conftest import REPO, compose, data_dir
+from wandb_offline import find_offline_runs, read_offline_run
 
 SMALL = ["model=tiny-opt", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=4",
          "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",

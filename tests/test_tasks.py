@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, compose, data_dir, fixture_row, fixture_rows, mirror_size
 
 from icl_scale.tasks import (
     TASKS,
@@ -27,6 +26,8 @@ from icl_scale.tasks import (
 from icl_scale.tasks import data as task_data_mod
 from icl_scale.tasks.data import data_source
 from icl_scale.tasks.metrics import bootstrap_ci, compute_f1, macro_f1, wilson_ci
+
+from conftest import FIXTURES, compose, data_dir, fixture_row, fixture_rows, mirror_size
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"

@@ -7,10 +7,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from wandb_offline import find_offline_runs, read_offline_run
 
 from icl_scale import tracking
 from icl_scale.tracking import TrackingError, resolve_mode, sanitize_config, start_run
+
+from wandb_offline import find_offline_runs, read_offline_run
 
 FAKE_KEY = "zzfake0key0zzfake0key0zzfake0key0zzfake0"
 

@@ -199,3 +199,6 @@ def _check_row(t: Task, split: str, i: int, row: dict) -> None:
             if not isinstance(v, dict) or part not in v or v[part] is None:
                 raise TaskDataError(f"{t.name} {split} row {i}: missing field {f!r}")
             v = v[part]
+    problem = t.label_problem(row)
+    if problem:
+        raise TaskDataError(f"{t.name} {split} row {i}: {problem}; fix the row in the data file")

@@ -44,6 +44,20 @@ class Task:
     metrics: tuple[str, ...] = ("acc",)
     hub: tuple[str, str | None] = ("", None)  # (dataset id, config) for datasets.load_dataset
     required_fields: tuple[str, ...] = ()  # validated at load time
+    # (field, allowed values) of the gold label in the HF schema, type included: a "1" where the
+    # schema has 1 (or a 5 for a 2-choice task) would silently change accuracy and demonstrations.
+    label: tuple[str, tuple] | None = None
+
+    def label_problem(self, doc: dict) -> str | None:
+        """Why this row's gold label is unusable, or None."""
+        if self.label is None:
+            return None
+        field, allowed = self.label
+        v = doc[field]
+        if not any(v == a and type(v) is type(a) for a in allowed):
+            kind = type(allowed[0]).__name__
+            return f"{field}={v!r} is not one of {', '.join(map(repr, allowed))} ({kind}, as in the HF schema)"
+        return None
 
     # --- the 0.2.0 interface -------------------------------------------------------------------
     def doc_to_text(self, doc: dict) -> str:
@@ -125,6 +139,7 @@ class HellaSwag(MultipleChoiceTask):
     name = "hellaswag"
     hub = ("Rowan/hellaswag", None)
     required_fields = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+    label = ("label", ("0", "1", "2", "3"))
 
     @staticmethod
     def preprocess(text: str) -> str:
@@ -148,6 +163,7 @@ class PiQA(MultipleChoiceTask):
     name = "piqa"
     hub = ("baber/piqa", None)  # the original "piqa"/ybisk/piqa builder is a script dataset
     required_fields = ("goal", "sol1", "sol2", "label")
+    label = ("label", (0, 1))
 
     def convert(self, doc):
         return {
@@ -162,6 +178,12 @@ class ARCEasy(MultipleChoiceTask):
     eval_split = "test"
     hub = ("allenai/ai2_arc", "ARC-Easy")
     required_fields = ("question", "choices", "answerKey")
+
+    def label_problem(self, doc):
+        labels = doc["choices"].get("label") if isinstance(doc["choices"], dict) else None
+        if not isinstance(doc["answerKey"], str) or labels is None or doc["answerKey"] not in labels:
+            return f"answerKey={doc['answerKey']!r} is not one of the row's choice labels {labels}"
+        return None
 
     def convert(self, doc):
         # Some answerKeys are "1".."5"; 0.2.0 maps them to letters (without mutating our row).
@@ -185,6 +207,13 @@ class OpenBookQA(MultipleChoiceTask):
     hub = ("allenai/openbookqa", "main")
     required_fields = ("question_stem", "choices", "answerKey")
 
+    def label_problem(self, doc):
+        key = doc["answerKey"].strip() if isinstance(doc["answerKey"], str) else doc["answerKey"]
+        n = len(doc["choices"].get("text", [])) if isinstance(doc["choices"], dict) else 0
+        if key not in ("A", "B", "C", "D")[:n]:
+            return f"answerKey={doc['answerKey']!r} is not one of A..{'ABCD'[max(n, 1) - 1]} ({n} choices)"
+        return None
+
     def convert(self, doc):
         return {
             "query": doc["question_stem"],
@@ -200,6 +229,7 @@ class Winogrande(Task):
     name = "winogrande"
     hub = ("allenai/winogrande", "winogrande_xl")
     required_fields = ("sentence", "option1", "option2", "answer")
+    label = ("answer", ("1", "2"))
 
     @staticmethod
     def partial_context(doc, option):
@@ -255,6 +285,7 @@ class BoolQ(_YesNo):
     name = "boolq"
     hub = ("aps/super_glue", "boolq")
     required_fields = ("passage", "question", "label")
+    label = ("label", (0, 1))
 
     def doc_to_text(self, doc):
         return f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
@@ -265,6 +296,7 @@ class CommitmentBank(Task):
     metrics = ("acc", "f1")  # f1: 0.2.0's unweighted mean of the three per-class F1s
     hub = ("aps/super_glue", "cb")
     required_fields = ("premise", "hypothesis", "label")
+    label = ("label", (0, 1, 2))
     LABELS: ClassVar[dict[int, str]] = {0: "True", 1: "False", 2: "Neither"}  # entail., contra., neutral
 
     def doc_to_text(self, doc):
@@ -281,6 +313,7 @@ class Copa(Task):
     name = "copa"
     hub = ("aps/super_glue", "copa")
     required_fields = ("premise", "choice1", "choice2", "question", "label")
+    label = ("label", (0, 1))
 
     @staticmethod
     def convert_choice(choice):
@@ -305,6 +338,7 @@ class MultiRC(Task):
     name = "multirc"
     hub = ("aps/super_glue", "multirc")
     required_fields = ("paragraph", "question", "answer", "idx.paragraph", "idx.question", "label")
+    label = ("label", (0, 1))
 
     @staticmethod
     def format_answer(answer, label):
@@ -334,6 +368,7 @@ class RTE(Task):
     name = "rte"
     hub = ("aps/super_glue", "rte")
     required_fields = ("premise", "hypothesis", "label")
+    label = ("label", (0, 1))
 
     def doc_to_text(self, doc):
         return "{}\nQuestion: {} True or False?\nAnswer:".format(doc["premise"], doc["hypothesis"])
@@ -359,6 +394,11 @@ class ReCoRD(Task):
     @staticmethod
     def format_answer(query, entity):
         return f"  - {query}".replace("@placeholder", entity)
+
+    def label_problem(self, doc):
+        if not isinstance(doc["answers"], list) or not all(isinstance(a, str) for a in doc["answers"]):
+            return f"answers={doc['answers']!r} is not a list of strings"
+        return None
 
     def doc_to_text(self, doc):
         initial_text, *highlights = doc["passage"].strip().split("\n@highlight\n")
@@ -388,6 +428,7 @@ class WordsInContext(_YesNo):
     name = "wic"
     hub = ("aps/super_glue", "wic")
     required_fields = ("sentence1", "sentence2", "start1", "end1", "label")
+    label = ("label", (0, 1))
 
     def doc_to_text(self, doc):
         return (
@@ -403,6 +444,7 @@ class SGWinogradSchemaChallenge(_YesNo):
     # 0.2.0 read super_glue "wsc"; the mirror is "wsc.fixed" (same rows, 96 span texts repaired).
     hub = ("aps/super_glue", "wsc.fixed")
     required_fields = ("text", "span1_text", "span2_index", "span2_text", "label")
+    label = ("label", (0, 1))
 
     def demo_filter(self, doc):
         # GPT-3's format (and 0.2.0's training_docs) only uses positive examples as demos

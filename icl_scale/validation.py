@@ -1,0 +1,137 @@
+"""Check a shard's whole configuration before anything runs: before a model loads, before a store
+folder is touched. Each problem is one line naming the setting and the fix.
+
+`check_config` needs only the config (the sweep runs it for every shard before submitting);
+`check_data` reads the task rows the shard will use (labels, an empty eval set, a missing split)
+and returns their fingerprint, which enters the shard's config hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from numbers import Integral, Real
+from typing import Any
+
+from . import pruning as P
+from .tasks import get_task, load_split
+
+WANDB_MODES = ("offline", "online", "disabled")
+FFN_RANKINGS = ("knockout", "gradient")
+KNOCKOUT_SPLITS = ("heldout", "paper")
+COMPARE = ("induction", "random")
+ABS_MODES = ("per_token", "sum")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and the fix."""
+
+
+def get(cfg: dict, key: str) -> Any:
+    v: Any = cfg
+    for part in key.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
+def integer(cfg: dict, key: str, lo: int | None = None, none_ok: bool = False) -> int | None:
+    """An int setting (not a bool, not 1.5, not "abc"), at least `lo`."""
+    v = get(cfg, key)
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, Integral):
+        extra = " or null" if none_ok else ""
+        raise ConfigError(f"{key}={v!r} must be a whole number{extra}, e.g. {key}={max(lo or 0, 1)}")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{key}={v} must be >= {lo}")
+    return int(v)
+
+
+def choice(cfg: dict, key: str, options: tuple[str, ...]) -> str:
+    v = get(cfg, key)
+    if v not in options:
+        raise ConfigError(f"{key}={v!r} is not an option; use one of {', '.join(options)}")
+    return v
+
+
+def boolean(cfg: dict, key: str) -> bool:
+    v = get(cfg, key)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}={v!r} must be true or false")
+    return v
+
+
+def check_config(cfg: dict) -> None:
+    """Every setting a shard reads: types, ranges, option names, and combinations that would
+    quietly measure the wrong thing."""
+    get_task(cfg["task"])  # unknown task: one line listing the valid ones
+    integer(cfg, "shot", lo=0)
+    integer(cfg, "seed", lo=0)
+    _check_eval(cfg)
+    integer(cfg, "importance.n_examples", lo=1)
+    integer(cfg, "importance.batch_size", lo=1)
+    integer(cfg, "importance.checkpoint_every", lo=1)
+    choice(cfg, "importance.abs", ABS_MODES)
+    boolean(cfg, "importance.normalize_layers")
+    if choice(cfg, "knockout.split", KNOCKOUT_SPLITS) == "heldout":
+        integer(cfg, "knockout.limit", lo=1)
+    _check_pruning(cfg)
+    boolean(cfg, "store.force")
+    choice(cfg, "wandb.mode", WANDB_MODES)
+
+
+def _check_eval(cfg: dict) -> None:
+    integer(cfg, "eval.limit", lo=1, none_ok=True)
+    integer(cfg, "eval.batch_size", lo=1)
+    split = get(cfg, "eval.split")
+    if split is not None and not isinstance(split, str):
+        raise ConfigError(f"eval.split={split!r} must be a split name or null (the task's paper split)")
+    if split == "train":
+        raise ConfigError("eval.split=train would evaluate on the documents importance is computed on "
+                          "(the train split); use the task's validation/test split (eval.split=null)")
+
+
+def _check_pruning(cfg: dict) -> None:
+    for key in ("pruning.levels", "pruning.combined_levels"):
+        levels = get(cfg, key)
+        if not isinstance(levels, list) or not levels:
+            raise ConfigError(f"{key}={levels!r} must be a non-empty list of percentages, e.g. {key}=[0,50,90]")
+        bad = [p for p in levels if isinstance(p, bool) or not isinstance(p, Real)]
+        if bad:
+            raise ConfigError(f"{key} contains {bad[0]!r}; every level is a percentage in 0..100")
+        P.check_levels(levels, key)
+    choice(cfg, "pruning.ffn_ranking", FFN_RANKINGS)
+    boolean(cfg, "pruning.iterative")
+    compare = get(cfg, "pruning.compare") or []
+    bad = sorted(set(compare) - set(COMPARE)) if isinstance(compare, list) else [compare]
+    if bad:
+        raise ConfigError(f"pruning.compare has {bad}; use a list of induction and/or random")
+    integer(cfg, "pruning.random_seeds", lo=0)
+    boolean(cfg, "pruning.save_samples")
+
+
+# --- the data a shard will read -----------------------------------------------------------------
+
+def fingerprint(rows: list[dict]) -> str:
+    """A hash of the rows' content: the config hash changes when the data does."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def check_data(cfg: dict) -> dict[str, str]:
+    """Load the splits the shard reads (rows and labels are checked on load) and return
+    {split: fingerprint of the rows used}. An empty eval set is an error, not acc=NaN."""
+    task = get_task(cfg["task"])
+    data_dir = get(cfg, "data.dir")
+    split = get(cfg, "eval.split") or task.eval_split
+    limit = get(cfg, "eval.limit")
+    eval_rows = load_split(task, split, data_dir)[:limit]
+    if not eval_rows:
+        raise ConfigError(f"{task.name} {split} has no rows (data file empty?): there is nothing to evaluate")
+    train = load_split(task, "train", data_dir)  # demonstrations, importance and knock-out docs
+    if not train:
+        raise ConfigError(f"{task.name} train has no rows: importance and demonstrations need it")
+    return {"train": fingerprint(train), split: fingerprint(eval_rows)}
