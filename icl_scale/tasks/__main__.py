@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--split", default=None, help="split to render (default: the task's eval split)")
     r.add_argument("--limit", type=int, default=None, help="render only the first N docs")
     r.add_argument("--seed", type=int, default=0, help="demo sampling seed (default 0)")
-    r.add_argument("--data-dir", default=None, help="local mirror (default: $ICL_SCALE_DATA_DIR, else the HF hub)")
+    r.add_argument("--data-dir", default=None,
+                   help="local mirror, or hub (default: $ICL_SCALE_DATA_DIR, else the embedded slice, else the hub)")
     r.add_argument("--demo-split", default="train", help="split the demos come from (default train)")
     a = p.parse_args(argv)
     try:
