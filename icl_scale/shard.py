@@ -433,11 +433,11 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
     validate(cfg)
     set_writer(dist_env().is_main)
     check_writable(cfg["store"]["root"])
-    run = ShardRun(cfg, lm)
+    shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]))
     try:
-        return run.run()
+        return ShardRun(cfg, lm).run()  # reads the data first: a bad row is a failure the reducer names
     except BaseException as e:
-        _record_failure(run.shard, e)
+        _record_failure(shard, e)
         raise
 
 

@@ -100,7 +100,9 @@ def test_bad_labels_are_refused_with_the_row(tmp_path, label, message):
     d = _data_copy(tmp_path, bad)
     with pytest.raises(TaskDataError, match=f"copa validation row 3: {message}.*fix the row"):
         run_shard(tiny_shard_cfg(tmp_path / "s", "copa", 1, "tiny-opt", f"data.dir={d}"), lm=get_model("tiny-opt"))
-    assert not (tmp_path / "s" / "tiny-opt" / "copa" / "1shot" / "curves.json").exists()
+    sh = Shard(tmp_path / "s", "tiny-opt", "copa", 1)
+    assert not sh.file("curves.json").exists()
+    assert sh.manifest()["status"] == "failed" and "row 3" in sh.manifest()["error"]  # the reducer names it
 
 
 @pytest.mark.parametrize("override,message", [
