@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 from .config import setup_environment, to_dict
 
-__all__ = ["hydra_job", "one_line_errors", "print_problems", "quiet_libraries", "to_dict"]
+__all__ = ["hydra_job", "one_line_errors", "print_problems", "print_warnings", "quiet_libraries", "to_dict"]
 
 
 def _user_errors() -> tuple:
@@ -18,7 +19,37 @@ def _user_errors() -> tuple:
     from .sweep import SweepError
     from .tracking import TrackingError
 
+    # ValueError covers ConfigError, ModelConfigError, MaskError, UnsupportedArchitecture, TaskDataError...
     return (ValueError, FileNotFoundError, PermissionError, StoreError, SweepError, TrackingError)
+
+
+class MissingSetting(ValueError):
+    """A config key left `???` (mandatory) that the job needs."""
+
+
+# What to write for a mandatory key, by key; others get the generic message.
+REQUIRED = {
+    "model.path": "model.path is required for model=local: add model.path=/path/to/checkpoint",
+}
+
+
+def missing_setting(key: str) -> MissingSetting:
+    return MissingSetting(REQUIRED.get(key, f"{key} is required (it is ??? in the config): add {key}=... "
+                                            "to the command"))
+
+
+def resolve(cfg) -> dict:
+    """The resolved plain-dict config; a mandatory value left unset (`???`, directly or through an
+    interpolation) is one line naming the full key."""
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    try:
+        return to_dict(cfg)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
+        # An interpolation names the key that refers to the missing one; the message names the missing one.
+        m = re.search(r"Missing mandatory value: (\S+)", str(e))
+        key = m.group(1) if m and isinstance(e, InterpolationToMissingValueError) else e.full_key
+        raise missing_setting(str(key)) from None
 
 
 def hydra_job(config_name: str):
@@ -35,7 +66,7 @@ def hydra_job(config_name: str):
         @functools.wraps(fn)
         def main(cfg):
             setup_environment()
-            return fn(to_dict(cfg))
+            return fn(resolve(cfg))
 
         return main
 
@@ -50,6 +81,12 @@ def print_problems(problems: list[dict]) -> None:
     """The reducer's list of missing, failed or corrupt shards, one line each."""
     for p in problems:
         print(f"  problem: {p['shard']}: {p['status']} ({p['reason']})")
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """The reducer's warnings (shards aggregated together although made with different settings)."""
+    for w in warnings:
+        print(f"  warning: {w}")
 
 
 def one_line_errors(fn):

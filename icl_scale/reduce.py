@@ -47,11 +47,15 @@ def run_reduce(cfg: dict, expected: list[tuple[str, int]] | None = None) -> dict
                 run.log_table("summary", cols, [[r.get(c) for c in cols] for r in summ])
             run.log_table("problems", ["shard", "status", "reason"],
                           [[p["shard"], p["status"], p["reason"]] for p in res["problems"]])
+            run.log_table("warnings", ["warning"], [[w] for w in res["warnings"]])
             for name, path in res["figures"].items():
                 run.log_image(name.removesuffix(".png"), path)
-            run.log_summary({"n_complete": res["n_complete"], "n_problems": len(res["problems"])})
+            run.log_summary({"n_complete": res["n_complete"], "n_problems": len(res["problems"]),
+                             "n_warnings": len(res["warnings"])})
             runs.append(run.name)
     res["wandb_runs"] = runs
     for p in res["problems"]:
         log.warning("shard %s: %s (%s)", p["shard"], p["status"], p["reason"])
+    for w in res["warnings"]:
+        log.warning("%s", w)
     return res

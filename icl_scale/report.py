@@ -2,6 +2,10 @@
 
 Reads only the store (never the model). Shards that are missing, failed, still running or
 corrupt are named in the result and skipped; everything else is aggregated.
+
+Shards are read and checked by icl_scale.collect: a shard whose files do not fit is reported as
+corrupt with the file and the field; complete shards made with different settings are still
+aggregated, but named in `warnings`.
 """
 
 from __future__ import annotations
@@ -10,75 +14,15 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from .collect import Collected, collect, read_induction
 from .figures import pyplot, save_png
-from .store import Shard, StoreError, list_shards, load_induction, read_json, read_tensors, write_bytes, write_json
-
-
-@dataclass
-class ShardData:
-    shard: Shard
-    curves: dict
-    importance: dict[str, torch.Tensor]
-    manifest: dict
-
-
-@dataclass
-class Collected:
-    ok: list[ShardData] = field(default_factory=list)
-    problems: list[dict] = field(default_factory=list)  # {"shard", "status", "reason"}
-
-    def by_key(self) -> dict[tuple[str, str, int], ShardData]:
-        return {(d.shard.model, d.shard.task, d.shard.shot): d for d in self.ok}
-
-
-def collect(root: Path | str, model: str | None = None, expected: list[tuple[str, int]] | None = None) -> Collected:
-    """Load every complete shard; classify the others as failed / incomplete / corrupt / missing."""
-    out = Collected()
-    seen = set()
-    for sh in list_shards(root):
-        if model is not None and sh.model != model:
-            continue
-        seen.add((sh.task, sh.shot))
-        name = f"{sh.model}/{sh.task}/{sh.shot}shot"
-        try:
-            m = sh.manifest()
-        except StoreError as e:
-            out.problems.append({"shard": name, "status": "corrupt", "reason": str(e)})
-            continue
-        if m is None:
-            out.problems.append({"shard": name, "status": "incomplete", "reason": "no manifest"})
-            continue
-        if m.get("status") != "complete":
-            reason = m.get("error") or f"status {m.get('status')!r} (still running, killed, or preempted)"
-            out.problems.append({"shard": name, "status": m.get("status", "unknown"), "reason": reason})
-            continue
-        try:
-            imp = read_tensors(sh.file("importance.safetensors"))
-            curves = read_json(sh.file("curves.json"))
-            for key in ("heads", "ffn", "ffn_knockout"):
-                if key not in imp:
-                    raise StoreError(f"importance.safetensors lacks {key!r}")
-            L = imp["ffn"].shape[0]
-            if imp["heads"].dim() != 2 or imp["heads"].shape[0] != L or imp["ffn_knockout"].shape != (L,):
-                raise StoreError(f"importance tensors have inconsistent shapes {tuple(imp['heads'].shape)}, "
-                                 f"{tuple(imp['ffn'].shape)}, {tuple(imp['ffn_knockout'].shape)}")
-        except (StoreError, OSError) as e:
-            out.problems.append({"shard": name, "status": "corrupt", "reason": str(e)})
-            continue
-        out.ok.append(ShardData(sh, curves, imp, m))
-    for task, shot in expected or []:
-        if (task, shot) not in seen:
-            out.problems.append({"shard": f"{model}/{task}/{shot}shot", "status": "missing",
-                                 "reason": "no shard folder (job never started or failed before writing)"})
-    return out
-
+from .store import write_bytes, write_json
 
 # --- tables ---------------------------------------------------------------------------------------
 
@@ -132,7 +76,9 @@ def to_csv(rows: list[dict]) -> bytes:
 # --- rank comparisons -------------------------------------------------------------------------------
 
 def top_overlap(a: torch.Tensor, b: torch.Tensor, frac: float = 0.2) -> float:
-    """Fraction of a's top-`frac` heads that are also in b's top-`frac` heads."""
+    """Fraction of a's top-`frac` heads that are also in b's top-`frac` heads (NaN for two shapes)."""
+    if a.shape != b.shape:
+        return float("nan")
     k = max(1, int(round(frac * a.numel())))
     ta = set(torch.topk(a.flatten(), k).indices.tolist())
     tb = set(torch.topk(b.flatten(), k).indices.tolist())
@@ -140,6 +86,9 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, frac: float = 0.2) -> float:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation of two same-shape tensors (NaN for two shapes: other models)."""
+    if a.shape != b.shape:
+        return float("nan")
     r = spearmanr(a.flatten().double().numpy(), b.flatten().double().numpy()).statistic
     return float(r) if not math.isnan(r) else float("nan")
 
@@ -322,7 +271,9 @@ def reduce_store(root: Path | str, model: str, expected: list[tuple[str, int]] |
     files["curves.csv"] = str(out / "curves.csv")
     shots = sorted({d.shard.shot for d in col.ok})
     comparisons = [rank_comparison(col, s) for s in shots]
-    induction = load_induction(root, model)
+    induction, problem = read_induction(root, model)
+    if problem:
+        col.problems.append(problem)
     relation = induction_relation(col, induction) if induction is not None else []
     figures = {}
     for name, fn in (("curves_heads.png", lambda p: plot_curves(col, "heads", p)),
@@ -338,7 +289,8 @@ def reduce_store(root: Path | str, model: str, expected: list[tuple[str, int]] |
             if plot_matrix(cmp, which, out / name) is not None:
                 figures[name] = str(out / name)
     result = {
-        "model": model, "n_complete": len(col.ok), "problems": col.problems, "summary": summary,
+        "model": model, "n_complete": len(col.ok), "problems": col.problems, "warnings": col.warnings,
+        "mixed_settings": col.mixed, "summary": summary,
         "rank_comparisons": comparisons, "induction_relation": relation,
         "has_induction": induction is not None, "files": files, "figures": figures,
     }

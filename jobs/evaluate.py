@@ -7,7 +7,10 @@ out_dir/metrics.json and out_dir/samples.jsonl.
         head_mask=store/smollm2-135m/copa/1shot/masks/heads_50.safetensors
 
 A mask file is a safetensors file holding one tensor (key `mask`): [layers, heads] for heads,
-[layers] for FFNs, 1 = keep, 0 = remove.
+[layers] for FFNs of this model, float or bool, 1 = keep, 0 = remove (nothing else: no NaN, no
+fractions). A file that is not that is one `error:` line naming head_mask=/ffn_mask= and the file.
+A head mask may remove every head of a layer: that layer's attention adds nothing, the residual
+stream passes through.
 """
 
 import sys
@@ -22,25 +25,25 @@ from icl_scale.cli import hydra_job  # noqa: E402
 def main(c: dict) -> None:
     import time
 
-    from icl_scale.models import load_model
+    from icl_scale.models import check_mask, load_model
+    from icl_scale.models.gates import read_mask_file
     from icl_scale.shard import Evaluator, primary_metric
-    from icl_scale.store import check_writable, read_tensors, write_json, write_jsonl
+    from icl_scale.store import check_writable, write_json, write_jsonl
     from icl_scale.tasks import build_requests
 
     if not c.get("out_dir"):
         raise ValueError("out_dir is required: add out_dir=<folder> to the command")
+    # The files' contents are checked before anything is written or loaded; their shapes once the model is.
+    masks = {key: read_mask_file(c[key], key) for key in ("head_mask", "ffn_mask") if c.get(key)}
     out = check_writable(Path(c["out_dir"]))
-    masks = {}
-    for key in ("head_mask", "ffn_mask"):
-        if c.get(key):
-            t = read_tensors(Path(c[key]))
-            if len(t) != 1:
-                raise ValueError(f"{key}={c[key]} holds {len(t)} tensors; it needs exactly one (key 'mask')")
-            masks[key] = next(iter(t.values()))
     ev = c["eval"]
     reqs = build_requests(c["task"], split=ev.get("split"), shot=int(c["shot"]), seed=int(c.get("seed", 0)),
                           limit=ev.get("limit"), data_dir=(c.get("data") or {}).get("dir"))
     lm = load_model(c["model"])
+    g = lm.adapter.geometry
+    for key, shape in (("head_mask", (g.n_layers, g.n_heads)), ("ffn_mask", (g.n_layers,))):
+        if key in masks:
+            check_mask(masks[key], shape, f"{key}={c[key]} ({lm.name})")
     t0 = time.time()
     metrics, per_doc = Evaluator(lm, c["task"], int(ev.get("batch_size", 8)), bool(c.get("progress")))(
         reqs, masks.get("head_mask"), masks.get("ffn_mask"))

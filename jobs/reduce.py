@@ -5,7 +5,8 @@ dependent job; run it by hand any time:
     python jobs/reduce.py                         # the embedded model's store
     python jobs/reduce.py experiment=paper wandb.mode=online
 
-Missing, failed or corrupt shards are named; the rest are still aggregated.
+Missing, failed or corrupt shards are named; the rest are still aggregated. Complete shards made
+with settings that differ from the other shards' are aggregated too, and named in a warning.
 """
 
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icl_scale.cli import hydra_job, print_problems  # noqa: E402
+from icl_scale.cli import hydra_job, print_problems, print_warnings  # noqa: E402
 
 
 @hydra_job("config")
@@ -23,8 +24,9 @@ def main(c: dict) -> None:
     expected = [(t, int(s)) for t in c["sweep"]["tasks"] for s in c["sweep"]["shots"]]
     res = run_reduce(c, expected)
     print_problems(res["problems"])
+    print_warnings(res["warnings"])
     out = Path(c["store"]["root"]).resolve() / c["model"]["name"] / "summary"
-    print(f"reduced {res['n_complete']} shards ({len(res['problems'])} problems); "
+    print(f"reduced {res['n_complete']} shards ({len(res['problems'])} problems, {len(res['warnings'])} warnings); "
           f"{len(res['figures'])} figures and tables in {out}")
 
 

@@ -17,9 +17,14 @@ Three uses:
   per-token contributions <head output, d loss / d head output> needed for sum-of-|.| importance.
 
 Model parameters are never touched. Leaving the context removes every hook.
+
+A head mask that removes every head of a layer is allowed: that layer's attention output is zero
+and the residual stream passes through it unchanged.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -28,20 +33,63 @@ from .hooks import Hooks
 
 
 class MaskError(ValueError):
-    pass
+    """A mask is unusable (shape, dtype, values, file); the message names it and the fix."""
 
 
-def check_mask(mask: torch.Tensor | None, shape: tuple[int, ...], name: str) -> torch.Tensor | None:
+def check_mask(mask: torch.Tensor | None, shape: tuple[int, ...] | None, name: str,
+               binary: bool = True) -> torch.Tensor | None:
+    """`mask` as a tensor of `shape` ([layers, heads] or [layers]; None: any), float or bool, finite,
+    and with `binary` only 0/1 (1 = keep, 0 = remove): every mask the project writes is binary. Gates
+    also take scaled and differentiable gates (binary=False)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         mask = torch.as_tensor(mask)
-    if tuple(mask.shape) != shape:
+    if shape is not None and tuple(mask.shape) != shape:
         raise MaskError(f"{name} has shape {tuple(mask.shape)} but this model needs {shape}; "
                         f"build it with shape {shape} (layers{', heads' if len(shape) == 2 else ''})")
     if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
-        raise MaskError(f"{name} has dtype {mask.dtype}; use a float (0.0/1.0) or bool tensor")
+        raise MaskError(f"{name} has dtype {str(mask.dtype).replace('torch.', '')}; "
+                        "use a float (0.0/1.0) or bool tensor")
+    fix = "masks are binary: build it with 1 = keep, 0 = remove" if binary else "use finite gate values"
+    values = mask.detach()
+    if mask.dtype != torch.bool and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise MaskError(f"{name} has {bad} NaN/inf value{'s' if bad > 1 else ''}; {fix}")
+    if binary and mask.dtype != torch.bool:
+        other = (values != 0) & (values != 1)
+        if bool(other.any()):
+            first = values[other].flatten()[0].item()
+            raise MaskError(f"{name} has {int(other.sum())} value(s) other than 0 and 1 (e.g. {first:g}); {fix}")
     return mask
+
+
+def read_mask_file(path: str | Path, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A user's mask file (`head_mask=` / `ffn_mask=`): a safetensors file holding one tensor (key
+    `mask`), float or bool, 0/1, of `shape` when given (check it later with check_mask when the model
+    is not loaded yet). Every problem is a MaskError naming `name=path`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    what = f"{name}={path}"
+    p = Path(path)
+    kind = "[layers, heads]" if name == "head_mask" else "[layers]"
+    fix = (f"use a shard's masks/*.safetensors, or write one with safetensors.torch.save_file({{'mask': m}}, "
+           f"path), m a {kind} tensor of 1 (keep) and 0 (remove)")
+    if not p.exists():
+        raise MaskError(f"{what}: no such file; {fix}")
+    if not p.is_file():
+        raise MaskError(f"{what} is not a file; {fix}")
+    try:
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise MaskError(f"{what} is not a readable safetensors file ({first}); {fix}") from None
+    if len(tensors) != 1:
+        keys = ", ".join(sorted(tensors)) or "none"
+        raise MaskError(f"{what} holds {len(tensors)} tensors ({keys}); it needs exactly one (key 'mask'): {fix}")
+    mask = next(iter(tensors.values()))
+    return check_mask(mask, shape, what, binary=True)
 
 
 class Gates:
@@ -56,8 +104,9 @@ class Gates:
     ):
         g = adapter.geometry
         self.adapter = adapter
-        self.head_mask = check_mask(head_mask, (g.n_layers, g.n_heads), "head_mask")
-        self.ffn_mask = check_mask(ffn_mask, (g.n_layers,), "ffn_mask")
+        # Not only 0/1: finite differences and differentiable gates scale components.
+        self.head_mask = check_mask(head_mask, (g.n_layers, g.n_heads), "head_mask", binary=False)
+        self.ffn_mask = check_mask(ffn_mask, (g.n_layers,), "ffn_mask", binary=False)
         self.record = record
         self.head_probes: list[list[torch.Tensor]] = [[] for _ in range(g.n_layers)]
         self.ffn_probes: list[list[torch.Tensor]] = [[] for _ in range(g.n_layers)]

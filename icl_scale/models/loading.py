@@ -8,11 +8,14 @@ a plain dict so library code and tests need no Hydra.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,10 @@ SOURCES = ("hub", "local", "gguf_wheel", "random")
 
 
 class ModelConfigError(ValueError):
-    pass
+    """A model setting is wrong or its files are unusable; the message names the field and the fix."""
+
+
+UNSET = (None, "", "???")  # ??? is OmegaConf's mandatory value, left as a string by to_container
 
 
 @dataclass
@@ -69,10 +75,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ModelConfigError(f"model.dtype={name!r} is not one of auto, float32, bfloat16, float16") from None
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(name: str | None) -> torch.device:
+    """`auto` (CUDA if torch sees it, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`; a device torch
+    cannot use here is one line naming model.device and the fix."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelConfigError(f"model.device={name!r} is not a device; use {DEVICES}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ModelConfigError(f"model.device={name} but torch sees no CUDA device; "
+                                   "use model.device=cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise ModelConfigError(f"model.device={name} but torch sees {n} CUDA device{'s' if n > 1 else ''} "
+                                   f"(cuda:0..cuda:{n - 1}); use one of them, cuda or auto")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelConfigError(f"model.device={name} but torch sees no MPS device; use model.device=cpu or auto")
+    elif dev.type != "cpu":
+        raise ModelConfigError(f"model.device={name!r} is not supported; use {DEVICES}")
+    return dev
 
 
 # --- the embedded GGUF model ------------------------------------------------------------------
@@ -190,6 +218,78 @@ def _doc_start_ids(tokenizer, setting) -> list[int]:
     return [int(tid)]
 
 
+# --- checkpoints in a folder or on the hub: every failure is one line naming the field and the fix ---
+
+CHECKPOINT = "a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)"
+WEIGHTS = ("*.safetensors", "*.bin")
+HUB_FIX = "download it first or use model=local model.path=..."
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0].strip()
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+@contextmanager
+def _loading(what: str, fix: str, values: bool = False) -> Iterator[None]:
+    """File errors while transformers/safetensors load (OSError: missing, unreachable, unreadable;
+    SafetensorError: corrupt; with `values` also ValueError: a file's content, e.g. JSON) ->
+    ModelConfigError `what (Error: first line); fix`. Other ValueErrors (a setting transformers
+    refuses, e.g. model.attn_implementation) keep their own message: the fix here would be wrong."""
+    from safetensors import SafetensorError
+
+    errors = (OSError, SafetensorError, ValueError) if values else (OSError, SafetensorError)
+    try:
+        yield
+    except ModelConfigError:
+        raise
+    except errors as e:
+        raise ModelConfigError(f"{what} ({type(e).__name__}: {_first_line(e)}); {fix}") from None
+
+
+def local_checkpoint(spec: dict) -> Path:
+    """model.path, checked: set, a folder, with a readable config.json and a weight file."""
+    p = spec.get("path")
+    if p in UNSET:
+        raise ModelConfigError("model.path is required for model=local: add model.path=/path/to/checkpoint")
+    path = Path(str(p)).expanduser()
+    fix = f"set model.path to {CHECKPOINT}"
+    if not path.exists():
+        raise ModelConfigError(f"model.path={p} does not exist; {fix}")
+    if not path.is_dir():
+        raise ModelConfigError(f"model.path={p} is a file, not a folder; {fix}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelConfigError(f"model.path={p} has no config.json, so it is not a checkpoint folder; {fix}")
+    restore = "restore the file (copy or download the checkpoint again)"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"model.path={p}: config.json is not valid JSON ({e.msg} at line {e.lineno}); "
+                               f"{restore}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"model.path={p}: config.json is unreadable ({e}); {restore}") from None
+    if not weight_files(path):
+        raise ModelConfigError(f"model.path={p} has no weights (model.safetensors or pytorch_model.bin); {fix}")
+    return path
+
+
+def weight_files(path: Path) -> list[str]:
+    return sorted(f.name for pattern in WEIGHTS for f in path.glob(pattern))
+
+
+def hub_id(spec: dict) -> str:
+    if spec.get("id") in UNSET:
+        raise ModelConfigError("model.id is required for model.source=hub: add model.id=<org>/<name> "
+                               "(a Hugging Face hub id), or use model=local model.path=...")
+    return str(spec["id"])
+
+
+def _hub_label(spec: dict) -> str:
+    rev = spec.get("revision")
+    return f"{hub_id(spec)}@{rev}" if rev else hub_id(spec)
+
+
 def load_tokenizer(spec: dict):
     from transformers import AutoTokenizer
 
@@ -199,7 +299,32 @@ def load_tokenizer(spec: dict):
     if src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         return AutoTokenizer.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(spec.get("path") or spec["id"], revision=spec.get("revision"))
+    if src == "local":
+        path = local_checkpoint(spec)
+        with _loading(f"model.path={spec['path']}: the tokenizer could not be loaded",
+                      "the folder needs readable tokenizer files (tokenizer.json, or tokenizer_config.json and "
+                      "its vocabulary); copy them again from where the checkpoint came from", values=True):
+            return AutoTokenizer.from_pretrained(str(path))
+    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
+        return AutoTokenizer.from_pretrained(hub_id(spec), revision=spec.get("revision"))
+
+
+def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
+    """The model of a local folder or a hub id, with one-line errors naming the file or the id."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(dtype=dtype, attn_implementation=attn)
+    if spec["source"] == "local":
+        path = local_checkpoint(spec)
+        p = spec["path"]
+        with _loading(f"model.path={p}: config.json could not be used",
+                      "restore the file (copy or download the checkpoint again)", values=True):
+            AutoConfig.from_pretrained(str(path))
+        with _loading(f"model.path={p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
+                      "a file is truncated or corrupt: copy or download the checkpoint again"):
+            return AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
+        return AutoModelForCausalLM.from_pretrained(hub_id(spec), revision=spec.get("revision"), **kw)
 
 
 def load_model(spec, device: str | None = None) -> LoadedModel:
@@ -226,11 +351,7 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
     else:
-        where = spec.get("path") if src == "local" else spec.get("id")
-        if not where:
-            raise ModelConfigError(f"model.source={src} needs model.{'path' if src == 'local' else 'id'}")
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn,
-                                                     revision=spec.get("revision"))
+        model = _from_pretrained(spec, dtype, attn)
     adapter = Adapter(model)  # raises on unsupported architectures before we spend more time
     ds = spec.get("deepspeed") or {}
     if not ds.get("enabled"):
