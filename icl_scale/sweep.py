@@ -108,7 +108,7 @@ class ReduceJob:
         from .reduce import run_reduce
 
         res = run_reduce(cfg, expected)
-        return {k: res[k] for k in ("n_complete", "problems", "figures", "wandb_runs")}
+        return {k: res[k] for k in ("n_complete", "problems", "warnings", "figures", "wandb_runs")}
 
 
 def _job_env() -> None:

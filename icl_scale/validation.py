@@ -78,6 +78,22 @@ def check_config(cfg: dict) -> None:
     _check_pruning(cfg)
     boolean(cfg, "store.force")
     choice(cfg, "wandb.mode", WANDB_MODES)
+    check_model(cfg.get("model") or {})
+
+
+def check_model(spec: dict) -> None:
+    """The cheap part of loading: a local checkpoint folder's files, a hub id, the device and dtype
+    (nothing is read from the hub and no weights load)."""
+    from .models.loading import SOURCES, hub_id, local_checkpoint, resolve_device, resolve_dtype
+
+    source = spec.get("source")
+    if source not in SOURCES:
+        raise ConfigError(f"model.source={source!r} is not an option; use one of {', '.join(SOURCES)}")
+    if source == "local":
+        local_checkpoint(spec)
+    elif source == "hub":
+        hub_id(spec)
+    resolve_dtype(spec.get("dtype", "auto"), resolve_device(spec.get("device")))
 
 
 def _check_eval(cfg: dict) -> None:

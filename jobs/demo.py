@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if not any(a.startswith(("experiment=", "+experiment=")) for a in sys.argv[1:]):
     sys.argv.append("experiment=demo")
 
-from icl_scale.cli import hydra_job, print_problems  # noqa: E402
+from icl_scale.cli import hydra_job, print_problems, print_warnings  # noqa: E402
 
 
 def model_summary(c: dict) -> None:
@@ -94,6 +94,7 @@ def main(c: dict) -> None:
     else:
         res = sub.reduce_job.result()
         print_problems(res["problems"])
+        print_warnings(res.get("warnings", []))
         for row in json_summary(summary):
             print(f"  {row['task']:>10} {row['shot']}-shot: unpruned {row['metric']} {row['unpruned']:.3f}; "
                   f"heads prunable within 1 point: {row['heads_prunable_1pt']:.0f}%")

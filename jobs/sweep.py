@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icl_scale.cli import hydra_job, print_problems  # noqa: E402
+from icl_scale.cli import hydra_job, print_problems, print_warnings  # noqa: E402
 
 
 @hydra_job("config")
@@ -43,6 +43,7 @@ def main(c: dict) -> None:
     if sub.reduce_job.done():
         res = sub.reduce_job.result()
         print_problems(res["problems"])
+        print_warnings(res.get("warnings", []))
         print(f"reduced {res['n_complete']} shards; figures in {summary}")
 
 

@@ -21,6 +21,7 @@ def tiny():
     return get_model("tiny-llama")
 
 
+@pytest.mark.slow
 def test_scoring_structure(tiny, mirror):
     res = scoring.bench_scoring(tiny, ["piqa", "boolq"], [0, 1], {0: 3, 1: 2}, batch_size=2, repeats=1, data=mirror,
                                 log=lambda *a: None)
@@ -50,6 +51,7 @@ def test_scoring_structure(tiny, mirror):
     assert res["target_5shot"] is None  # no 5-shot rows here
 
 
+@pytest.mark.slow
 def test_importance_structure_and_agreement(tiny, mirror):
     before = [p.requires_grad for p in tiny.model.parameters()]
     res = importance.bench_importance(tiny, ["copa"], shot=1, n_examples=3, batch_size=2, repeats=1, data=mirror,

@@ -88,6 +88,7 @@ def trained():
     return model
 
 
+@pytest.mark.slow
 def test_trained_model_has_induction_heads_and_detector_finds_them(trained):
     gen = torch.Generator().manual_seed(123)
     n = 16
@@ -147,6 +148,7 @@ OPTION_SETS = [CopyingOptions(), CopyingOptions.paper(),
                CopyingOptions(input="residual", source="query", final_norm="fold", o_bias=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])  # learned positions + LayerNorm; RoPE + GQA
 def test_matches_reference_loops(preset):
     lm = load_model(preset)
@@ -253,6 +255,7 @@ def test_retained_capacity_and_masks():
 
 # --- the job ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_job_writes_store(tmp_path):
     """Run from another folder with the store named by ICL_SCALE_STORE: files in the store, none in the cwd."""
     cwd, root = tmp_path / "cwd", tmp_path / "store"

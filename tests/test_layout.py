@@ -17,7 +17,7 @@ LAYERS = [
     {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures"},
     {"models", "tasks"},
     {"scoring", "importance", "validation"},
-    {"induction", "shard", "report"},
+    {"induction", "shard", "collect", "report"},
     {"reduce", "sweep"},
     {"cli"},
 ]

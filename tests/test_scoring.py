@@ -41,7 +41,8 @@ def _compare(lm, reqs, hm=None, fm=None, batch_sizes=(1, 8)):
 # With gates: masks that really change the scores. On SmolLM2 a pruning-curve-like mask (10% of
 # heads, the last FFN); removing 40% of its heads at random wrecks the model (~11 nats/token) and
 # fp32 rounding then reaches ~3e-4 nats per choice in both scorers alike (3e-6 relative).
-@pytest.mark.parametrize("model,head_drop,ffn_layer", [("tiny-opt", 0.4, 0), ("smollm2-135m", 0.1, -1)])
+@pytest.mark.parametrize("model,head_drop,ffn_layer", [("tiny-opt", 0.4, 0),
+                                                      pytest.param("smollm2-135m", 0.1, -1, marks=pytest.mark.slow)])
 def test_prefix_cached_equals_naive(task_data, model, head_drop, ffn_layer):
     lm = get_model(model)
     reqs = _requests(task_data)
@@ -54,7 +55,7 @@ def test_prefix_cached_equals_naive(task_data, model, head_drop, ffn_layer):
     assert max(abs(a[0].logprob - b[0].logprob) for a, b in zip(ref, gated)) > 1e-2
 
 
-@pytest.mark.parametrize("model", ["tiny-opt", "smollm2-135m"])
+@pytest.mark.parametrize("model", ["tiny-opt", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_prompts_longer_than_max_length(task_data, model):
     base = get_model(model)
     lm = dataclasses.replace(base, max_length=48)  # force left-truncation on real prompts

@@ -46,6 +46,7 @@ def wandb_runs(root: Path) -> dict:
     return runs
 
 
+@pytest.mark.slow
 def test_local_sweep_end_to_end(tmp_path, mirror):
     cfg = cfg_for(tmp_path, "sweep.tasks=[copa]", "sweep.shots=[1]", "sweep.induction=false", "sweep.name=t")
     sub = submit(cfg)
@@ -184,6 +185,7 @@ def test_failing_shard_is_named_by_reducer(cluster, tmp_path, mirror):
     assert "hypothesis" in summary["problems"][0]["reason"]
 
 
+@pytest.mark.slow
 def test_demo_entry_point_on_a_tiny_model(tmp_path):
     """`make run`'s script end to end (the demo experiment on tiny-opt) as on a fresh offline machine:
     no data settings, so the embedded slice; model summary, induction, 4 shards, reducer, and the

@@ -477,6 +477,7 @@ def test_cli_render(task_data):
     assert [json.loads(x)["contexts"] for x in lines] == [r.contexts for r in reqs]
 
 
+@pytest.mark.slow
 def test_cli_help_and_errors(tmp_path):
     assert _cli("--help").returncode == 0
     h = _cli("render", "--help")

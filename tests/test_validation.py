@@ -128,6 +128,7 @@ def test_empty_eval_set_is_an_error_not_nan(tmp_path):
         run_shard(tiny_shard_cfg(tmp_path / "s", "copa", 1, "tiny-opt", f"data.dir={d}"), lm=get_model("tiny-opt"))
 
 
+@pytest.mark.slow
 def test_manifest_records_truncation_and_hides_secrets(tmp_path):
     cfg = tiny_shard_cfg(tmp_path, "copa", 5, "tiny-opt", "model.max_length=48", "+wandb.api_key=SECRET123")
     run_shard(cfg, lm=None)  # loads tiny-opt with max_length=48: 5-shot copa contexts do not fit
