@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import pruning as P
+from .collect import load_shard, read_induction
 from .distributed import barrier, dist_env
 from .importance import ImportanceState, ffn_knockout, gradient_importance
 from .models.loading import LoadedModel, load_model
@@ -35,7 +36,6 @@ from .store import (
     check_writable,
     config_hash,
     library_versions,
-    load_induction,
     read_json,
     read_tensors,
     set_writer,
@@ -214,6 +214,8 @@ class ShardRun:
             log.info("%s is complete (config %s): nothing to do", self.shard, self.hash)
             return {**self.shard.manifest(), "status": "skipped", "shard": str(self.shard.path)}
         self.refuse_to_clobber()
+        if "induction" in (self.cfg["pruning"].get("compare") or []):
+            self.induction = self.induction_scores()  # before any work: the job may not have run
         t_start = time.time()
         self.lm = self.lm or load_model(self.cfg["model"])
         t_load = time.time()
@@ -231,11 +233,16 @@ class ShardRun:
         return self.finish(t_start)
 
     def is_done(self) -> bool:
+        """Complete with this config hash and files that read back; a corrupt manifest or result file
+        is never trusted: the shard is recomputed."""
         try:
-            done = self.shard.is_complete(self.hash)
-        except StoreError:
-            done = False  # a corrupt manifest: recompute (never trusted)
-        return done and not self.force
+            if self.force or not self.shard.is_complete(self.hash):
+                return False
+            load_shard(self.shard, self.shard.manifest())
+        except StoreError as e:
+            log.warning("%s: %s; recomputing it", self.shard, str(e).splitlines()[0])
+            return False
+        return True
 
     def refuse_to_clobber(self) -> None:
         """A complete shard made with other settings or data is replaced only with store.force=true:
@@ -254,7 +261,7 @@ class ShardRun:
         forced rerun) is discarded, never mixed in. The fresh checkpoint is stamped at once, so a
         partial importance pass is reused after a crash."""
         prog_path = self.shard.ckpt("progress.json")
-        saved = read_json(prog_path) if prog_path.exists() else {}
+        saved = self._read_checkpoint(prog_path, read_json) or {}
         barrier()  # every rank has read the checkpoint before rank 0 may clear it
         resumed = saved.get("config_hash") == self.hash and not self.force
         self.progress = Progress.from_json(saved) if resumed else Progress(self.hash)
@@ -266,6 +273,16 @@ class ShardRun:
         self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg,
                                   resolved=sanitize_config(self.cfg), versions=library_versions(),
                                   started=t_start, data_sources=self.data_sources, truncated=self.truncated)
+
+    def _read_checkpoint(self, path, read):
+        """A checkpoint only saves time: an unreadable one is discarded with a warning."""
+        if not path.exists():
+            return None
+        try:
+            return read(path)
+        except StoreError as e:
+            log.warning("%s: discarding an unreadable checkpoint (%s)", self.shard, str(e).splitlines()[0])
+            return None
 
     def save_progress(self) -> None:
         write_json(self.shard.ckpt("progress.json"), asdict(self.progress))
@@ -308,7 +325,8 @@ class ShardRun:
 
     def importance(self) -> ImportanceState:
         path = self.shard.ckpt("importance_state.safetensors")
-        state = ImportanceState.from_tensors(read_tensors(path)) if path.exists() else None
+        saved = self._read_checkpoint(path, read_tensors)
+        state = ImportanceState.from_tensors(saved) if saved else None
         every = max(1, int(self.cfg["importance"].get("checkpoint_every", 8)))
         state = self.gradient_importance(state=state,
                                          on_batch=every_nth(every, lambda s: write_tensors(path, s.tensors())))
@@ -375,13 +393,24 @@ class ShardRun:
         P.curve(ranking, pr["levels"], evaluate, rescore=rescore if iterative else None, done=done,
                 on_level=on_level)
 
-    def induction_ranking(self) -> torch.Tensor:
+    def induction_scores(self) -> dict[str, torch.Tensor]:
         name = self.cfg["model"]["name"]
-        ind = load_induction(self.cfg["store"]["root"], name)
-        if ind is None or ind["prefix_matching"].shape != self.imp["heads"].shape:
+        ind, problem = read_induction(self.cfg["store"]["root"], name)
+        if problem:  # a corrupt scores file: say so, and how to remake it
+            reason = problem["reason"].split("; rerun")[0]
+            raise StoreError(f"pruning.compare includes induction but {name}'s induction scores are unusable "
+                             f"({reason}); rerun `python jobs/induction.py model={name}`")
+        if ind is None:
             raise ValueError("pruning.compare includes induction but the store has no induction scores for "
                              f"{name}: run `python jobs/induction.py model={name}` first")
-        return ind["prefix_matching"].float()
+        return ind
+
+    def induction_ranking(self) -> torch.Tensor:
+        name = self.cfg["model"]["name"]
+        if self.induction["prefix_matching"].shape != self.imp["heads"].shape:
+            raise ValueError(f"the store's induction scores for {name} do not fit this model's heads: rerun "
+                             f"`python jobs/induction.py model={name}`")
+        return self.induction["prefix_matching"].float()
 
     def combined_grid(self) -> None:
         """Heads pruned at p_h and FFNs at p_f together, for every pair of `pruning.combined_levels`."""

@@ -101,14 +101,15 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise StoreError(f"{path} is corrupt ({e.msg} at line {e.lineno}); "
-                         "delete it or rerun with force=true") from None
+                         "delete it or rerun with store.force=true") from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
-        raise StoreError(f"{path} is not a readable safetensors file ({e}); rerun the shard with force=true") from None
+        raise StoreError(f"{path} is not a readable safetensors file ({e}); "
+                         "delete it or rerun with store.force=true") from None
 
 
 def config_hash(cfg: dict) -> str:
@@ -128,7 +129,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def check_writable(root: Path) -> Path:
+def check_writable(root: Path, setting: str = "store.root") -> Path:
+    """`root` exists (made if needed) and takes new files; else one line naming `setting`."""
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -136,8 +138,8 @@ def check_writable(root: Path) -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise StoreError(f"store.root={root} is not writable ({e.strerror}); "
-                         "set store.root to a writable folder") from None
+        raise StoreError(f"{setting}={root} is not writable ({e.strerror}); "
+                         f"set {setting} to a writable folder") from None
     return root
 
 
@@ -161,20 +163,24 @@ class Shard:
     # manifest
     def manifest(self) -> dict | None:
         p = self.path / MANIFEST
-        return read_json(p) if p.exists() else None
+        if not p.exists():
+            return None
+        m = read_json(p)
+        if not isinstance(m, dict):
+            raise StoreError(f"{p} is a {type(m).__name__}, not a manifest object; delete it or rerun with "
+                             "store.force=true")
+        return m
 
     def is_complete(self, cfg_hash: str | None = None) -> bool:
         m = self.manifest()
         return bool(m and m.get("status") == "complete" and (cfg_hash is None or m.get("config_hash") == cfg_hash))
 
     def write_manifest(self, **fields) -> dict:
-        m = {}
         p = self.path / MANIFEST
-        if p.exists():
-            try:
-                m = read_json(p)
-            except StoreError:
-                m = {}
+        try:
+            m = self.manifest() or {}
+        except StoreError:  # a corrupt manifest is replaced, never trusted
+            m = {}
         m.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json(p, m)
         return m

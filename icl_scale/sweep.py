@@ -33,11 +33,10 @@ class SweepError(RuntimeError):
 def shard_cfgs(cfg: dict) -> list[dict]:
     """One resolved config per (task, shot) of the sweep."""
     from .shard import validate
+    from .validation import check_sweep
 
+    check_sweep(cfg)
     sw = cfg["sweep"]
-    if not sw.get("tasks") or not sw.get("shots"):
-        raise ValueError("sweep.tasks and sweep.shots must be non-empty lists, "
-                         "e.g. sweep.tasks=[copa,rte] sweep.shots=[0,1]")
     out = []
     for task in sw["tasks"]:
         for shot in sw["shots"]:
@@ -186,6 +185,7 @@ def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submi
     la = cfg["launcher"]
     if la.get("name") not in LAUNCHERS:
         raise ValueError(f"launcher={la.get('name')!r} is unknown; use launcher=local or launcher=slurm")
+    check_writable(la["folder"], "launcher.folder")
     cfgs = shard_cfgs(cfg)
     clobber = [f"{c['task']}/{c['shot']}shot" for c in cfgs if would_clobber(c)]
     if clobber:

@@ -15,12 +15,15 @@ from typing import Any
 
 from . import pruning as P
 from .tasks import get_task, load_split
+from .tasks.data import resolve_source
+from .tasks.fewshot import demo_pool
 
 WANDB_MODES = ("offline", "online", "disabled")
 FFN_RANKINGS = ("knockout", "gradient")
 KNOCKOUT_SPLITS = ("heldout", "paper")
 COMPARE = ("induction", "random")
 ABS_MODES = ("per_token", "sum")
+ATTENTION = ("sdpa", "eager")  # the attention implementations the gates and probes are tested on
 
 
 class ConfigError(ValueError):
@@ -77,6 +80,7 @@ def check_config(cfg: dict) -> None:
         integer(cfg, "knockout.limit", lo=1)
     _check_pruning(cfg)
     boolean(cfg, "store.force")
+    boolean(cfg, "progress")
     choice(cfg, "wandb.mode", WANDB_MODES)
     check_model(cfg.get("model") or {})
 
@@ -89,6 +93,10 @@ def check_model(spec: dict) -> None:
     source = spec.get("source")
     if source not in SOURCES:
         raise ConfigError(f"model.source={source!r} is not an option; use one of {', '.join(SOURCES)}")
+    integer({"model": spec}, "model.max_length", lo=2, none_ok=True)
+    choice({"model": spec}, "model.attn_implementation", ATTENTION)
+    if source == "random" and not spec.get("family"):
+        raise ConfigError("model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
     if source == "local":
         local_checkpoint(spec)
     elif source == "hub":
@@ -119,7 +127,9 @@ def _check_pruning(cfg: dict) -> None:
     choice(cfg, "pruning.ffn_ranking", FFN_RANKINGS)
     boolean(cfg, "pruning.iterative")
     compare = get(cfg, "pruning.compare") or []
-    bad = sorted(set(compare) - set(COMPARE)) if isinstance(compare, list) else [compare]
+    if not isinstance(compare, list):
+        raise ConfigError(f"pruning.compare={compare!r} must be a list, e.g. pruning.compare=[{compare}]")
+    bad = sorted(set(compare) - set(COMPARE))
     if bad:
         raise ConfigError(f"pruning.compare has {bad}; use a list of induction and/or random")
     integer(cfg, "pruning.random_seeds", lo=0)
@@ -143,11 +153,45 @@ def check_data(cfg: dict) -> dict[str, str]:
     task = get_task(cfg["task"])
     data_dir = get(cfg, "data.dir")
     split = get(cfg, "eval.split") or task.eval_split
-    limit = get(cfg, "eval.limit")
-    eval_rows = load_split(task, split, data_dir)[:limit]
+    if get(cfg, "eval.split") and resolve_source(task, split, data_dir).kind != "hub":
+        src = resolve_source(task, split, data_dir)
+        if not (src.root / task.name / f"{split}.jsonl").is_file():
+            have = sorted(p.stem for p in (src.root / task.name).glob("*.jsonl"))
+            raise ConfigError(f"eval.split={split}: {task.name} has no {split} split in {src.root} (present: "
+                              f"{', '.join(have) or 'none'}); use eval.split=null (the paper's split, "
+                              f"{task.eval_split})")
+    eval_rows = load_split(task, split, data_dir)[:get(cfg, "eval.limit")]
     if not eval_rows:
         raise ConfigError(f"{task.name} {split} has no rows (data file empty?): there is nothing to evaluate")
     train = load_split(task, "train", data_dir)  # demonstrations, importance and knock-out docs
     if not train:
         raise ConfigError(f"{task.name} train has no rows: importance and demonstrations need it")
+    _check_sizes(cfg, task, train)
     return {"train": fingerprint(train), split: fingerprint(eval_rows)}
+
+
+def _check_sizes(cfg: dict, task, train: list[dict]) -> None:
+    """Settings that only make sense for the train split's size: checked here, before the model loads."""
+    pool = len(demo_pool(task, train))
+    if cfg["shot"] > pool - 1:  # a train doc is never its own demonstration
+        raise ConfigError(f"shot={cfg['shot']}: {task.name} train has {pool} rows that can be demonstrations, so at "
+                          f"most {pool - 1} per doc; use shot<={pool - 1} or a bigger train split (data.dir)")
+    if get(cfg, "knockout.split") == "heldout" and not 1 <= cfg["knockout"]["limit"] < len(train):
+        raise ConfigError(f"knockout.limit={cfg['knockout']['limit']} must be in 1..{len(train) - 1} for "
+                          f"{task.name} ({len(train)} train docs; the rest are importance docs)")
+
+
+def check_sweep(cfg: dict) -> None:
+    """The sweep's own settings (each shard's are checked by check_config)."""
+    for key in ("sweep.tasks", "sweep.shots"):
+        v = get(cfg, key)
+        if not isinstance(v, list) or not v:
+            raise ConfigError("sweep.tasks and sweep.shots must be non-empty lists, e.g. sweep.tasks=[copa,rte] "
+                              f"sweep.shots=[0,1] (got {key}={v!r})")
+    bad = [s for s in get(cfg, "sweep.shots") if isinstance(s, bool) or not isinstance(s, Integral) or s < 0]
+    if bad:
+        raise ConfigError(f"sweep.shots contains {bad[0]!r}; every shot is a whole number >= 0, "
+                          "e.g. sweep.shots=[0,1,5]")
+    boolean(cfg, "sweep.induction")
+    integer(cfg, "launcher.timeout_min", lo=1)
+    integer(cfg, "launcher.array_parallelism", lo=1)

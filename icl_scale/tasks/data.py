@@ -140,6 +140,8 @@ def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None 
         return list(_load_hub(t.name, split))
     root = src.root
     path = root / t.name / f"{split}.jsonl"
+    if path.is_dir():
+        raise TaskDataError(f"{path} is a folder, not a data file; a split is one JSONL file <task>/<split>.jsonl")
     if not path.is_file():
         have = sorted(p.stem for p in (root / t.name).glob("*.jsonl")) if (root / t.name).is_dir() else []
         raise TaskDataError(
@@ -155,7 +157,11 @@ def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None 
 def _load_jsonl(task: str, split: str, path: str, _mtime: int, _size: int) -> tuple[dict, ...]:
     # mtime/size in the cache key: an edited file is re-read
     t = get_task(task)
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{task} {split} ({path}) is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                            f"{e.start}); save it as UTF-8") from None
     while lines and not lines[-1].strip():
         lines.pop()  # trailing newline(s) only; a blank line inside the file is an error
     rows = []
@@ -199,6 +205,6 @@ def _check_row(t: Task, split: str, i: int, row: dict) -> None:
             if not isinstance(v, dict) or part not in v or v[part] is None:
                 raise TaskDataError(f"{t.name} {split} row {i}: missing field {f!r}")
             v = v[part]
-    problem = t.label_problem(row)
+    problem = t.row_problem(row)
     if problem:
         raise TaskDataError(f"{t.name} {split} row {i}: {problem}; fix the row in the data file")

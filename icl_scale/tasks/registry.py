@@ -32,6 +32,16 @@ def _general_detokenize(string: str) -> str:
     return string
 
 
+def _choice_lists(doc: dict) -> str | None:
+    """ARC / OpenBookQA: choices = {text: [...], label: [...]}, one label per text."""
+    c = doc["choices"]
+    if not isinstance(c, dict) or not isinstance(c.get("text"), list) or not isinstance(c.get("label"), list):
+        return "choices must be {text: [...], label: [...]}"
+    if len(c["text"]) != len(c["label"]) or len(c["text"]) < 2:
+        return f"choices has {len(c['text'])} texts and {len(c['label'])} labels (one label per text, at least 2)"
+    return None
+
+
 class Task:
     """A few-shot task: prompt strings, choices and gold for one dataset row.
 
@@ -47,6 +57,24 @@ class Task:
     # (field, allowed values) of the gold label in the HF schema, type included: a "1" where the
     # schema has 1 (or a 5 for a 2-choice task) would silently change accuracy and demonstrations.
     label: tuple[str, tuple] | None = None
+
+    strings: tuple[str, ...] = ()  # fields that must be non-empty strings (the prompt is built from them)
+    ints: tuple[str, ...] = ()  # fields that must be whole numbers (token or character positions)
+
+    def row_problem(self, doc: dict) -> str | None:
+        """Why this row cannot be rendered or scored as the task defines it, or None: a wrong type,
+        an empty text, a malformed choice list, an unusable gold label."""
+        for f in self.strings:
+            if not isinstance(doc[f], str) or not doc[f].strip():
+                return f"{f}={doc[f]!r} must be a non-empty string"
+        for f in self.ints:
+            if isinstance(doc[f], bool) or not isinstance(doc[f], int):
+                return f"{f}={doc[f]!r} must be a whole number"
+        return self.shape_problem(doc) or self.label_problem(doc)
+
+    def shape_problem(self, doc: dict) -> str | None:
+        """Task-specific structure (choice lists, blanks, placeholders); None when fine."""
+        return None
 
     def label_problem(self, doc: dict) -> str | None:
         """Why this row's gold label is unusable, or None."""
@@ -139,7 +167,14 @@ class HellaSwag(MultipleChoiceTask):
     name = "hellaswag"
     hub = ("Rowan/hellaswag", None)
     required_fields = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+    strings = ("activity_label", "ctx_a")
     label = ("label", ("0", "1", "2", "3"))
+
+    def shape_problem(self, doc):
+        e = doc["endings"]
+        if not isinstance(e, list) or len(e) != 4 or not all(isinstance(x, str) for x in e):
+            return f"endings must be a list of 4 strings (got {len(e) if isinstance(e, list) else type(e).__name__})"
+        return None
 
     @staticmethod
     def preprocess(text: str) -> str:
@@ -163,6 +198,7 @@ class PiQA(MultipleChoiceTask):
     name = "piqa"
     hub = ("baber/piqa", None)  # the original "piqa"/ybisk/piqa builder is a script dataset
     required_fields = ("goal", "sol1", "sol2", "label")
+    strings = ("goal", "sol1", "sol2")
     label = ("label", (0, 1))
 
     def convert(self, doc):
@@ -178,6 +214,10 @@ class ARCEasy(MultipleChoiceTask):
     eval_split = "test"
     hub = ("allenai/ai2_arc", "ARC-Easy")
     required_fields = ("question", "choices", "answerKey")
+    strings = ("question",)
+
+    def shape_problem(self, doc):
+        return _choice_lists(doc)
 
     def label_problem(self, doc):
         labels = doc["choices"].get("label") if isinstance(doc["choices"], dict) else None
@@ -206,6 +246,10 @@ class OpenBookQA(MultipleChoiceTask):
     eval_split = "test"
     hub = ("allenai/openbookqa", "main")
     required_fields = ("question_stem", "choices", "answerKey")
+    strings = ("question_stem",)
+
+    def shape_problem(self, doc):
+        return _choice_lists(doc)
 
     def label_problem(self, doc):
         key = doc["answerKey"].strip() if isinstance(doc["answerKey"], str) else doc["answerKey"]
@@ -229,7 +273,11 @@ class Winogrande(Task):
     name = "winogrande"
     hub = ("allenai/winogrande", "winogrande_xl")
     required_fields = ("sentence", "option1", "option2", "answer")
+    strings = ("sentence", "option1", "option2")
     label = ("answer", ("1", "2"))
+
+    def shape_problem(self, doc):
+        return None if "_" in doc["sentence"] else "sentence has no '_' blank for the options"
 
     @staticmethod
     def partial_context(doc, option):
@@ -285,6 +333,7 @@ class BoolQ(_YesNo):
     name = "boolq"
     hub = ("aps/super_glue", "boolq")
     required_fields = ("passage", "question", "label")
+    strings = ("passage", "question")
     label = ("label", (0, 1))
 
     def doc_to_text(self, doc):
@@ -296,6 +345,7 @@ class CommitmentBank(Task):
     metrics = ("acc", "f1")  # f1: 0.2.0's unweighted mean of the three per-class F1s
     hub = ("aps/super_glue", "cb")
     required_fields = ("premise", "hypothesis", "label")
+    strings = ("premise", "hypothesis")
     label = ("label", (0, 1, 2))
     LABELS: ClassVar[dict[int, str]] = {0: "True", 1: "False", 2: "Neither"}  # entail., contra., neutral
 
@@ -313,7 +363,12 @@ class Copa(Task):
     name = "copa"
     hub = ("aps/super_glue", "copa")
     required_fields = ("premise", "choice1", "choice2", "question", "label")
+    strings = ("premise", "choice1", "choice2")
     label = ("label", (0, 1))
+
+    def shape_problem(self, doc):
+        return None if doc["question"] in ("cause", "effect") else \
+            f"question={doc['question']!r} is not one of 'cause', 'effect'"
 
     @staticmethod
     def convert_choice(choice):
@@ -338,6 +393,7 @@ class MultiRC(Task):
     name = "multirc"
     hub = ("aps/super_glue", "multirc")
     required_fields = ("paragraph", "question", "answer", "idx.paragraph", "idx.question", "label")
+    strings = ("paragraph", "question")  # an answer may be empty (the mirror has one)
     label = ("label", (0, 1))
 
     @staticmethod
@@ -368,6 +424,7 @@ class RTE(Task):
     name = "rte"
     hub = ("aps/super_glue", "rte")
     required_fields = ("premise", "hypothesis", "label")
+    strings = ("premise", "hypothesis")
     label = ("label", (0, 1))
 
     def doc_to_text(self, doc):
@@ -385,6 +442,17 @@ class ReCoRD(Task):
     metrics = ("em", "f1")
     hub = ("aps/super_glue", "record")
     required_fields = ("passage", "query", "entities", "answers", "idx.passage")
+    strings = ("passage", "query")
+
+    def shape_problem(self, doc):
+        ents = doc["entities"]
+        if not isinstance(ents, list) or not ents or not all(isinstance(x, str) for x in ents):
+            return "entities must be a non-empty list of strings"
+        if "@placeholder" not in doc["query"]:
+            return "query has no @placeholder"
+        if isinstance(doc["answers"], list) and not set(doc["answers"]) & set(ents):
+            return "no answer is among the entities (the doc could never be scored right)"
+        return None
 
     @staticmethod
     def process(doc):
@@ -428,6 +496,8 @@ class WordsInContext(_YesNo):
     name = "wic"
     hub = ("aps/super_glue", "wic")
     required_fields = ("sentence1", "sentence2", "start1", "end1", "label")
+    strings = ("sentence1", "sentence2")
+    ints = ("start1", "end1")
     label = ("label", (0, 1))
 
     def doc_to_text(self, doc):
@@ -444,6 +514,8 @@ class SGWinogradSchemaChallenge(_YesNo):
     # 0.2.0 read super_glue "wsc"; the mirror is "wsc.fixed" (same rows, 96 span texts repaired).
     hub = ("aps/super_glue", "wsc.fixed")
     required_fields = ("text", "span1_text", "span2_index", "span2_text", "label")
+    strings = ("text", "span1_text", "span2_text")
+    ints = ("span2_index",)
     label = ("label", (0, 1))
 
     def demo_filter(self, doc):
