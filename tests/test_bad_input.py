@@ -856,7 +856,9 @@ def complete(tmp_path_factory):
     return root, {key: _bytes(root / MODEL / key) for key in COMPLETE}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.family}:{c.name}" for c in CASES])
+# Cases that run a job as a subprocess (`.py` in the name) are end-to-end: `slow`, out of make test-fast.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if ".py" in c.name else c for c in CASES],
+                         ids=[f"{c.family}:{c.name}" for c in CASES])
 def test_bad_input(case: Case, complete, tmp_path, monkeypatch):
     original, before = complete
     root = tmp_path / "store"

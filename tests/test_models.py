@@ -426,6 +426,7 @@ def _one_error_line(r) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_jobs_turn_bad_masks_and_models_into_one_line(tmp_path):
     bad = tmp_path / "mask.safetensors"
     bad.write_text("not a mask")
