@@ -72,11 +72,6 @@ def shard_config(cfg: dict, data: dict[str, str]) -> dict:
     return out
 
 
-def validate(cfg: dict) -> None:
-    """Every setting, before a model loads or the store is touched (icl_scale.validation)."""
-    check_config(cfg)
-
-
 def primary_metric(task: str) -> str:
     return get_task(task).metrics[0]
 
@@ -244,16 +239,24 @@ class ShardRun:
             return False
         return True
 
-    def refuse_to_clobber(self) -> None:
-        """A complete shard made with other settings or data is replaced only with store.force=true:
-        the shard's folder does not depend on its settings."""
+    def other_complete(self) -> str | None:
+        """The config hash of a complete shard in this folder made with other settings or data, which
+        this run would replace (None if there is none, or with store.force=true)."""
         try:
             m = self.shard.manifest()
         except StoreError:
-            return  # a corrupt manifest is never trusted: recompute
+            return None  # a corrupt manifest is never trusted: recompute
         if m and m.get("status") == "complete" and m.get("config_hash") != self.hash and not self.force:
+            return m.get("config_hash")
+        return None
+
+    def refuse_to_clobber(self) -> None:
+        """A complete shard made with other settings or data is replaced only with store.force=true:
+        the shard's folder does not depend on its settings."""
+        old = self.other_complete()
+        if old:
             raise StoreError(f"{self.shard.path} holds a complete shard made with other settings or data "
-                             f"(config {m.get('config_hash')}, this run {self.hash}); add store.force=true to "
+                             f"(config {old}, this run {self.hash}); add store.force=true to "
                              f"replace it, or set store.root to another folder")
 
     def start(self, t_start: float) -> None:
@@ -459,7 +462,7 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
 
     A failure is recorded in the manifest (status `failed`, the error) so the reducer can name it;
     finished stages stay checkpointed and the next run resumes from them."""
-    validate(cfg)
+    check_config(cfg)  # every setting, before a model loads or the store is touched
     set_writer(dist_env().is_main)
     check_writable(cfg["store"]["root"])
     shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]))

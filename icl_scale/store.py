@@ -219,12 +219,6 @@ def induction_dir(root: Path | str, model: str) -> Path:
     return Path(root) / safe_name(model) / "induction"
 
 
-def load_induction(root: Path | str, model: str) -> dict[str, torch.Tensor] | None:
-    """The model's induction scores ([L, H] tensors by name), or None if the job has not run."""
-    p = induction_dir(root, model) / "scores.safetensors"
-    return read_tensors(p) if p.exists() else None
-
-
 def list_shards(root: Path | str) -> list[Shard]:
     """Every shard folder under root (complete or not), sorted."""
     root = Path(root)

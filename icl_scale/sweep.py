@@ -17,8 +17,9 @@ from pathlib import Path
 
 import submitit
 
+from .collect import read_induction
 from .config import setup_environment
-from .store import Shard, StoreError, check_writable, config_hash, load_induction
+from .store import check_writable
 from .tracking import sanitize_config
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ class SweepError(RuntimeError):
 
 def shard_cfgs(cfg: dict) -> list[dict]:
     """One resolved config per (task, shot) of the sweep."""
-    from .shard import validate
-    from .validation import check_sweep
+    from .validation import check_config, check_sweep
 
     check_sweep(cfg)
     sw = cfg["sweep"]
@@ -42,39 +42,33 @@ def shard_cfgs(cfg: dict) -> list[dict]:
         for shot in sw["shots"]:
             c = copy.deepcopy(cfg)
             c["task"], c["shot"] = task, int(shot)
-            validate(c)
+            check_config(c)
             out.append(c)
     return out
 
 
-def shard_done(c: dict) -> bool:
-    """Complete with the same settings and data. Data that cannot be read is not done: the shard
-    job then fails with the reason, which the reducer reports."""
-    from .shard import shard_config
+def shard_state(c: dict) -> str:
+    """"done" (complete with the same settings and data, files readable), "clobber" (a complete shard
+    made with other settings or data, not to be replaced without store.force) or "todo". Settings
+    that do not fit the data (e.g. shot or knockout.limit too large) stop the sweep before it submits;
+    data rows that cannot be read are "todo": the shard job then fails with the reason, which the
+    reducer reports."""
+    from .shard import ShardRun
     from .tasks import TaskDataError
-    from .validation import ConfigError, check_data
 
-    sh = Shard(c["store"]["root"], c["model"]["name"], c["task"], c["shot"])
     try:
-        return sh.is_complete(config_hash(shard_config(c, check_data(c)))) and not c["store"].get("force")
-    except (StoreError, TaskDataError, ConfigError):
-        return False
-
-
-def would_clobber(c: dict) -> bool:
-    """A complete shard with other settings or data that this run would replace without store.force."""
-    try:
-        m = Shard(c["store"]["root"], c["model"]["name"], c["task"], c["shot"]).manifest()
-    except StoreError:
-        return False
-    return bool(m and m.get("status") == "complete" and not c["store"].get("force") and not shard_done(c))
+        run = ShardRun(c)
+    except TaskDataError:
+        return "todo"
+    if run.is_done():
+        return "done"
+    return "clobber" if run.other_complete() else "todo"
 
 
 def induction_done(cfg: dict) -> bool:
-    try:
-        return load_induction(cfg["store"]["root"], cfg["model"]["name"]) is not None and not cfg["store"].get("force")
-    except StoreError:
-        return False
+    """The model's induction scores are in the store and read back (icl_scale.collect)."""
+    scores, problem = read_induction(cfg["store"]["root"], cfg["model"]["name"])
+    return scores is not None and problem is None and not cfg["store"].get("force")
 
 
 # --- the jobs (callables submitit pickles and runs on the compute node) ---------------------------
@@ -187,11 +181,12 @@ def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submi
         raise ValueError(f"launcher={la.get('name')!r} is unknown; use launcher=local or launcher=slurm")
     check_writable(la["folder"], "launcher.folder")
     cfgs = shard_cfgs(cfg)
-    clobber = [f"{c['task']}/{c['shot']}shot" for c in cfgs if would_clobber(c)]
+    states = [shard_state(c) for c in cfgs]
+    clobber = [f"{c['task']}/{c['shot']}shot" for c, st in zip(cfgs, states) if st == "clobber"]
     if clobber:
         raise SweepError(f"store.root={cfg['store']['root']} has complete shards made with other settings or data "
                          f"({', '.join(clobber)}); add store.force=true to replace them, or use another store.root")
-    todo = [c for c in cfgs if not shard_done(c)]
+    todo = [c for c, st in zip(cfgs, states) if st == "todo"]
     need_induction = bool(cfg["sweep"].get("induction", True)) and not induction_done(cfg)
     out = Submitted(skipped=[f"{c['task']}/{c['shot']}shot" for c in cfgs if c not in todo])
     expected = [(c["task"], c["shot"]) for c in cfgs]
