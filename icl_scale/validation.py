@@ -15,7 +15,7 @@ from typing import Any
 
 from . import pruning as P
 from .tasks import get_task, load_split
-from .tasks.data import resolve_source
+from .tasks.data import resolve_source, splits_present
 from .tasks.fewshot import demo_pool
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -156,7 +156,7 @@ def check_data(cfg: dict) -> dict[str, str]:
     if get(cfg, "eval.split") and resolve_source(task, split, data_dir).kind != "hub":
         src = resolve_source(task, split, data_dir)
         if not (src.root / task.name / f"{split}.jsonl").is_file():
-            have = sorted(p.stem for p in (src.root / task.name).glob("*.jsonl"))
+            have = splits_present(src.root, task.name)
             raise ConfigError(f"eval.split={split}: {task.name} has no {split} split in {src.root} (present: "
                               f"{', '.join(have) or 'none'}); use eval.split=null (the paper's split, "
                               f"{task.eval_split})")

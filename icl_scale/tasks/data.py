@@ -132,6 +132,11 @@ def _announce_embedded(task: str) -> None:
              task, counts, ENV_DATA_DIR)
 
 
+def splits_present(root: Path, task: str) -> list[str]:
+    """The splits a mirror folder has for a task (<root>/<task>/<split>.jsonl)."""
+    return sorted(p.stem for p in (root / task).glob("*.jsonl")) if (root / task).is_dir() else []
+
+
 def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """All rows of one split, in order; row i is doc_id i. The rows are shared (cached): don't mutate."""
     t = get_task(task)
@@ -143,7 +148,7 @@ def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None 
     if path.is_dir():
         raise TaskDataError(f"{path} is a folder, not a data file; a split is one JSONL file <task>/<split>.jsonl")
     if not path.is_file():
-        have = sorted(p.stem for p in (root / t.name).glob("*.jsonl")) if (root / t.name).is_dir() else []
+        have = splits_present(root, t.name)
         raise TaskDataError(
             f"missing data file {path}; {t.name} splits present in {root}: {', '.join(have) or 'none'}"
         )
