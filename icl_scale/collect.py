@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .store import MANIFEST, Shard, StoreError, induction_dir, list_shards, safe_name
+from .store import MANIFEST, Shard, StoreError, induction_dir, list_shards, safe_name, shard_seed
 
 
 class ShardFormatError(StoreError):
@@ -44,12 +44,12 @@ class Collected:
     mixed: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # one line each (mixed settings, unrecorded settings)
 
-    def by_key(self) -> dict[tuple[str, str, int], ShardData]:
-        return {(d.shard.model, d.shard.task, d.shard.shot): d for d in self.ok}
+    def by_key(self) -> dict[tuple[str, str, int, int], ShardData]:
+        return {(d.shard.model, d.shard.task, d.shard.shot, d.shard.seed): d for d in self.ok}
 
 
 def shard_name(sh: Shard) -> str:
-    return f"{sh.model}/{sh.task}/{sh.shot}shot"
+    return sh.name
 
 
 # --- reading and checking a shard's files -----------------------------------------------------------
@@ -119,18 +119,20 @@ def check_manifest(m: Any, sh: Shard) -> None:
             _fail(f, f"{key} is {_kind(m[key])}, expected an object")
     cfg = m.get("config") or {}
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-    _check_place(f"{f}: config", sh, model.get("name"), cfg.get("task"), cfg.get("shot"))
+    _check_place(f"{f}: config", sh, model.get("name"), cfg.get("task"), cfg.get("shot"), cfg.get("seed"))
 
 
-def _check_place(where: str, sh: Shard, model: Any, task: Any, shot: Any) -> None:
-    """The model, task and shot a file records (when it does) must be its folder's
-    <model>/<task>/<shot>shot: a copied or renamed folder is not trusted."""
+def _check_place(where: str, sh: Shard, model: Any, task: Any, shot: Any, seed: Any = None) -> None:
+    """The model, task, shot and seed a file records (when it does) must be its folder's
+    <model>/<task>/<shot>shot/seed<k>: a copied or renamed folder is not trusted. (A legacy
+    folder has no seed in its path: it takes the seed its manifest records.)"""
     model = sh.model if model is None else safe_name(model)
     task = sh.task if task is None else task
     shot = sh.shot if shot is None else shot
-    if (model, task, shot) != (sh.model, sh.task, sh.shot):
-        raise ShardFormatError(f"{where} is for {model}/{task}/{shot}shot but the folder is {shard_name(sh)} "
-                               "(a copied or renamed shard?); rerun it with store.force=true")
+    seed = sh.seed if seed is None or sh.legacy or not isinstance(shot, int) else shard_seed(shot, seed)
+    if (model, task, shot, seed) != (sh.model, sh.task, sh.shot, sh.seed):
+        raise ShardFormatError(f"{where} is for {model}/{task}/{shot}shot/seed{seed} but the folder is "
+                               f"{shard_name(sh)} (a copied or renamed shard?); rerun it with store.force=true")
 
 
 def _check_row(r: Any, where: str, metric: str, level_keys: tuple[str, ...], file: str,
@@ -170,7 +172,7 @@ def check_curves(c: Any, sh: Shard) -> None:
     f = "curves.json"
     if not isinstance(c, dict):
         _fail(f, f"is {_kind(c)}, expected an object")
-    _check_place(f, sh, c.get("model"), c.get("task"), c.get("shot"))
+    _check_place(f, sh, c.get("model"), c.get("task"), c.get("shot"), c.get("seed"))
     metric = _get(c, "metric", "", lambda v: isinstance(v, str) and v, "a metric name", f)
     for key in ("n_eval", "n_importance"):
         _get(c, key, "", _is_count, "a count", f)
@@ -215,15 +217,15 @@ def load_shard(sh: Shard, manifest: dict) -> ShardData:
     return ShardData(sh, curves, imp, manifest)
 
 
-def collect(root: Path | str, model: str | None = None, expected: list[tuple[str, int]] | None = None) -> Collected:
-    """Load every complete shard; classify the others as failed / incomplete / corrupt / missing;
-    name the complete shards whose settings differ from the others' (`mixed`, `warnings`)."""
+def collect(root: Path | str, model: str | None = None, expected: list[tuple] | None = None) -> Collected:
+    """Load every complete shard; classify the others as failed / incomplete / corrupt / missing
+    (`expected`: (task, shot) or (task, shot, seed) tuples); name the complete shards whose settings
+    differ from the others' (`mixed`, `warnings`)."""
     out = Collected()
-    seen = set()
-    for sh in list_shards(root):
-        if model is not None and sh.model != model:
-            continue
-        seen.add((sh.task, sh.shot))
+    shards = [sh for sh in list_shards(root) if model is None or sh.model == model]
+    present = {(sh.task, sh.shot, sh.seed) for sh in shards if not sh.legacy}
+    seen = set(present)
+    for sh in shards:
         name = shard_name(sh)
         try:
             m = read_shard_json(sh, MANIFEST) if sh.file(MANIFEST).exists() else None
@@ -235,6 +237,13 @@ def collect(root: Path | str, model: str | None = None, expected: list[tuple[str
         if m is None:
             out.problems.append({"shard": name, "status": "incomplete", "reason": "no manifest"})
             continue
+        if sh.legacy:  # written before the seed axis: the seed is the one its config records
+            sh.seed = shard_seed(sh.shot, (m.get("config") or {}).get("seed") or 0)
+            if (sh.task, sh.shot, sh.seed) in present:
+                out.warnings.append(f"{name}: a shard from before the seed axis, superseded by "
+                                    f"{name}/seed{sh.seed} (not aggregated)")
+                continue
+            seen.add((sh.task, sh.shot, sh.seed))
         if m.get("status") != "complete":
             reason = m.get("error") or f"status {m.get('status')!r} (still running, killed, or preempted)"
             out.problems.append({"shard": name, "status": str(m.get("status", "unknown")), "reason": str(reason)})
@@ -243,11 +252,13 @@ def collect(root: Path | str, model: str | None = None, expected: list[tuple[str
             out.ok.append(load_shard(sh, m))
         except ShardFormatError as e:
             out.problems.append({"shard": name, "status": "corrupt", "reason": str(e)})
-    for task, shot in expected or []:
-        if (task, shot) not in seen:
-            out.problems.append({"shard": f"{model}/{task}/{shot}shot", "status": "missing",
+    for task, shot, *seed in expected or []:
+        key = (task, shot, shard_seed(shot, seed[0] if seed else 0))
+        if key not in seen:
+            out.problems.append({"shard": Shard(root, model or "?", *key).name, "status": "missing",
                                  "reason": "no shard folder (job never started or failed before writing)"})
-    out.mixed, out.warnings = mixed_settings(out.ok)
+    out.mixed, warnings = mixed_settings(out.ok)
+    out.warnings += warnings
     return out
 
 

@@ -4,16 +4,20 @@ Gradient importance (paper Eq. 8-9, after Michel et al. 2019): for each training
 is the k-shot context plus the gold continuation, the loss is the mean NLL of the continuation
 tokens, and
 
-    I[l, h] = (1 / T) * sum over examples, over token positions t of |<o_{l,h}(t), dL/do_{l,h}(t)>|
+    I[l, h] = (1 / T_l) * sum over examples, over token positions t of |<o_{l,h}(t), dL/do_{l,h}(t)>|
 
-where o_{l,h}(t) is head h's attention output at token t (the input of the output projection) and
-T the total number of input tokens. <o, dL/do> at one token is exactly dL/dg for a gate g that
+where o_{l,h}(t) is head h's attention output at token t (the input of the output projection).
+T_l, `importance.normalize=paper` (default; the original's `lm_eval/base.py::calculate_importance`):
+the number of input tokens (N-1 for an N-token context + continuation) summed over examples for
+layers 0..L-2, and the number of gold-continuation tokens for the last layer, the only positions
+whose last-layer output reaches the loss. `all_tokens`: the input-token count for every layer.
+<o, dL/do> at one token is exactly dL/dg for a gate g that
 scales that head at that token, so one backward pass to per-token gate probes gives every head and
 every FFN at once (icl_scale.models.gates, record=True). No parameter gradients are computed.
 
 Options: `abs_mode="sum"` takes |sum over tokens| per example instead of sum over tokens of |.|
-(the head-mask gradient of the original code); `normalize_layers=True` divides each layer's head
-scores by their L2 norm (Michel et al.).
+(Michel et al.'s head-gate gradient; the paper's code takes |.| per token, the default);
+`normalize_layers=True` divides each layer's head scores by their L2 norm (Michel et al.).
 
 FFN knock-out importance (the paper's FFN ranking): accuracy drop when FFN l alone is removed.
 """
@@ -32,6 +36,7 @@ from .scoring import Tokenised, pad_right
 from .tasks.base import Request
 
 ABS_MODES = ("per_token", "sum")
+NORMALIZE = ("paper", "all_tokens")
 
 
 @dataclass
@@ -41,7 +46,8 @@ class ImportanceState:
     heads: torch.Tensor  # [L, H] sum of |contributions|
     ffn: torch.Tensor  # [L]
     n_examples: int = 0
-    n_tokens: int = 0
+    n_tokens: int = 0  # input tokens (positions whose outputs can reach the loss)
+    n_cont_tokens: int = 0  # gold-continuation tokens (the loss's positions)
 
     @classmethod
     def zeros(cls, lm: LoadedModel) -> ImportanceState:
@@ -51,18 +57,28 @@ class ImportanceState:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"heads_sum": self.heads, "ffn_sum": self.ffn,
-                "counts": torch.tensor([self.n_examples, self.n_tokens], dtype=torch.int64)}
+                "counts": torch.tensor([self.n_examples, self.n_tokens, self.n_cont_tokens], dtype=torch.int64)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> ImportanceState:
-        n_ex, n_tok = (int(x) for x in t["counts"])
-        return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok)
+        n_ex, n_tok, n_cont = (int(x) for x in t["counts"])
+        return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok, n_cont)
 
-    def result(self, normalize_layers: bool = False) -> dict[str, torch.Tensor]:
+    def layer_tokens(self, normalize: str = "paper") -> torch.Tensor:
+        """[L] token count each layer's sums are divided by (see the module docstring)."""
+        if normalize not in NORMALIZE:
+            raise ValueError(f"importance.normalize={normalize!r}; use one of {', '.join(NORMALIZE)}")
+        t = torch.full((self.heads.shape[0],), float(self.n_tokens), dtype=torch.float64)
+        if normalize == "paper":
+            t[-1] = self.n_cont_tokens
+        return t
+
+    def result(self, normalize_layers: bool = False, normalize: str = "paper") -> dict[str, torch.Tensor]:
         if self.n_tokens == 0:
             raise ValueError("no importance examples were processed (importance.n_examples must be >= 1)")
-        heads = (self.heads / self.n_tokens).float()
-        ffn = (self.ffn / self.n_tokens).float()
+        t = self.layer_tokens(normalize)
+        heads = (self.heads / t[:, None]).float()
+        ffn = (self.ffn / t).float()
         if normalize_layers:
             heads = heads / heads.norm(dim=1, keepdim=True).clamp_min(1e-20)
         return {"heads": heads, "ffn": ffn}
@@ -138,6 +154,7 @@ def gradient_importance(
                 state.ffn += ffn_c.sum(dim=2).abs().sum(dim=1).double().cpu()
             state.n_examples += len(chunk)
             state.n_tokens += int(mask.sum())
+            state.n_cont_tokens += len(tgt_t)
             gates.clear_probes()
             bar.update(len(chunk))
             if on_batch is not None:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 CURVE_COLUMNS = ["kind", "head_level", "ffn_level", "metric", "value", "ci_lo", "ci_hi", "n"]
 
 
-def run_reduce(cfg: dict, expected: list[tuple[str, int]] | None = None) -> dict:
+def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
     model = cfg["model"]["name"]
     root = cfg["store"]["root"]
     res = reduce_store(root, model, expected)
@@ -30,13 +30,15 @@ def run_reduce(cfg: dict, expected: list[tuple[str, int]] | None = None) -> dict
         # The reducer's own W&B settings apply to every run it logs (not those saved in shards).
         where = dict(mode=wb.get("mode"), project=wb.get("project"), entity=wb.get("entity"), dir=wb.get("dir"))
         for d in col.ok:
-            name = f"{d.shard.task}-{d.shard.shot}shot"
-            shard_rows = [r for r in rows if r["task"] == d.shard.task and r["shot"] == d.shard.shot]
+            name = f"{d.shard.task}-{d.shard.shot}shot-seed{d.shard.seed}"
+            shard_rows = [r for r in rows if (r["task"], r["shot"], r["seed"]) == (d.shard.task, d.shard.shot,
+                                                                                  d.shard.seed)]
             with start_run({**d.manifest.get("resolved", {}), "config_hash": d.manifest.get("config_hash")},
                            name=name, group=group, job_type="shard", **where) as run:
                 run.log_table("curves", CURVE_COLUMNS, [[r[c] for c in CURVE_COLUMNS] for r in shard_rows])
                 base = d.curves["heads"][0]["value"] if d.curves["heads"] else None
-                run.log_summary({"task": d.shard.task, "shot": d.shard.shot, "metric": d.curves["metric"],
+                run.log_summary({"task": d.shard.task, "shot": d.shard.shot, "seed": d.shard.seed,
+                                 "metric": d.curves["metric"],
                                  "unpruned": base, "seconds": d.manifest.get("timings", {}).get("total")})
                 runs.append(run.name)
         with start_run({k: cfg[k] for k in ("model", "sweep", "pruning", "importance", "eval") if k in cfg},

@@ -39,12 +39,14 @@ from .store import (
     read_json,
     read_tensors,
     set_writer,
+    shard_seed,
     write_json,
     write_jsonl,
     write_tensors,
 )
-from .tasks import Request, build_requests, compute_metrics, get_task
+from .tasks import Request, build_requests, compute_metrics, get_task, load_split
 from .tasks.data import data_source
+from .tasks.fewshot import demo_pool
 from .tracking import sanitize_config
 from .validation import check_config, check_data
 
@@ -55,16 +57,18 @@ HASHED = {
     "model": ("name", "source", "id", "path", "revision", "gguf_file", "family", "seed", "config", "dtype",
               "doc_start", "max_length"),
     "eval": ("split", "limit"),
-    "importance": ("n_examples", "abs", "normalize_layers"),
+    "importance": ("n_examples", "docs", "normalize", "abs", "normalize_layers"),
     "knockout": ("split", "limit"),
-    "pruning": ("levels", "combined_levels", "ffn_ranking", "iterative", "compare", "random_seeds"),
+    "pruning": ("levels", "combined_levels", "count", "ffn_ranking", "rescore_each_level", "compare",
+                "random_seeds"),
 }
 
 
 def shard_config(cfg: dict, data: dict[str, str]) -> dict:
     """What the config hash covers: the settings in HASHED and a fingerprint of the data rows used
     (validation.check_data), so fixed data or another data.dir is never mistaken for done work."""
-    out: dict[str, Any] = {"task": cfg["task"], "shot": int(cfg["shot"]), "seed": int(cfg.get("seed", 0))}
+    shot = int(cfg["shot"])
+    out: dict[str, Any] = {"task": cfg["task"], "shot": shot, "seed": shard_seed(shot, int(cfg.get("seed", 0)))}
     for section, keys in HASHED.items():
         sec = cfg.get(section) or {}
         out[section] = {k: sec.get(k) for k in keys if k in sec}
@@ -197,7 +201,7 @@ class ShardRun:
     def __init__(self, cfg: dict, lm: LoadedModel | None = None):
         self.cfg, self.lm = cfg, lm
         self.task, self.shot = cfg["task"], int(cfg["shot"])
-        self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot)
+        self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot, int(cfg.get("seed", 0)))
         self.scfg = shard_config(cfg, check_data(cfg))
         self.hash = config_hash(self.scfg)
         self.metric = primary_metric(self.task)
@@ -220,7 +224,7 @@ class ShardRun:
         self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress)
         with self.stages("importance"):
             self.imp_state = self.importance()
-            self.imp = self.imp_state.result(bool(self.cfg["importance"].get("normalize_layers", False)))
+            self.imp = self.importance_result(self.imp_state)
         with self.stages("knockout"):
             self.knockout()
         with self.stages("curves"):
@@ -293,8 +297,9 @@ class ShardRun:
     # --- stages ---------------------------------------------------------------------------------
 
     def render(self) -> Requests:
-        """Importance docs and held-out knock-out docs are disjoint slices of the train split
-        (`knockout.split=heldout`), or knock-out runs on the eval docs (`paper`)."""
+        """Importance docs are the first `importance.n_examples` train docs (of the task's training
+        docs, `importance.docs`); knock-out runs on the eval docs (`knockout.split=paper`) or on the
+        last `knockout.limit` train docs, then cut from the importance pool (`heldout`)."""
         c, seed = self.cfg, int(self.cfg.get("seed", 0))
         data_dir = (c.get("data") or {}).get("dir")
         ev = c["eval"]
@@ -312,6 +317,9 @@ class ShardRun:
                 raise ValueError(f"knockout.limit={k} must be in 1..{len(train_reqs) - 1} for {self.task} "
                                  f"({len(train_reqs)} train docs)")
             ko_reqs, imp_pool = train_reqs[-k:], train_reqs[:-k]
+        if c["importance"]["docs"] == "training_docs":  # the harness's training_docs (WSC: positives)
+            keep = set(demo_pool(self.task, load_split(get_task(self.task), "train", data_dir)))
+            imp_pool = [r for r in imp_pool if r.doc_id in keep]
         reqs = Requests(eval_reqs, imp_pool[: int(c["importance"]["n_examples"])], ko_reqs)
         self.truncated = {name: n_truncated(self.lm, getattr(reqs, name))
                           for name in ("eval", "importance", "knockout")}
@@ -325,6 +333,10 @@ class ShardRun:
         return gradient_importance(self.lm, self.requests.importance, batch_size=int(ic.get("batch_size", 4)),
                                    head_mask=head_mask, abs_mode=ic.get("abs", "per_token"), state=state,
                                    on_batch=on_batch, progress=self.show_progress)
+
+    def importance_result(self, state: ImportanceState) -> dict[str, torch.Tensor]:
+        ic = self.cfg["importance"]
+        return state.result(bool(ic["normalize_layers"]), ic["normalize"])
 
     def importance(self) -> ImportanceState:
         path = self.shard.ckpt("importance_state.safetensors")
@@ -357,7 +369,7 @@ class ShardRun:
         pr = self.cfg["pruning"]
         heads = self.imp["heads"]
         self.ffn_rank = self.imp["ffn_knockout"] if pr["ffn_ranking"] == "knockout" else self.imp["ffn"]
-        self.curve("heads", heads, "heads", iterative=bool(pr.get("iterative")))
+        self.curve("heads", heads, "heads", rescore_each_level=bool(pr["rescore_each_level"]))
         self.curve("ffn", self.ffn_rank, "ffn")
         # Beyond the paper: prune heads by a task-agnostic ranking (prefix matching, lowest first) and
         # by random rankings, to compare with pruning by task importance at the same levels.
@@ -369,7 +381,7 @@ class ShardRun:
                 self.curve(f"heads_random{k}", P.random_ranking(heads.shape, k), "heads")
         self.combined_grid()
 
-    def curve(self, kind: str, ranking: torch.Tensor, component: str, iterative: bool = False) -> None:
+    def curve(self, kind: str, ranking: torch.Tensor, component: str, rescore_each_level: bool = False) -> None:
         """One accuracy curve over `pruning.levels`: masks, samples and results saved per level."""
         pr = self.cfg["pruning"]
         saved = self.progress.curves.setdefault(kind, {})
@@ -389,12 +401,11 @@ class ShardRun:
             self.save_progress()
 
         def rescore(mask):  # re-rank the remaining heads with the current mask applied
-            return self.gradient_importance(head_mask=mask).result(
-                bool(self.cfg["importance"].get("normalize_layers", False)))["heads"]
+            return self.importance_result(self.gradient_importance(head_mask=mask))["heads"]
 
         done = {float(k): v for k, v in saved.items()}
-        P.curve(ranking, pr["levels"], evaluate, rescore=rescore if iterative else None, done=done,
-                on_level=on_level)
+        P.curve(ranking, pr["levels"], evaluate, rescore=rescore if rescore_each_level else None, done=done,
+                on_level=on_level, count=pr["count"])
 
     def induction_scores(self) -> dict[str, torch.Tensor]:
         name = self.cfg["model"]["name"]
@@ -423,7 +434,8 @@ class ShardRun:
             key = f"h{_level_key(ph)}_f{_level_key(pf)}"
             if key in grid:
                 continue
-            hm, fm = P.prune_mask(self.imp["heads"], ph), P.prune_mask(self.ffn_rank, pf)
+            count = self.cfg["pruning"]["count"]
+            hm, fm = P.prune_mask(self.imp["heads"], ph, count=count), P.prune_mask(self.ffn_rank, pf, count=count)
             metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save_progress()
@@ -439,7 +451,8 @@ class ShardRun:
         kinds = self.progress.curves
         grid = kinds["combined"]
         curves = {
-            "model": self.cfg["model"]["name"], "task": self.task, "shot": self.shot, "metric": self.metric,
+            "model": self.cfg["model"]["name"], "task": self.task, "shot": self.shot, "seed": self.shard.seed,
+            "metric": self.metric,
             "n_eval": len(self.requests.eval), "n_importance": self.imp_state.n_examples,
             "n_knockout": len(self.requests.knockout),
             "heads": self.curve_rows("heads"), "ffn": self.curve_rows("ffn"),
@@ -465,7 +478,7 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
     check_config(cfg)  # every setting, before a model loads or the store is touched
     set_writer(dist_env().is_main)
     check_writable(cfg["store"]["root"])
-    shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]))
+    shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]), int(cfg.get("seed", 0)))
     try:
         return ShardRun(cfg, lm).run()  # reads the data first: a bad row is a failure the reducer names
     except BaseException as e:

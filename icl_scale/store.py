@@ -149,16 +149,33 @@ def safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))
 
 
-class Shard:
-    """One (model, task, shot) result folder."""
+def shard_seed(shot: int, seed: int) -> int:
+    """The demonstration seed a shard is stored under: 0-shot prompts have no demonstrations, so
+    every seed of a 0-shot shard is the same shard, seed 0."""
+    return 0 if int(shot) == 0 else int(seed)
 
-    def __init__(self, root: Path | str, model: str, task: str, shot: int):
+
+class Shard:
+    """One (model, task, shot, demonstration seed) result folder: <root>/<model>/<task>/<shot>shot/seed<seed>.
+
+    `legacy=True`: a store written before the seed axis, with the shard's files directly in
+    <shot>shot/; it is read (as the seed its manifest records), never written to."""
+
+    def __init__(self, root: Path | str, model: str, task: str, shot: int, seed: int = 0, legacy: bool = False):
         self.root = Path(root)
         self.model, self.task, self.shot = model, task, int(shot)
-        self.path = self.root / safe_name(model) / safe_name(task) / f"{self.shot}shot"
+        self.seed, self.legacy = shard_seed(shot, seed), legacy
+        self.shot_dir = self.root / safe_name(model) / safe_name(task) / f"{self.shot}shot"
+        self.path = self.shot_dir if legacy else self.shot_dir / f"seed{self.seed}"
+
+    @property
+    def name(self) -> str:
+        """model/task/<shot>shot/seed<k> (a legacy shard: model/task/<shot>shot)."""
+        base = f"{self.model}/{self.task}/{self.shot}shot"
+        return base if self.legacy else f"{base}/seed{self.seed}"
 
     def __repr__(self) -> str:
-        return f"Shard({self.model}/{self.task}/{self.shot}shot)"
+        return f"Shard({self.name})"
 
     # manifest
     def manifest(self) -> dict | None:
@@ -220,11 +237,18 @@ def induction_dir(root: Path | str, model: str) -> Path:
 
 
 def list_shards(root: Path | str) -> list[Shard]:
-    """Every shard folder under root (complete or not), sorted."""
+    """Every shard folder under root (complete or not), sorted: <model>/<task>/<shot>shot/seed<k>,
+    and a legacy <shot>shot/ folder with files of its own (a store from before the seed axis; its
+    seed is the one its manifest records, icl_scale.collect)."""
     root = Path(root)
     out = []
-    for m in sorted(root.glob("*/*/*shot")):
-        if m.is_dir() and m.name[:-4].isdigit():
-            model, task = m.parent.parent.name, m.parent.name
-            out.append(Shard(root, model, task, int(m.name[:-4])))
+    for d in sorted(root.glob("*/*/*shot")):
+        if not (d.is_dir() and d.name[:-4].isdigit()):
+            continue
+        model, task, shot = d.parent.parent.name, d.parent.name, int(d.name[:-4])
+        seeds = sorted(int(s.name[4:]) for s in d.glob("seed*") if s.is_dir() and s.name[4:].isdigit()
+                       and shard_seed(shot, int(s.name[4:])) == int(s.name[4:]))
+        if any(f.is_file() or f.name == "checkpoint" for f in d.iterdir()):
+            out.append(Shard(root, model, task, shot, legacy=True))
+        out += [Shard(root, model, task, shot, seed) for seed in seeds]
     return out

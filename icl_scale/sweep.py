@@ -19,7 +19,7 @@ import submitit
 
 from .collect import read_induction
 from .config import setup_environment
-from .store import check_writable
+from .store import check_writable, shard_seed
 from .tracking import sanitize_config
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ class SweepError(RuntimeError):
 
 
 def shard_cfgs(cfg: dict) -> list[dict]:
-    """One resolved config per (task, shot) of the sweep."""
+    """One resolved config per (task, shot, demonstration seed) of the sweep; a 0-shot shard has one
+    seed (its prompts have no demonstrations)."""
     from .validation import check_config, check_sweep
 
     check_sweep(cfg)
@@ -40,11 +41,22 @@ def shard_cfgs(cfg: dict) -> list[dict]:
     out = []
     for task in sw["tasks"]:
         for shot in sw["shots"]:
-            c = copy.deepcopy(cfg)
-            c["task"], c["shot"] = task, int(shot)
-            check_config(c)
-            out.append(c)
+            for seed in sorted({shard_seed(shot, s) for s in sw["seeds"]}):
+                c = copy.deepcopy(cfg)
+                c["task"], c["shot"], c["seed"] = task, int(shot), seed
+                check_config(c)
+                out.append(c)
     return out
+
+
+def transfer_cfgs(cfg: dict) -> list[dict]:
+    """One transfer job per shard of the sweep with sweep.transfer=true (none otherwise)."""
+    return shard_cfgs(cfg) if cfg["sweep"].get("transfer") else []
+
+
+def shard_label(c: dict) -> str:
+    """task/<shot>shot/seed<k>, as in messages and the store."""
+    return f"{c['task']}/{c['shot']}shot/seed{c['seed']}"
 
 
 def shard_state(c: dict) -> str:
@@ -85,6 +97,17 @@ class ShardJob(submitit.helpers.Checkpointable):
         return {k: res.get(k) for k in ("status", "shard", "config_hash", "timings", "baseline")}
 
 
+class TransferJob(submitit.helpers.Checkpointable):
+    """Transfer curves for one shard (after the source shards); resumes per level like a shard."""
+
+    def __call__(self, cfg: dict) -> dict:
+        _job_env()
+        from .transfer import run_transfer
+
+        res = run_transfer(cfg)
+        return {k: res.get(k) for k in ("status", "task", "shot", "seed", "left_out")}
+
+
 class InductionJob(submitit.helpers.Checkpointable):
     def __call__(self, cfg: dict) -> dict:
         _job_env()
@@ -96,7 +119,7 @@ class InductionJob(submitit.helpers.Checkpointable):
 
 
 class ReduceJob:
-    def __call__(self, cfg: dict, expected: list[tuple[str, int]]) -> dict:
+    def __call__(self, cfg: dict, expected: list[tuple[str, int, int]]) -> dict:
         _job_env()
         from .reduce import run_reduce
 
@@ -160,11 +183,13 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
 class Submitted:
     shard_jobs: list = field(default_factory=list)
     induction_job: object = None
+    transfer_jobs: list = field(default_factory=list)
     reduce_job: object = None
     skipped: list[str] = field(default_factory=list)
 
     def all_jobs(self) -> list:
-        return [j for j in (*self.shard_jobs, self.induction_job, self.reduce_job) if j is not None]
+        return [j for j in (*self.shard_jobs, self.induction_job, *self.transfer_jobs, self.reduce_job)
+                if j is not None]
 
 
 def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submitted:
@@ -182,15 +207,15 @@ def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submi
     check_writable(la["folder"], "launcher.folder")
     cfgs = shard_cfgs(cfg)
     states = [shard_state(c) for c in cfgs]
-    clobber = [f"{c['task']}/{c['shot']}shot" for c, st in zip(cfgs, states) if st == "clobber"]
+    clobber = [shard_label(c) for c, st in zip(cfgs, states) if st == "clobber"]
     if clobber:
         raise SweepError(f"store.root={cfg['store']['root']} has complete shards made with other settings or data "
                          f"({', '.join(clobber)}); add store.force=true to replace them, or use another store.root")
     todo = [c for c, st in zip(cfgs, states) if st == "todo"]
     need_induction = bool(cfg["sweep"].get("induction", True)) and not induction_done(cfg)
-    out = Submitted(skipped=[f"{c['task']}/{c['shot']}shot" for c in cfgs if c not in todo])
-    expected = [(c["task"], c["shot"]) for c in cfgs]
-    if not todo and not need_induction:
+    out = Submitted(skipped=[shard_label(c) for c in cfgs if c not in todo])
+    expected = [(c["task"], c["shot"], c["seed"]) for c in cfgs]
+    if not todo and not need_induction and not cfg["sweep"].get("transfer"):
         return out
     if la["name"] == "local":
         return _submit_local(cfg, todo, need_induction, expected, out, wait=True if wait is None else wait,
@@ -202,7 +227,9 @@ def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: boo
     from tqdm.auto import tqdm
 
     par = max(1, int(cfg["launcher"].get("array_parallelism", 1)))
-    bar = tqdm(total=len(todo) + int(need_induction) + 1, desc="sweep jobs", unit="job", disable=not progress)
+    transfer = transfer_cfgs(cfg)
+    bar = tqdm(total=len(todo) + int(need_induction) + len(transfer) + 1, desc="sweep jobs", unit="job",
+               disable=not progress)
     if need_induction:
         bar.set_postfix_str("induction scores")
         out.induction_job = make_executor(cfg, "induction").submit(InductionJob(), cfg)
@@ -211,7 +238,7 @@ def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: boo
     ex = make_executor(cfg, "shard")
     for s in range(0, len(todo), par):
         chunk = todo[s: s + par]
-        bar.set_postfix_str(", ".join(f"{c['task']} {c['shot']}-shot" for c in chunk))
+        bar.set_postfix_str(", ".join(shard_label(c) for c in chunk))
         wave = ex.map_array(ShardJob(), chunk)
         out.shard_jobs += wave
         for j, c in zip(wave, chunk):
@@ -219,8 +246,17 @@ def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: boo
             bar.update()
             if progress and j.exception() is None:
                 r = j.result()
-                bar.write(f"  {c['task']} {c['shot']}-shot: {r['status']}, "
+                bar.write(f"  {shard_label(c)}: {r['status']}, "
                           + ", ".join(f"unpruned {k} {v:.3f}" for k, v in (r.get("baseline") or {}).items()))
+    if transfer:  # after every shard: each needs the other tasks' importance
+        tex = make_executor(cfg, "transfer")
+        for s in range(0, len(transfer), par):
+            bar.set_postfix_str("transfer")
+            wave = tex.map_array(TransferJob(), transfer[s: s + par])
+            out.transfer_jobs += wave
+            for j in wave:
+                _wait_quietly(j)
+                bar.update()
     bar.set_postfix_str("reducer")
     out.reduce_job = make_executor(cfg, "reduce").submit(ReduceJob(), cfg, expected)
     if wait:
@@ -241,6 +277,11 @@ def _submit_slurm(cfg, todo, need_induction, expected, out: Submitted, wait: boo
         dep = f"afterok:{out.induction_job.job_id}" if wait_ind else None
         out.shard_jobs = make_executor(cfg, "shard", dependency=dep).map_array(ShardJob(), todo)
         deps.append(out.shard_jobs[0].job_id.split("_")[0])  # the array id: afterany waits for all elements
+    transfer = transfer_cfgs(cfg)
+    if transfer:  # after every shard job (afterany: a failed source is named, the rest still runs)
+        dep = "afterany:" + out.shard_jobs[0].job_id.split("_")[0] if todo else None
+        out.transfer_jobs = make_executor(cfg, "transfer", dependency=dep).map_array(TransferJob(), transfer)
+        deps.append(out.transfer_jobs[0].job_id.split("_")[0])
     rex = make_executor(cfg, "reduce", dependency="afterany:" + ":".join(deps))
     out.reduce_job = rex.submit(ReduceJob(), cfg, expected)
     if wait:

@@ -14,6 +14,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from . import pruning as P
+from .importance import ABS_MODES, NORMALIZE
 from .tasks import get_task, load_split
 from .tasks.data import resolve_source, splits_present
 from .tasks.fewshot import demo_pool
@@ -22,7 +23,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 FFN_RANKINGS = ("knockout", "gradient")
 KNOCKOUT_SPLITS = ("heldout", "paper")
 COMPARE = ("induction", "random")
-ABS_MODES = ("per_token", "sum")
+IMPORTANCE_DOCS = ("training_docs", "all_train")
 ATTENTION = ("sdpa", "eager")  # the attention implementations the gates and probes are tested on
 
 
@@ -75,6 +76,8 @@ def check_config(cfg: dict) -> None:
     integer(cfg, "importance.batch_size", lo=1)
     integer(cfg, "importance.checkpoint_every", lo=1)
     choice(cfg, "importance.abs", ABS_MODES)
+    choice(cfg, "importance.normalize", NORMALIZE)
+    choice(cfg, "importance.docs", IMPORTANCE_DOCS)
     boolean(cfg, "importance.normalize_layers")
     if choice(cfg, "knockout.split", KNOCKOUT_SPLITS) == "heldout":
         integer(cfg, "knockout.limit", lo=1)
@@ -125,7 +128,8 @@ def _check_pruning(cfg: dict) -> None:
             raise ConfigError(f"{key} contains {bad[0]!r}; every level is a percentage in 0..100")
         P.check_levels(levels, key)
     choice(cfg, "pruning.ffn_ranking", FFN_RANKINGS)
-    boolean(cfg, "pruning.iterative")
+    boolean(cfg, "pruning.rescore_each_level")
+    choice(cfg, "pruning.count", P.COUNTS)
     compare = get(cfg, "pruning.compare") or []
     if not isinstance(compare, list):
         raise ConfigError(f"pruning.compare={compare!r} must be a list, e.g. pruning.compare=[{compare}]")
@@ -181,6 +185,25 @@ def _check_sizes(cfg: dict, task, train: list[dict]) -> None:
                           f"{task.name} ({len(train)} train docs; the rest are importance docs)")
 
 
+def check_transfer(cfg: dict) -> None:
+    """The transfer job's settings: lists of known tasks, each once."""
+    for key in ("transfer.sources", "transfer.rankings_from"):
+        v = get(cfg, key)
+        if not isinstance(v, list):
+            raise ConfigError(f"{key}={v!r} must be a list of tasks, e.g. {key}=[copa,rte]")
+        for t in v:
+            try:
+                get_task(t)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        dup = sorted({t for t in v if v.count(t) > 1})
+        if dup:
+            raise ConfigError(f"{key} lists {dup} more than once; list each task once")
+    if not get(cfg, "transfer.sources") and not get(cfg, "transfer.rankings_from"):
+        raise ConfigError("transfer.sources and transfer.rankings_from are both empty: there is no ranking to "
+                          "transfer; e.g. transfer.sources=[copa,rte]")
+
+
 def check_sweep(cfg: dict) -> None:
     """The sweep's own settings (each shard's are checked by check_config)."""
     for key in ("sweep.tasks", "sweep.shots"):
@@ -192,6 +215,18 @@ def check_sweep(cfg: dict) -> None:
     if bad:
         raise ConfigError(f"sweep.shots contains {bad[0]!r}; every shot is a whole number >= 0, "
                           "e.g. sweep.shots=[0,1,5]")
+    seeds = get(cfg, "sweep.seeds")
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 0
+                                                       for s in seeds):
+        raise ConfigError(f"sweep.seeds={seeds!r} must be a non-empty list of whole numbers >= 0 (demonstration "
+                          "seeds), e.g. sweep.seeds=[0,1,2]")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        fix = ",".join(str(s) for s in sorted(set(seeds)))
+        raise ConfigError(f"sweep.seeds={seeds} lists {dup} more than once; list each seed once, e.g. "
+                          f"sweep.seeds=[{fix}]")
     boolean(cfg, "sweep.induction")
+    if boolean(cfg, "sweep.transfer"):
+        check_transfer(cfg)
     integer(cfg, "launcher.timeout_min", lo=1)
     integer(cfg, "launcher.array_parallelism", lo=1)

@@ -4,7 +4,7 @@ out_dir/metrics.json and out_dir/samples.jsonl.
 
     python jobs/evaluate.py task=piqa shot=5 eval.limit=100 out_dir=runs/piqa5
     python jobs/evaluate.py model=tiny-opt task=copa shot=1 out_dir=runs/x \
-        head_mask=store/smollm2-135m/copa/1shot/masks/heads_50.safetensors
+        head_mask=store/smollm2-135m/copa/1shot/seed0/masks/heads_50.safetensors
 
 A mask file is a safetensors file holding one tensor (key `mask`): [layers, heads] for heads,
 [layers] for FFNs of this model, float or bool, 1 = keep, 0 = remove (nothing else: no NaN, no

@@ -39,7 +39,7 @@ from icl_scale.validation import ConfigError
 from conftest import REPO, data_dir, get_model, tiny_shard_cfg
 
 MODEL = "tiny-opt"  # 2 layers x 4 heads
-COMPLETE = ("copa/1shot", "copa/0shot")  # the complete shards every case starts from
+COMPLETE = ("copa/1shot/seed0", "copa/0shot/seed0")  # the complete shards every case starts from
 DOC = REPO / "docs" / "bad-input.md"
 SECRET = "SECRET-7f3a9c"
 
@@ -64,7 +64,7 @@ class Env:
     def shard(self, *overrides: str) -> dict:
         return run_shard(self.cfg(*overrides), lm=self.lm)
 
-    def path(self, shard: str = "copa/1shot") -> Path:
+    def path(self, shard: str = "copa/1shot/seed0") -> Path:
         return self.root / MODEL / shard
 
     def data(self, task: str, split: str, edit: Callable[[Path], None]) -> Path:
@@ -143,10 +143,11 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
     ("importance.checkpoint_every=0", ConfigError, "importance.checkpoint_every=0 must be >= 1"),
     ("importance.checkpoint_every=1.5", ConfigError,
      "importance.checkpoint_every=1.5 " + MUST_BE_NUMBER + "importance.checkpoint_every=1"),
-    ("knockout.limit=0", ConfigError, "knockout.limit=0 must be >= 1"),
-    ("knockout.limit=-1", ConfigError, "knockout.limit=-1 must be >= 1"),
-    ("knockout.limit=x", ConfigError, "knockout.limit='x' " + MUST_BE_NUMBER + "knockout.limit=1"),
-    ("knockout.limit=40", ConfigError,
+    ("knockout.split=heldout knockout.limit=0", ConfigError, "knockout.limit=0 must be >= 1"),
+    ("knockout.split=heldout knockout.limit=-1", ConfigError, "knockout.limit=-1 must be >= 1"),
+    ("knockout.split=heldout knockout.limit=x", ConfigError,
+     "knockout.limit='x' " + MUST_BE_NUMBER + "knockout.limit=1"),
+    ("knockout.split=heldout knockout.limit=40", ConfigError,
      "knockout.limit=40 must be in 1..39 for copa (40 train docs; the rest are importance docs)"),
     ("shot=50", ConfigError, "shot=50: copa train has 40 rows that can be demonstrations, so at most 39 per doc; "
                              "use shot<=39 or a bigger train split (data.dir)"),
@@ -167,7 +168,12 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
     ("wandb.mode=sometimes", ConfigError,
      "wandb.mode='sometimes' is not an option; use one of offline, online, disabled"),
     ("importance.normalize_layers=maybe", ConfigError, "importance.normalize_layers='maybe' must be true or false"),
-    ("pruning.iterative=1", ConfigError, "pruning.iterative=1 must be true or false"),
+    ("pruning.rescore_each_level=1", ConfigError, "pruning.rescore_each_level=1 must be true or false"),
+    ("pruning.count=ceil", ConfigError, "pruning.count='ceil' is not an option; use one of floor, round"),
+    ("importance.normalize=none", ConfigError,
+     "importance.normalize='none' is not an option; use one of paper, all_tokens"),
+    ("importance.docs=every", ConfigError,
+     "importance.docs='every' is not an option; use one of training_docs, all_train"),
     ("pruning.save_samples=no", ConfigError, "pruning.save_samples='no' must be true or false"),
     ("store.force=yes", ConfigError, "store.force='yes' must be true or false"),
     ("store.force=1", ConfigError, "store.force=1 must be true or false"),
@@ -206,7 +212,7 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
      "model.path=/nonexistent/ckpt does not exist; set model.path to a Hugging Face checkpoint folder "
      "(config.json, *.safetensors, tokenizer files)"),
     ("eval.limit=6", StoreError,
-     "…/tiny-opt/copa/1shot holds a complete shard made with other settings or data (config …, this run …); "
+     "…/tiny-opt/copa/1shot/seed0 holds a complete shard made with other settings or data (config …, this run …); "
      "add store.force=true to replace it, or set store.root to another folder"),
 ]
 for _ov, _exc, _msg in CONFIG:
@@ -416,7 +422,7 @@ harmless("data", "arc_easy-numeric-labels",
 
 # --- files in the store: a copy of the store with a file of a complete shard damaged -------------------
 
-def damage(rel: str, content: bytes | None = None, shard: str = "copa/1shot") -> Callable[[Env], Path]:
+def damage(rel: str, content: bytes | None = None, shard: str = "copa/1shot/seed0") -> Callable[[Env], Path]:
     def do(env: Env) -> Path:
         p = env.path(shard) / rel
         if content is None:
@@ -457,30 +463,30 @@ def reported(shard: str, status: str, reason: str, n_complete: int = 1) -> Calla
 
 def store_reduce_case(name: str, input: str, corrupt, reason: str) -> None:
     harmless("store", name, input, reduced(corrupt),
-             f"the reducer reports copa/1shot as corrupt: `` {reason} ``; the other shards are aggregated",
-             reported("copa/1shot", "corrupt", reason), touches=("copa/1shot",))
+             f"the reducer reports copa/1shot/seed0 as corrupt: `` {reason} ``; the other shards are aggregated",
+             reported("copa/1shot/seed0", "corrupt", reason), touches=("copa/1shot/seed0",))
 
 
 def _recomputed(res: dict, env: Env) -> None:
     m = json.loads((env.path() / "manifest.json").read_text())
-    old = json.loads(env.before["copa/1shot"]["manifest.json"])
+    old = json.loads(env.before["copa/1shot/seed0"]["manifest.json"])
     assert res["status"] == "complete" and m["status"] == "complete" and m["config_hash"] == old["config_hash"]
-    assert (env.path() / "curves.json").read_bytes() == env.before["copa/1shot"]["curves.json"]
+    assert (env.path() / "curves.json").read_bytes() == env.before["copa/1shot/seed0"]["curves.json"]
 
 
 harmless("store", "corrupt-manifest-rerun", "manifest.json of a complete shard is `{not json`; rerun the shard",
          rerun(damage("manifest.json", b"{not json")),
          "a corrupt manifest is never trusted: the rerun recomputes the shard (same curves as before)",
-         _recomputed, touches=("copa/1shot",))
+         _recomputed, touches=("copa/1shot/seed0",))
 harmless("store", "manifest-a-list-rerun", "manifest.json of a complete shard is `[1, 2]`; rerun the shard",
          rerun(damage("manifest.json", b"[1, 2]\n")),
          "a manifest that is not an object is never trusted: the rerun recomputes the shard (same curves)",
-         _recomputed, touches=("copa/1shot",))
+         _recomputed, touches=("copa/1shot/seed0",))
 for _file in ("importance.safetensors", "curves.json"):
     harmless("store", f"corrupt-{_file}-rerun", f"{_file} of a complete shard is garbage; rerun the shard",
              rerun(damage(_file, b"garbage")),
              "a complete shard whose result files do not read back is recomputed (same curves), not skipped",
-             _recomputed, touches=("copa/1shot",))
+             _recomputed, touches=("copa/1shot/seed0",))
 store_reduce_case("corrupt-manifest-reduce", "manifest.json is `{not json`; reduce",
                   damage("manifest.json", b"{not json"),
                   "manifest.json: not valid JSON (Expecting property name enclosed in double quotes at line 1)")
@@ -520,26 +526,27 @@ store_reduce_case("missing-curves-reduce", "curves.json deleted; reduce", damage
 
 def _no_config_warned(res: dict, env: Env) -> None:
     assert res["n_complete"] == 2 and res["problems"] == []
-    assert f"{MODEL}/copa/1shot: manifest.json records no config: its settings cannot be compared" in res["warnings"]
+    warning = f"{MODEL}/copa/1shot/seed0: manifest.json records no config: its settings cannot be compared"
+    assert warning in res["warnings"]
 
 
 harmless("store", "manifest-without-config-reduce", "manifest.json is `{\"status\": \"complete\"}`; reduce",
          reduced(damage("manifest.json", b'{"status": "complete"}')),
-         "aggregated, with the warning `tiny-opt/copa/1shot: manifest.json records no config: its settings "
-         "cannot be compared`", _no_config_warned, touches=("copa/1shot",))
+         "aggregated, with the warning `tiny-opt/copa/1shot/seed0: manifest.json records no config: its settings "
+         "cannot be compared`", _no_config_warned, touches=("copa/1shot/seed0",))
 
 STALE = "masks/.heads_50.safetensors.k2j4.tmp"
 
 
 def _stale_left_alone(res: dict, env: Env) -> None:
     assert res["status"] == "skipped"
-    assert _bytes(env.path()) == {**env.before["copa/1shot"], STALE: b"half a file"}
+    assert _bytes(env.path()) == {**env.before["copa/1shot/seed0"], STALE: b"half a file"}
 
 
 harmless("store", "stale-tmp-rerun", f"a stale `{STALE}` in a complete shard; rerun",
          rerun(damage(STALE, b"half a file")),
          "the rerun finds the shard complete and does nothing (a run that does work removes stale temp files; "
-         "readers never look at `.*.tmp`)", _stale_left_alone, touches=("copa/1shot",))
+         "readers never look at `.*.tmp`)", _stale_left_alone, touches=("copa/1shot/seed0",))
 
 
 def _under_a_file(env: Env, name: str):
@@ -564,13 +571,13 @@ error("store", "store.root-is-a-file", "`store.root=<a regular file>`", lambda e
 
 def _missing_reported(res: dict, env: Env) -> None:
     assert res["n_complete"] == 2
-    assert res["problems"] == [{"shard": f"{MODEL}/rte/0shot", "status": "missing",
+    assert res["problems"] == [{"shard": f"{MODEL}/rte/0shot/seed0", "status": "missing",
                                 "reason": "no shard folder (job never started or failed before writing)"}]
 
 
-harmless("store", "expected-shard-missing-reduce", "reduce expecting rte/0shot, which has no folder",
+harmless("store", "expected-shard-missing-reduce", "reduce expecting rte/0shot/seed0, which has no folder",
          lambda env: reduce_store(env.root, MODEL, [("copa", 0), ("copa", 1), ("rte", 0)]),
-         "the reducer reports `tiny-opt/rte/0shot: missing (no shard folder (job never started or failed before "
+         "the reducer reports `tiny-opt/rte/0shot/seed0: missing (no shard folder (job never started or failed before "
          "writing))` and aggregates the rest", _missing_reported)
 
 
@@ -781,6 +788,17 @@ for _shots, _bad in (("[1.5]", "1.5"), ("[true]", "True"), ("[-1]", "-1"), ("[x]
     error("launcher", f"sweep.shots={_shots}", f"`sweep.shots={_shots}`",
           lambda env, s=_shots: env.sweep(f"sweep.shots={s}"), ConfigError,
           f"sweep.shots contains {_bad}; every shot is a whole number >= 0, e.g. sweep.shots=[0,1,5]")
+error("launcher", "sweep.seeds=[0,1,1]", "`sweep.seeds=[0,1,1]` (a duplicate)",
+      lambda env: env.sweep("sweep.seeds=[0,1,1]"), ConfigError,
+      "sweep.seeds=[0, 1, 1] lists [1] more than once; list each seed once, e.g. sweep.seeds=[0,1]")
+error("launcher", "sweep.seeds=[]", "`sweep.seeds=[]`", lambda env: env.sweep("sweep.seeds=[]"), ConfigError,
+      "sweep.seeds=[] must be a non-empty list of whole numbers >= 0 (demonstration seeds), e.g. sweep.seeds=[0,1,2]")
+error("launcher", "transfer.sources=[copa,nope]", "`sweep.transfer=true transfer.sources=[copa,nope]`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.sources=[copa,nope]"), ConfigError,
+      "transfer.sources: unknown task 'nope'; valid tasks: …")
+error("launcher", "transfer.rankings_from=[copa,copa]", "`sweep.transfer=true transfer.rankings_from=[copa,copa]`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.rankings_from=[copa,copa]"), ConfigError,
+      "transfer.rankings_from lists ['copa'] more than once; list each task once")
 error("launcher", "sweep.induction=maybe", "`sweep.induction=maybe`", lambda env: env.sweep("sweep.induction=maybe"),
       ConfigError, "sweep.induction='maybe' must be true or false")
 error("launcher", "launcher.timeout_min=0", "`launcher.timeout_min=0`",
@@ -796,7 +814,7 @@ error("launcher", "sweep-store.force=yes", "`store.force=yes` in a sweep", lambd
       ConfigError, "store.force='yes' must be true or false")
 error("launcher", "sweep-other-settings", "`eval.limit=5` in a sweep over the complete shards",
       lambda env: env.sweep("eval.limit=5"), SweepError,
-      "store.root=… has complete shards made with other settings or data (copa/0shot, copa/1shot); add "
+      "store.root=… has complete shards made with other settings or data (copa/0shot/seed0, copa/1shot/seed0); add "
       "store.force=true to replace them, or use another store.root")
 
 
@@ -850,7 +868,7 @@ def complete(tmp_path_factory):
     """A store with two complete tiny shards, and the bytes of every file in them."""
     root = tmp_path_factory.mktemp("complete")
     for key in COMPLETE:
-        task, shot = key.split("/")
+        task, shot, _seed = key.split("/")
         res = run_shard(tiny_shard_cfg(root, task, int(shot.removesuffix("shot")), MODEL), lm=get_model(MODEL))
         assert res["status"] == "complete"
     return root, {key: _bytes(root / MODEL / key) for key in COMPLETE}

@@ -12,14 +12,15 @@ from icl_scale.tasks import build_requests
 from conftest import get_model
 
 
-def reference_importance(lm, requests, abs_mode):
+def reference_importance(lm, requests, abs_mode, normalize="paper"):
     """One example at a time, no Gates: capture every o_proj input and FFN output with hooks, take
     their gradients of HF's own label loss (mean NLL over the continuation), and form
-    <activation, gradient> per token."""
+    <activation, gradient> per token. Layers are divided by the input tokens, the last one (paper)
+    by the continuation tokens."""
     g = lm.adapter.geometry
     heads = torch.zeros(g.n_layers, g.n_heads, dtype=torch.float64)
     ffn = torch.zeros(g.n_layers, dtype=torch.float64)
-    n_tok = 0
+    n_tok = n_cont = 0
     for inp, cont in importance_inputs(lm, requests):
         ids = torch.tensor([inp])
         labels = torch.full_like(ids, -100)
@@ -71,7 +72,11 @@ def reference_importance(lm, requests, abs_mode):
                 heads[l] += c.sum(0).abs()
                 ffn[l] += cf.sum().abs()
         n_tok += T
-    return heads / n_tok, ffn / n_tok
+        n_cont += len(cont)
+    den = torch.full((g.n_layers,), float(n_tok), dtype=torch.float64)
+    if normalize == "paper":
+        den[-1] = n_cont
+    return heads / den[:, None], ffn / den
 
 
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
@@ -80,12 +85,13 @@ def test_importance_matches_independent_computation(task_data, model, abs_mode):
     lm = get_model(model)
     reqs = build_requests("copa", split="train", shot=1, limit=5, data_dir=task_data)
     st = gradient_importance(lm, reqs, batch_size=3, abs_mode=abs_mode)  # batches with padding
-    got = st.result()
-    ref_h, ref_f = reference_importance(lm, reqs, abs_mode)
     assert st.n_examples == 5
-    rel_h = ((got["heads"].double() - ref_h).abs().max() / ref_h.abs().max()).item()
-    rel_f = ((got["ffn"].double() - ref_f).abs().max() / ref_f.abs().max()).item()
-    assert rel_h < 1e-5 and rel_f < 1e-5, (rel_h, rel_f)
+    for normalize in ("paper", "all_tokens"):
+        got = st.result(normalize=normalize)
+        ref_h, ref_f = reference_importance(lm, reqs, abs_mode, normalize)
+        rel_h = ((got["heads"].double() - ref_h).abs().max() / ref_h.abs().max()).item()
+        rel_f = ((got["ffn"].double() - ref_f).abs().max() / ref_f.abs().max()).item()
+        assert rel_h < 1e-5 and rel_f < 1e-5, (normalize, rel_h, rel_f)
     assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
 
 
@@ -93,7 +99,7 @@ def test_sum_mode_matches_finite_differences(task_data):
     """|sum over tokens| of one example equals |dL/dg| by central differences on a real gate."""
     lm = get_model("tiny-llama")
     req = build_requests("copa", split="train", shot=0, limit=1, data_dir=task_data)
-    got = gradient_importance(lm, req, abs_mode="sum").result()
+    got = gradient_importance(lm, req, abs_mode="sum").result(normalize="all_tokens")  # every layer / n tokens
     ((inp, cont),) = importance_inputs(lm, req)
     n = len(inp)
     g = lm.adapter.geometry

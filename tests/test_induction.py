@@ -144,7 +144,7 @@ def test_same_seed_same_scores(trained):
 
 # --- slow references: the original code's loops (icl_scale.bench_induction) ---------------------------
 
-OPTION_SETS = [CopyingOptions(), CopyingOptions.paper(),
+OPTION_SETS = [CopyingOptions.head_output(), CopyingOptions.paper(),
                CopyingOptions(input="residual", source="query", final_norm="fold", o_bias=True)]
 
 

@@ -14,10 +14,10 @@ PKG = REPO / "icl_scale"
 
 # Lower layers never import higher ones; a module may import its own layer (no cycles, checked below).
 LAYERS = [
-    {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures"},
+    {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
     {"scoring", "importance", "validation"},
-    {"induction", "shard", "collect", "report"},
+    {"induction", "shard", "collect", "report", "transfer"},
     {"reduce", "sweep"},
     {"cli"},
 ]

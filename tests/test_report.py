@@ -90,12 +90,12 @@ BAD = [
     ("curves.json", lambda c: {**c, "heads_by": {"heads_random0": [{"level": 0}]}},
      "curves.json: heads_by.heads_random0[0] lacks 'value'"),
     ("curves.json", lambda c: {**c, "n_eval": "12"}, "curves.json: n_eval is '12', expected a count"),
-    ("curves.json", lambda c: {**c, "task": "copa"}, "curves.json is for tiny-opt/copa/1shot but the folder is "
-                                                     "tiny-opt/rte/1shot"),
+    ("curves.json", lambda c: {**c, "task": "copa"}, "curves.json is for tiny-opt/copa/1shot/seed0 but the folder is "
+                                                     "tiny-opt/rte/1shot/seed0"),
     ("manifest.json", lambda m: [m], "manifest.json: is a list of 1, expected an object"),
     ("manifest.json", lambda m: {**m, "timings": 3}, "manifest.json: timings is 3, expected an object"),
     ("manifest.json", lambda m: {**m, "config": {**m["config"], "task": "copa"}},
-     "manifest.json: config is for tiny-opt/copa/1shot but the folder is tiny-opt/rte/1shot"),
+     "manifest.json: config is for tiny-opt/copa/1shot/seed0 but the folder is tiny-opt/rte/1shot/seed0"),
 ]
 
 
@@ -106,7 +106,7 @@ def test_a_shard_of_the_wrong_shape_is_named_and_the_rest_aggregated(base, tmp_p
     shards = store(base, tmp_path)
     edit_json(shards[("rte", 1)], name, alter)
     res = report.reduce_store(tmp_path, MODEL, [("copa", 0), ("copa", 1), ("rte", 1)])
-    assert [(p["shard"], p["status"]) for p in res["problems"]] == [("tiny-opt/rte/1shot", "corrupt")]
+    assert [(p["shard"], p["status"]) for p in res["problems"]] == [("tiny-opt/rte/1shot/seed0", "corrupt")]
     assert len(res["problems"][0]["reason"].splitlines()) == 1
     assert res["problems"][0]["reason"].startswith(reason), res["problems"]
     out = tmp_path / MODEL / "summary"
@@ -128,7 +128,7 @@ def test_unreadable_files_are_named(base, tmp_path, name, content, reason):
     shards = store(base, tmp_path, (("copa", 1), ("rte", 1)))
     shards[("rte", 1)].file(name).write_bytes(content)
     res = report.reduce_store(tmp_path, MODEL)
-    assert [p["shard"] for p in res["problems"]] == ["tiny-opt/rte/1shot"]
+    assert [p["shard"] for p in res["problems"]] == ["tiny-opt/rte/1shot/seed0"]
     assert res["problems"][0]["reason"].startswith(reason)
     assert res["n_complete"] == 1 and FIGURES <= set(res["figures"])
 
@@ -140,8 +140,9 @@ def test_bad_importance_tensors_are_named(base, tmp_path):
     write_tensors(shards[("rte", 0)].file("importance.safetensors"), {**imp, "ffn_knockout": imp["ffn"][:1].clone()})
     res = report.reduce_store(tmp_path, MODEL)
     reasons = {p["shard"]: p["reason"] for p in res["problems"]}
-    assert reasons == {"tiny-opt/rte/1shot": "importance.safetensors: lacks 'ffn'",
-                       "tiny-opt/rte/0shot": "importance.safetensors: inconsistent shapes: heads (2, 4), ffn (2,), "
+    assert reasons == {"tiny-opt/rte/1shot/seed0": "importance.safetensors: lacks 'ffn'",
+                       "tiny-opt/rte/0shot/seed0":
+                           "importance.safetensors: inconsistent shapes: heads (2, 4), ffn (2,), "
                                              "ffn_knockout (1,) (one layer count expected)"}
     assert res["n_complete"] == 1
 
@@ -152,9 +153,10 @@ def test_shards_with_different_settings_are_flagged_and_still_aggregated(base, t
     clone(base, tmp_path, "rte", 1, config={"importance.n_examples": 16, "eval.limit": None})
     res = report.reduce_store(tmp_path, MODEL)
     assert res["n_complete"] == 3 and res["problems"] == []
-    assert res["warnings"] == ["tiny-opt/rte/1shot: different settings: eval.limit=null vs 12 in the other 2 shards; "
+    assert res["warnings"] == ["tiny-opt/rte/1shot/seed0: different settings: eval.limit=null vs 12 in the other "
+                               "2 shards; "
                                "importance.n_examples=16 vs 8 in the other 2 shards (aggregated all the same)"]
-    assert res["mixed_settings"] == [{"shard": "tiny-opt/rte/1shot", "keys": {
+    assert res["mixed_settings"] == [{"shard": "tiny-opt/rte/1shot/seed0", "keys": {
         "eval.limit": {"value": None, "others": 12}, "importance.n_examples": {"value": 16, "others": 8}}}]
     summary = json.loads((tmp_path / MODEL / "summary" / "summary.json").read_text())
     assert summary["warnings"] == res["warnings"] and summary["mixed_settings"] == res["mixed_settings"]
@@ -174,9 +176,9 @@ def test_same_task_rows_must_match_across_shots_and_sources_are_compared(base, t
     train, source = m["config"]["data"]["train"], m["data_sources"]["train"]
     # copa 0 and 1 shot disagree one to one: the first (0 shot) is the reference, the other is named.
     assert res["warnings"] == [
-        f"tiny-opt/copa/1shot: different settings: data.train={train} vs 0000000000000000 in the other shard "
+        f"tiny-opt/copa/1shot/seed0: different settings: data.train={train} vs 0000000000000000 in the other shard "
         "(aggregated all the same)",
-        f"tiny-opt/rte/1shot: different settings: data.source=hub vs {source} in the other 2 shards "
+        f"tiny-opt/rte/1shot/seed0: different settings: data.source=hub vs {source} in the other 2 shards "
         "(aggregated all the same)"]
 
 
@@ -184,17 +186,17 @@ def test_missing_failed_running_and_corrupt_induction_are_named(base, tmp_path):
     clone(base, tmp_path, "copa", 1)
     clone(base, tmp_path, "rte", 1, manifest={"status": "failed", "error": "RuntimeError: boom"})
     clone(base, tmp_path, "rte", 0, manifest={"status": "running"})
-    (tmp_path / MODEL / "boolq" / "1shot").mkdir(parents=True)  # a job that died before its manifest
+    (tmp_path / MODEL / "boolq" / "1shot" / "seed0").mkdir(parents=True)  # a job that died before its manifest
     ind = tmp_path / MODEL / "induction" / "scores.safetensors"
     ind.parent.mkdir()
     ind.write_bytes(b"truncated")
     expected = [("copa", 1), ("rte", 1), ("rte", 0), ("boolq", 1), ("wic", 0)]
     res = report.reduce_store(tmp_path, MODEL, expected)
     got = {p["shard"]: (p["status"], p["reason"]) for p in res["problems"]}
-    assert got["tiny-opt/rte/1shot"] == ("failed", "RuntimeError: boom")
-    assert got["tiny-opt/rte/0shot"][0] == "running"
-    assert got["tiny-opt/boolq/1shot"] == ("incomplete", "no manifest")
-    assert got["tiny-opt/wic/0shot"][0] == "missing"
+    assert got["tiny-opt/rte/1shot/seed0"] == ("failed", "RuntimeError: boom")
+    assert got["tiny-opt/rte/0shot/seed0"][0] == "running"
+    assert got["tiny-opt/boolq/1shot/seed0"] == ("incomplete", "no manifest")
+    assert got["tiny-opt/wic/0shot/seed0"][0] == "missing"
     status, reason = got["tiny-opt/induction"]
     assert status == "corrupt" and reason.startswith("scores.safetensors: not a readable safetensors file")
     assert "rerun `python jobs/induction.py model=tiny-opt`" in reason
@@ -214,8 +216,9 @@ def test_the_reducer_job_prints_problems_and_warnings(base, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "  problem: tiny-opt/copa/0shot: corrupt (curves.json: ffn is an object, expected a list of rows)" in lines
-    assert any(line.startswith("  problem: tiny-opt/rte/1shot: missing") for line in lines), r.stdout
-    assert ("  warning: tiny-opt/rte/0shot: different settings: importance.n_examples=16 vs 8 in the other shard "
+    assert ("  problem: tiny-opt/copa/0shot/seed0: corrupt (curves.json: ffn is an object, expected a list of "
+            "rows)") in lines
+    assert any(line.startswith("  problem: tiny-opt/rte/1shot/seed0: missing") for line in lines), r.stdout
+    assert ("  warning: tiny-opt/rte/0shot/seed0: different settings: importance.n_examples=16 vs 8 in the other shard "
             "(aggregated all the same)") in lines, r.stdout
     assert lines[-1].startswith("reduced 2 shards (2 problems, 1 warnings)"), r.stdout

@@ -57,12 +57,12 @@ def test_local_sweep_end_to_end(tmp_path, mirror):
     summary = tmp_path / "tiny-opt" / "summary"
     assert (summary / "summary.csv").exists() and (summary / "curves_heads.png").exists()
     runs = wandb_runs(tmp_path)
-    assert set(runs) == {"copa-1shot", "reduce-tiny-opt"}
-    curves = runs["copa-1shot"][0]["tables"]["curves"]
+    assert set(runs) == {"copa-1shot-seed0", "reduce-tiny-opt"}
+    curves = runs["copa-1shot-seed0"][0]["tables"]["curves"]
     assert curves["columns"][:3] == ["kind", "head_level", "ffn_level"] and len(curves["data"]) == 8
     # A second submission does no work.
     again = submit(cfg)
-    assert again.all_jobs() == [] and again.skipped == ["copa/1shot"]
+    assert again.all_jobs() == [] and again.skipped == ["copa/1shot/seed0"]
 
 
 def test_bad_launcher_and_store(tmp_path):
@@ -126,10 +126,11 @@ def test_make_sweep_on_slurm(slurm_store):
     summary = json.loads((root / "tiny-opt" / "summary" / "summary.json").read_text())
     assert summary["n_complete"] == 4 and summary["has_induction"]
     runs = wandb_runs(root)
-    assert {"copa-0shot", "copa-1shot", "rte-0shot", "rte-1shot", "reduce-tiny-opt"} <= set(runs)
+    shards = {f"{t}-{k}shot-seed0" for t in ("copa", "rte") for k in (0, 1)}
+    assert shards | {"reduce-tiny-opt"} <= set(runs)
     red = runs["reduce-tiny-opt"][-1]
     assert {r[1] for r in red["tables"]["summary"]["data"]} == {"copa", "rte"}
-    assert red["group"] == "it" and runs["rte-1shot"][0]["job_type"] == "shard"
+    assert red["group"] == "it" and runs["rte-1shot-seed0"][0]["job_type"] == "shard"
     # A second `make sweep` submits nothing and changes nothing.
     before = {str(p): p.stat().st_mtime_ns for p in (root / "tiny-opt").rglob("*") if p.is_file()}
     out2 = make_sweep(*slurm_args(root), "sweep.tasks=[copa,rte]", "sweep.shots=[0,1]")
@@ -179,7 +180,7 @@ def test_failing_shard_is_named_by_reducer(cluster, tmp_path, mirror):
     root = tmp_path / "store"
     out = make_sweep(*slurm_args(root), f"data.dir={bad}", "sweep.tasks=[copa,rte]", "sweep.shots=[0]",
                      "sweep.induction=false")
-    assert "problem: tiny-opt/rte/0shot: failed" in out and "hypothesis" in out, out
+    assert "problem: tiny-opt/rte/0shot/seed0: failed" in out and "hypothesis" in out, out
     summary = json.loads((root / "tiny-opt" / "summary" / "summary.json").read_text())
     assert summary["n_complete"] == 1 and [r["task"] for r in summary["summary"]] == ["copa"]
     assert "hypothesis" in summary["problems"][0]["reason"]
@@ -197,7 +198,7 @@ def test_demo_entry_point_on_a_tiny_model(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "model tiny-opt:" in p.stdout and "per-token loss" in p.stdout
     assert "task data: copa from embedded, arc_easy from embedded" in p.stdout
-    manifest = json.loads((tmp_path / "tiny-opt" / "copa" / "1shot" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "tiny-opt" / "copa" / "1shot" / "seed0" / "manifest.json").read_text())
     assert manifest["data_sources"]["train"].startswith("embedded slice")
     summary = json.loads((tmp_path / "tiny-opt" / "summary" / "summary.json").read_text())
     assert summary["n_complete"] == 4 and summary["has_induction"]

@@ -67,7 +67,7 @@ def test_sweep_refuses_to_replace_a_complete_shard_with_other_settings(store):
     before = _bytes(sh.path)
     cfg = compose("model=tiny-opt", f"store.root={root}", f"data.dir={data_dir()}", "sweep.tasks=[copa]",
                   "sweep.shots=[1]", "sweep.induction=false", "knockout.limit=6", "eval.limit=5")
-    with pytest.raises(SweepError, match=r"complete shards made with other settings or data \(copa/1shot\)"):
+    with pytest.raises(SweepError, match=r"complete shards made with other settings or data \(copa/1shot/seed0\)"):
         submit(cfg)
     assert _bytes(sh.path) == before
 

@@ -14,22 +14,23 @@ from .options import InductionConfigError
 PRUNE_LEVELS = DEFAULT_LEVELS  # 0..90 step 10, as task-importance pruning
 
 
-def mask_from_ranking(values: torch.Tensor, p: float, lowest_first: bool = True) -> torch.Tensor:
+def mask_from_ranking(values: torch.Tensor, p: float, lowest_first: bool = True, count: str = "floor") -> torch.Tensor:
     """[L, H] float mask (1 keep, 0 pruned) removing p% of heads, lowest `values` first (or highest);
-    the same rule as task-importance pruning (icl_scale.pruning.prune_mask: round(p/100 * N) heads,
-    ties to the lower layer-major index)."""
-    return prune_mask(values if lowest_first else -values.double(), p)
+    the same rule as task-importance pruning (icl_scale.pruning.prune_mask: floor(p * N / 100) heads
+    by default, ties to the lower layer-major index)."""
+    return prune_mask(values if lowest_first else -values.double(), p, count=count)
 
 
 def retained_capacity(scores: torch.Tensor, ranking_importance: torch.Tensor,
-                      levels: Sequence[float] = PRUNE_LEVELS) -> list[float]:
+                      levels: Sequence[float] = PRUNE_LEVELS, count: str = "floor") -> list[float]:
     """Fraction of the total induction score (sum over heads) kept when heads are pruned p% at a time
     by a task's importance, least important first (Bansal et al. Fig. 11)."""
     if scores.shape != ranking_importance.shape:
         raise InductionConfigError(f"scores {tuple(scores.shape)} and importance "
                                    f"{tuple(ranking_importance.shape)} must have the same [L, H] shape")
     total = float(scores.sum())
-    return [float((scores * mask_from_ranking(ranking_importance, p)).sum()) / total if total else float("nan")
+    return [float((scores * mask_from_ranking(ranking_importance, p, count=count)).sum()) / total
+            if total else float("nan")
             for p in levels]
 
 

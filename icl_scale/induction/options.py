@@ -14,7 +14,7 @@ class InductionConfigError(ValueError):
 
 @dataclass(frozen=True)
 class CopyingOptions:
-    """How the copying score reads a head's OV circuit.
+    """How the copying score reads a head's OV circuit. The defaults are the original code's.
 
     input: "embeddings" = every layer is applied to the token (+ learned position) embeddings, as
         the original code does (it never updates its hidden states across layers: the direct OV
@@ -28,19 +28,25 @@ class CopyingOptions:
     softmax: turn the logits into probabilities over the full vocabulary before centring (original
         code). The normaliser cancels in the ratio, so this costs no full-vocabulary product.
     o_bias: add the output projection's bias to every head's output (original code; not a per-head
-        quantity, so off by default).
+        quantity, so off in head_output()).
     """
 
     input: str = "embeddings"
-    source: str = "output"
-    final_norm: str = "fold"
-    softmax: bool = False
-    o_bias: bool = False
+    source: str = "query"
+    final_norm: str = "none"
+    softmax: bool = True
+    o_bias: bool = True
 
     @classmethod
     def paper(cls) -> CopyingOptions:
-        """Exactly what llm-interpret's prefix_matching_copying.py computes."""
-        return cls(input="embeddings", source="query", final_norm="none", softmax=True, o_bias=True)
+        """Exactly what llm-interpret's prefix_matching_copying.py computes (the default)."""
+        return cls()
+
+    @classmethod
+    def head_output(cls) -> CopyingOptions:
+        """Our definition: ReLU of mean-centred logits of the head's attention-weighted output, final
+        norm folded into the unembedding, no bias (docs/induction.md)."""
+        return cls(input="embeddings", source="output", final_norm="fold", softmax=False, o_bias=False)
 
     def check(self) -> CopyingOptions:
         allowed = {"input": ("embeddings", "residual"), "source": ("output", "query"),
@@ -51,18 +57,24 @@ class CopyingOptions:
         return self
 
 
+PRESETS = ("paper", "head_output", "custom")
+
+
 def copying_options_from(cfg) -> CopyingOptions:
-    """CopyingOptions from the `induction.copying` config block (preset paper|default + fields; a
-    field the block leaves out keeps the CopyingOptions default)."""
+    """CopyingOptions from the `induction.copying` config block: preset paper (the original code,
+    default) or head_output (ours) ignore the fields; custom takes them (a field the block leaves
+    out keeps the CopyingOptions default, the paper's)."""
     cfg = dict(cfg or {})
-    preset = cfg.pop("preset", "default")
+    preset = cfg.pop("preset", "paper")
     known = tuple(f.name for f in fields(CopyingOptions))
     unknown = sorted(set(cfg) - set(known))
     if unknown:
         raise InductionConfigError(f"induction.copying has unknown keys {unknown}; use preset and "
                                    f"{', '.join(known)}")
-    if preset not in ("default", "paper"):
-        raise InductionConfigError(f"induction.copying.preset={preset!r}; use default or paper")
+    if preset not in PRESETS:
+        raise InductionConfigError(f"induction.copying.preset={preset!r}; use one of {', '.join(PRESETS)}")
     if preset == "paper":
         return CopyingOptions.paper()
+    if preset == "head_output":
+        return CopyingOptions.head_output()
     return CopyingOptions(**cfg).check()

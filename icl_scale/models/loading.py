@@ -363,7 +363,7 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
     max_len = int(spec.get("max_length") or getattr(model.config, "max_position_embeddings", 2048))
     lm = LoadedModel(
         name=spec["name"], model=model, tokenizer=tokenizer, adapter=adapter,
-        doc_start_ids=_doc_start_ids(tokenizer, spec.get("doc_start", "auto")), max_length=max_len,
+        doc_start_ids=_doc_start_ids(tokenizer, spec.get("doc_start", "none")), max_length=max_len,
         device=dev, dtype=dtype, spec=spec,
     )
     if ds.get("enabled"):

@@ -1,0 +1,201 @@
+"""Cross-task transfer: prune task B's heads with rankings made from other tasks' importance.
+
+For a target (model, task B, shot, seed), after the source tasks' shards are complete, B's eval docs
+are scored under head-pruning masks from
+
+* `aggregate`: the mean head importance over the source tasks (the paper's aggregate ranking);
+* `aggregate_without_<B>`: the same mean without B (does the ranking transfer to an unseen task?);
+* `from_<A>` for each A in `transfer.rankings_from`: task A's own ranking.
+
+Every source is the shard of the same model, shot and demonstration seed. A source whose shard is
+missing, incomplete or unreadable is named in the result and left out; the rest still runs.
+Results go beside B's shard, in <shard>/transfer/: `curves.json` (the curves, each ranking's
+sources and their config hashes), `rankings.safetensors` and `masks/<ranking>_<level>.safetensors`.
+Masks that coincide (two rankings, or B's own heads curve, at a level) are scored once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import pruning as P
+from .collect import load_shard
+from .models.loading import LoadedModel, load_model
+from .rankings import aggregate
+from .shard import Evaluator, _mask_key, primary_metric
+from .store import Shard, StoreError, config_hash, read_json, read_tensors, write_json, write_tensors
+from .tasks import build_requests
+from .validation import check_config, check_data, check_transfer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    task: str
+    shard: Shard
+    heads: torch.Tensor | None = None
+    config_hash: str | None = None
+    problem: str | None = None
+
+
+def read_source(root, model: str, task: str, shot: int, seed: int) -> Source:
+    """A source task's head importance from its complete shard, or the reason it is unusable."""
+    sh = Shard(root, model, task, shot, seed)
+    try:
+        m = sh.manifest()
+        if not m or m.get("status") != "complete":
+            state = "missing" if m is None else f"status {m.get('status')!r}"
+            return Source(task, sh, problem=f"{sh.name}: {state} (run its shard first)")
+        d = load_shard(sh, m)
+    except StoreError as e:
+        return Source(task, sh, problem=f"{sh.name}: {str(e).splitlines()[0]}")
+    return Source(task, sh, d.importance["heads"].float(), m.get("config_hash"))
+
+
+def transfer_rankings(target: str, in_aggregate: list[Source], rankings_from: list[str],
+                      sources: list[Source]) -> dict[str, dict]:
+    """{name: {"ranking": [L, H], "sources": [tasks]}} from the usable sources: the aggregate over
+    `in_aggregate`, the same without the target, and each task of `rankings_from` on its own."""
+    agg = {s.task: s.heads for s in in_aggregate if s.heads is not None}
+    out: dict[str, dict] = {}
+    if agg:
+        out["aggregate"] = {"ranking": aggregate(agg), "sources": sorted(agg)}
+    rest = sorted(t for t in agg if t != target)
+    if rest:
+        out[f"aggregate_without_{target}"] = {"ranking": aggregate(agg, leave_out=[target]), "sources": rest}
+    own = {s.task: s.heads for s in sources if s.heads is not None}
+    for a in rankings_from:
+        if a in own:
+            out[f"from_{a}"] = {"ranking": own[a], "sources": [a]}
+    return out
+
+
+class TransferRun:
+    """One target's transfer curves; resumable (transfer/progress.json, per level)."""
+
+    def __init__(self, cfg: dict, lm: LoadedModel | None = None):
+        self.cfg, self.lm = cfg, lm
+        self.task, self.shot = cfg["task"], int(cfg["shot"])
+        self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot, int(cfg.get("seed", 0)))
+        self.dir = self.shard.path / "transfer"
+        self.metric = primary_metric(self.task)
+        tc = cfg["transfer"]
+        wanted = list(dict.fromkeys([*tc["sources"], *tc["rankings_from"]]))
+        self.sources = [read_source(cfg["store"]["root"], cfg["model"]["name"], t, self.shot, self.shard.seed)
+                        for t in wanted]
+        self.problems = [s.problem for s in self.sources if s.problem]
+        self.rankings = transfer_rankings(self.task, [s for s in self.sources if s.task in tc["sources"]],
+                                          tc["rankings_from"], self.sources)
+        self.levels = P.check_levels(cfg["pruning"]["levels"])
+        self.data = check_data(cfg)
+        self.hash = config_hash(self.settings())
+
+    def eval_settings(self) -> dict:
+        return {k: self.cfg["eval"].get(k) for k in ("split", "limit")}
+
+    def settings(self) -> dict:
+        """What the results depend on: the eval docs, the levels and each source's shard."""
+        c = self.cfg
+        return {"task": self.task, "shot": self.shot, "seed": self.shard.seed, "model": c["model"]["name"],
+                "eval": self.eval_settings(), "data": self.data, "levels": self.levels,
+                "count": c["pruning"]["count"], "rankings": {k: v["sources"] for k, v in self.rankings.items()},
+                "sources": {s.task: s.config_hash for s in self.sources if s.heads is not None}}
+
+    def run(self) -> dict:
+        if not self.rankings:
+            raise ValueError(f"transfer for {self.shard.name}: no usable source shard "
+                             f"({'; '.join(self.problems)})")
+        for p in self.problems:
+            log.warning("transfer for %s: leaving out %s", self.shard.name, p)
+        done = self._read(self.dir / "curves.json")
+        if done.get("config_hash") == self.hash:
+            return {**done, "status": "skipped"}
+        t0 = time.time()
+        self.lm = self.lm or load_model(self.cfg["model"])
+        ev = self.cfg["eval"]
+        reqs = build_requests(self.task, split=ev.get("split"), shot=self.shot, seed=self.shard.seed,
+                              limit=ev.get("limit"), data_dir=(self.cfg.get("data") or {}).get("dir"))
+        evaluate = Evaluator(self.lm, self.task, int(ev.get("batch_size", 8)), bool(self.cfg.get("progress")))
+        known = self.own_curve_results()
+        saved = self._read(self.progress_file)
+        self.progress = saved.get("curves", {}) if saved.get("config_hash") == self.hash else {}
+        write_tensors(self.dir / "rankings.safetensors", {k: v["ranking"] for k, v in self.rankings.items()})
+        for name, r in self.rankings.items():
+            self.curve(name, r["ranking"], reqs, evaluate, known)
+        return self.finish(time.time() - t0, evaluate.n_scored)
+
+    @property
+    def progress_file(self):
+        return self.dir / "checkpoint" / "progress.json"
+
+    def curve(self, name: str, ranking: torch.Tensor, reqs, evaluate: Evaluator, known: dict) -> None:
+        saved = self.progress.setdefault(name, {})
+
+        def score(mask):
+            key = _mask_key(mask)
+            if key in known:  # B's own heads curve already scored this mask
+                return {"metrics": known[key], "reused": "heads curve"}
+            metrics, _ = evaluate(reqs, mask, None, desc=f"transfer {name}")
+            return {"metrics": metrics}
+
+        def on_level(p, mask, res):
+            write_tensors(self.dir / f"masks/{name}_{p:g}.safetensors", {"mask": mask.float()})
+            saved[f"{p:g}"] = {"level": p, "value": res["metrics"][self.metric]["value"], **res}
+            write_json(self.progress_file, {"config_hash": self.hash, "curves": self.progress})
+
+        P.curve(ranking, self.cfg["pruning"]["levels"], score, done={float(k): v for k, v in saved.items()},
+                on_level=on_level, count=self.cfg["pruning"]["count"])
+
+    def own_curve_results(self) -> dict:
+        """{mask key: metrics} of B's own complete shard's heads curve, when it scored the same docs
+        (same eval settings and data)."""
+        try:
+            m = self.shard.manifest()
+            if not m or m.get("status") != "complete":
+                return {}
+            cfg = m.get("config") or {}
+            if cfg.get("eval") != self.eval_settings() or cfg.get("data") != self.data:
+                return {}
+            d = load_shard(self.shard, m)
+            out = {}
+            for row in d.curves["heads"]:
+                f = self.shard.file(f"masks/heads_{row['level']:g}.safetensors")
+                if f.exists():
+                    out[_mask_key(read_tensors(f)["mask"])] = row["metrics"]
+            return out
+        except (StoreError, KeyError):
+            return {}
+
+    def _read(self, f) -> dict:
+        try:
+            d = read_json(f) if f.exists() else {}
+        except StoreError:
+            return {}
+        return d if isinstance(d, dict) else {}
+
+    def finish(self, seconds: float, evaluations: int) -> dict:
+        out = {"model": self.cfg["model"]["name"], "task": self.task, "shot": self.shot, "seed": self.shard.seed,
+               "metric": self.metric, "config_hash": self.hash, "levels": self.levels,
+               "rankings": {k: {"sources": v["sources"],
+                                "source_config_hashes": {s.task: s.config_hash for s in self.sources
+                                                         if s.task in v["sources"]}}
+                            for k, v in self.rankings.items()},
+               "left_out": self.problems,
+               "curves": {name: sorted(levels.values(), key=lambda r: r["level"])
+                          for name, levels in self.progress.items()},
+               "seconds": round(seconds, 2), "evaluations": evaluations}
+        write_json(self.dir / "curves.json", out)
+        self.progress_file.unlink(missing_ok=True)
+        return {**out, "status": "complete"}
+
+
+def run_transfer(cfg: dict, lm: LoadedModel | None = None) -> dict:
+    """Transfer curves for cfg's (task, shot, seed); the settings are checked before anything loads."""
+    check_config(cfg)
+    check_transfer(cfg)
+    return TransferRun(cfg, lm).run()
