@@ -175,13 +175,13 @@ def main():
     torch.cuda.synchronize()
     t_score = time.time() - t
     from icl_scale.importance import importance_inputs
-    from icl_scale.scoring import _pad
+    from icl_scale.scoring import pad_right
 
     ex = importance_inputs(big, long_reqs)
     t = time.time()
     with torch.no_grad():
         for s in range(0, len(ex), 8):
-            ids, mask = _pad([e[0] for e in ex[s:s + 8]], tok.pad_token_id)
+            ids, mask = pad_right([e[0] for e in ex[s:s + 8]], tok.pad_token_id)
             big.model(input_ids=ids.cuda(), attention_mask=mask.cuda())
     torch.cuda.synchronize()
     t_fwd = time.time() - t

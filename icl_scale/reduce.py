@@ -1,8 +1,9 @@
 """The reducer job: aggregate every shard of a model, draw the figures, log to W&B.
 
 W&B layout: one run per shard (job_type `shard`, grouped by the sweep name) holding its curves as
-a table and its unpruned/pruned metrics, and one `reduce` run with the summary tables and every
-figure. Offline by default; the runs' files land under `wandb.dir`.
+a table and its unpruned/pruned metrics, and one `reduce` run with the tables behind the figures
+(summary, seeds, cross-shot, transfer, retained induction capacity) and every figure. Offline by
+default; the runs' files land under `wandb.dir`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,29 @@ log = logging.getLogger(__name__)
 CURVE_COLUMNS = ["kind", "head_level", "ffn_level", "metric", "value", "ci_lo", "ci_hi", "n"]
 
 
+def _flat(row: dict) -> dict:
+    """{retained_x: {level: v}} -> retained_x_<level> columns (W&B tables hold scalars)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{lv}": x for lv, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _cell(v):
+    return ", ".join(map(str, v)) if isinstance(v, list) else v
+
+
 def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
     model = cfg["model"]["name"]
     root = cfg["store"]["root"]
     res = reduce_store(root, model, expected)
     col = res.pop("collected")
     rows = res.pop("curves_rows")
+    transfer = res.pop("transfer_rows")
+    res.pop("figure_data")
     runs = []
     if (cfg.get("wandb") or {}).get("mode", "offline") != "disabled":
         wb = cfg["wandb"]
@@ -43,10 +61,13 @@ def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
                 runs.append(run.name)
         with start_run({k: cfg[k] for k in ("model", "sweep", "pruning", "importance", "eval") if k in cfg},
                        name=f"reduce-{model}", group=group, job_type="reduce", **where) as run:
-            summ = res["summary"]
-            if summ:
-                cols = list(dict.fromkeys(k for r in summ for k in r))
-                run.log_table("summary", cols, [[r.get(c) for c in cols] for r in summ])
+            t1 = res["cross_shot"]
+            for name, rows in (("summary", res["summary"]), ("seeds", res["seeds"]), ("transfer", transfer),
+                               ("cross_shot", t1["per_task"] + [{"task": "mean", **r} for r in t1["mean_over_tasks"]]),
+                               ("induction_retained", [_flat(r) for r in res["induction_relation"]])):
+                if rows:
+                    cols = list(dict.fromkeys(k for r in rows for k in r))
+                    run.log_table(name, cols, [[_cell(r.get(c)) for c in cols] for r in rows])
             run.log_table("problems", ["shard", "status", "reason"],
                           [[p["shard"], p["status"], p["reason"]] for p in res["problems"]])
             run.log_table("warnings", ["warning"], [[w] for w in res["warnings"]])

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Aggregate a model's shards: tables (CSV/JSON), figures, W&B runs. The sweep runs it as a
-dependent job; run it by hand any time:
+"""Aggregate a model's shards: the paper's figures, report.md (the numbers behind each figure),
+tables (CSV/JSON) and W&B runs. The sweep runs it as a dependent job; run it by hand any time:
 
     python jobs/reduce.py                         # the embedded model's store
     python jobs/reduce.py experiment=paper wandb.mode=online
+    python jobs/reduce.py store.root=/data/store model=opt-1.3b 'sweep.seeds=[0,1,2]'
 
 Missing, failed or corrupt shards are named; the rest are still aggregated. Complete shards made
 with settings that differ from the other shards' are aggregated too, and named in a warning.
@@ -20,14 +21,17 @@ from icl_scale.cli import hydra_job, print_problems, print_warnings  # noqa: E40
 @hydra_job("config")
 def main(c: dict) -> None:
     from icl_scale.reduce import run_reduce
+    from icl_scale.store import shard_seed
 
-    expected = [(t, int(s)) for t in c["sweep"]["tasks"] for s in c["sweep"]["shots"]]
+    sw = c["sweep"]
+    expected = sorted({(t, int(k), shard_seed(k, seed)) for t in sw["tasks"] for k in sw["shots"]
+                       for seed in sw["seeds"]})
     res = run_reduce(c, expected)
     print_problems(res["problems"])
     print_warnings(res["warnings"])
     out = Path(c["store"]["root"]).resolve() / c["model"]["name"] / "summary"
     print(f"reduced {res['n_complete']} shards ({len(res['problems'])} problems, {len(res['warnings'])} warnings); "
-          f"{len(res['figures'])} figures and tables in {out}")
+          f"{len(res['figures'])} figures, report.md and tables in {out}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from icl_scale.cli import _user_errors
+from icl_scale.induction import InductionConfigError, copying_options_from
 from icl_scale.models import Gates, MaskError, ModelConfigError, load_model, preset
 from icl_scale.models.gates import read_mask_file
 from icl_scale.reduce import run_reduce
@@ -799,6 +800,9 @@ error("launcher", "transfer.sources=[copa,nope]", "`sweep.transfer=true transfer
 error("launcher", "transfer.rankings_from=[copa,copa]", "`sweep.transfer=true transfer.rankings_from=[copa,copa]`",
       lambda env: env.sweep("sweep.transfer=true", "transfer.rankings_from=[copa,copa]"), ConfigError,
       "transfer.rankings_from lists ['copa'] more than once; list each task once")
+error("config", "induction.copying.preset=nope", "`induction.copying.preset=nope`",
+      lambda env: copying_options_from({"preset": "nope"}), InductionConfigError,
+      "induction.copying.preset='nope'; use one of paper, head_output, custom")
 error("launcher", "sweep.induction=maybe", "`sweep.induction=maybe`", lambda env: env.sweep("sweep.induction=maybe"),
       ConfigError, "sweep.induction='maybe' must be true or false")
 error("launcher", "launcher.timeout_min=0", "`launcher.timeout_min=0`",

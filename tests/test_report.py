@@ -16,7 +16,7 @@ from icl_scale.store import Shard, write_tensors
 from conftest import REPO, get_model, tiny_shard_cfg
 
 MODEL = "tiny-opt"
-FIGURES = {"curves_heads.png", "curves_ffn.png", "importance_heads.png"}
+FIGURES = {"fig5_curves_heads.png", "fig6_curves_ffn.png", "fig3_importance.png", "fig4_ffn_knockout.png"}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,8 @@ def test_a_shard_of_the_wrong_shape_is_named_and_the_rest_aggregated(base, tmp_p
     TypeError...) and a copied folder was aggregated as the cell it sits in."""
     shards = store(base, tmp_path)
     edit_json(shards[("rte", 1)], name, alter)
-    res = report.reduce_store(tmp_path, MODEL, [("copa", 0), ("copa", 1), ("rte", 1)])
+    drawn = alter is BAD[0][1]  # drawing every figure once is enough (and takes seconds)
+    res = report.reduce_store(tmp_path, MODEL, [("copa", 0), ("copa", 1), ("rte", 1)], figures=drawn)
     assert [(p["shard"], p["status"]) for p in res["problems"]] == [("tiny-opt/rte/1shot/seed0", "corrupt")]
     assert len(res["problems"][0]["reason"].splitlines()) == 1
     assert res["problems"][0]["reason"].startswith(reason), res["problems"]
@@ -114,7 +115,7 @@ def test_a_shard_of_the_wrong_shape_is_named_and_the_rest_aggregated(base, tmp_p
     assert summary["n_complete"] == 2 and summary["problems"] == res["problems"]
     assert [(r["task"], r["shot"]) for r in summary["summary"]] == [("copa", 0), ("copa", 1)]
     assert (out / "summary.csv").read_text().count("\n") == 3 and (out / "curves.csv").exists()
-    assert FIGURES <= set(res["figures"]) and all((out / f).stat().st_size > 0 for f in FIGURES)
+    assert not drawn or FIGURES <= set(res["figures"]) and all((out / f).stat().st_size > 0 for f in FIGURES)
     assert summary["warnings"] == []  # the good shards agree
 
 
@@ -127,10 +128,10 @@ def test_a_shard_of_the_wrong_shape_is_named_and_the_rest_aggregated(base, tmp_p
 def test_unreadable_files_are_named(base, tmp_path, name, content, reason):
     shards = store(base, tmp_path, (("copa", 1), ("rte", 1)))
     shards[("rte", 1)].file(name).write_bytes(content)
-    res = report.reduce_store(tmp_path, MODEL)
+    res = report.reduce_store(tmp_path, MODEL, figures=False)
     assert [p["shard"] for p in res["problems"]] == ["tiny-opt/rte/1shot/seed0"]
     assert res["problems"][0]["reason"].startswith(reason)
-    assert res["n_complete"] == 1 and FIGURES <= set(res["figures"])
+    assert res["n_complete"] == 1
 
 
 def test_bad_importance_tensors_are_named(base, tmp_path):
@@ -138,7 +139,7 @@ def test_bad_importance_tensors_are_named(base, tmp_path):
     imp = shards[("copa", 1)].importance()
     write_tensors(shards[("rte", 1)].file("importance.safetensors"), {k: v for k, v in imp.items() if k != "ffn"})
     write_tensors(shards[("rte", 0)].file("importance.safetensors"), {**imp, "ffn_knockout": imp["ffn"][:1].clone()})
-    res = report.reduce_store(tmp_path, MODEL)
+    res = report.reduce_store(tmp_path, MODEL, figures=False)
     reasons = {p["shard"]: p["reason"] for p in res["problems"]}
     assert reasons == {"tiny-opt/rte/1shot/seed0": "importance.safetensors: lacks 'ffn'",
                        "tiny-opt/rte/0shot/seed0":
@@ -151,7 +152,7 @@ def test_shards_with_different_settings_are_flagged_and_still_aggregated(base, t
     clone(base, tmp_path, "copa", 1)
     clone(base, tmp_path, "copa", 0)
     clone(base, tmp_path, "rte", 1, config={"importance.n_examples": 16, "eval.limit": None})
-    res = report.reduce_store(tmp_path, MODEL)
+    res = report.reduce_store(tmp_path, MODEL, figures=False)
     assert res["n_complete"] == 3 and res["problems"] == []
     assert res["warnings"] == ["tiny-opt/rte/1shot/seed0: different settings: eval.limit=null vs 12 in the other "
                                "2 shards; "
@@ -170,7 +171,7 @@ def test_same_task_rows_must_match_across_shots_and_sources_are_compared(base, t
     clone(base, tmp_path, "copa", 0, config={"data.train": "0000000000000000"})
     clone(base, tmp_path, "rte", 1, manifest={"data_sources": {"train": "hub super_glue/rte",
                                                                 "validation": "hub super_glue/rte"}})
-    res = report.reduce_store(tmp_path, MODEL)
+    res = report.reduce_store(tmp_path, MODEL, figures=False)
     assert res["n_complete"] == 3
     m = Shard(base, MODEL, "copa", 1).manifest()
     train, source = m["config"]["data"]["train"], m["data_sources"]["train"]

@@ -55,7 +55,7 @@ def test_local_sweep_end_to_end(tmp_path, mirror):
     assert res["n_complete"] == 1 and res["problems"] == []
     assert Shard(tmp_path, "tiny-opt", "copa", 1).is_complete()
     summary = tmp_path / "tiny-opt" / "summary"
-    assert (summary / "summary.csv").exists() and (summary / "curves_heads.png").exists()
+    assert (summary / "summary.csv").exists() and (summary / "fig5_curves_heads.png").exists()
     runs = wandb_runs(tmp_path)
     assert set(runs) == {"copa-1shot-seed0", "reduce-tiny-opt"}
     curves = runs["copa-1shot-seed0"][0]["tables"]["curves"]
@@ -205,4 +205,4 @@ def test_demo_entry_point_on_a_tiny_model(tmp_path):
     expected = {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
     assert {(r["task"], r["shot"]) for r in summary["summary"]} == expected
     assert f"figures in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
-    assert (tmp_path / "tiny-opt" / "summary" / "curves_heads.png").exists()
+    assert (tmp_path / "tiny-opt" / "summary" / "fig5_curves_heads.png").exists()
