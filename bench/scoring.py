@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.common import data_dir, geomean, run_alternating, stats
 from icl_scale.models.loading import LoadedModel
-from icl_scale.scoring import Tokenised, score_naive, score_requests
+from icl_scale.scoring import Tokenised, _plan, score_naive, score_requests
 from icl_scale.tasks import build_requests
 
 LMEVAL_VERSION = "0.4.13"
@@ -92,15 +92,16 @@ def _compare(a: list[list[float]], b: list[list[float]], same: list[list[bool]] 
 def model_tokens(lm: LoadedModel, requests, hflm=None) -> dict[str, int]:
     """Token positions each method runs through the model, without padding: naive = every pair's
     input; lm-eval = every distinct input (it runs pairs with the same context + continuation[:-1]
-    once); ours = every distinct context once + every continuation's tokens but the last."""
+    once); ours = every distinct prefix once (a request's context, or the common token prefix of
+    its contexts: winogrande) + every choice's suffix and continuation tokens but the last, plus
+    the naive inputs of pairs too long for max_length."""
     tk = Tokenised(lm, requests)
     out = {"naive": sum(len(tk.pair(*r.pair(j))[0]) for r in requests for j in range(r.n_choices))}
-    ours = 0
-    for r in requests:
-        ctxs = {r.pair(j)[0] for j in range(r.n_choices)}
-        ours += sum(len(tk.context(c)) for c in ctxs)
-        ours += sum(len(tk.continuation(r.pair(j)[1])) - 1 for j in range(r.n_choices))
-    out["ours"] = ours
+    units, overflow = _plan(tk, requests)
+    ours = sum(len(prefix) for prefix, _ in units)
+    ours += sum(len(suffix) + len(tk.continuation(requests[i].pair(j)[1])) - 1
+                for _, rows in units for i, j, suffix in rows)
+    out["ours"] = ours + sum(len(tk.pair(*requests[i].pair(j))[0]) for i, j in overflow)
     if hflm is not None:
         keys = {tuple((c + x)[:-1]) for row in lmeval_tokens(hflm, requests) for c, x in row}
         out["lmeval"] = sum(len(k) for k in keys)

@@ -16,6 +16,14 @@ Two implementations that must agree (tests check <= 1e-4 nats per choice):
   context pass, so single-token answers (" yes"/" no", " True"/...) need no second pass at all.
   The unembedding runs only at positions whose log-probs are needed.
 
+Shared prefixes (`score_requests`): contexts that share a token prefix share its KV. A request
+with several contexts (winogrande's partial scoring: the two options' prompts differ only from the
+blank on, after the demonstrations and the sentence start) runs the common token prefix of its
+contexts once, in the batched context passes above; each context's remaining suffix then runs
+with its continuation on top of that cache, only the continuation's positions scored (its first
+token is predicted from the suffix's last position, or from the prefix's if the suffix is empty).
+A request with one context is scored as above.
+
 Truncation: a sequence longer than `max_length + 1` tokens (context + continuation) loses tokens
 from the left of the context (the document-start token is kept); pairs that need it are scored
 by the naive path, which handles it exactly, so both paths give the same numbers.
@@ -147,22 +155,103 @@ def pass_cost_tokens(device) -> float:
     return 40.0 if torch.device(device).type == "cpu" else 2048.0
 
 
+def _common_prefix_len(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix that all rows share."""
+    n = min(len(r) for r in rows)
+    for k in range(n):
+        t = rows[0][k]
+        if any(r[k] != t for r in rows[1:]):
+            return k
+    return n
+
+
+def _plan(tk: Tokenised, requests: Sequence[Request]):
+    """Work units and the pairs left to the naive path.
+
+    A unit is a token prefix run once as a cache, with every (request, choice, suffix) scored on
+    top of it: suffix + continuation follow the prefix. A request with one context: its context,
+    suffix empty (contexts shared across documents, e.g. MultiRC's answer rows, share one unit). A
+    request with several contexts (winogrande's partial scoring: the option fills the blank after
+    a long shared prompt): the common token prefix of its contexts, each context's rest as suffix.
+    Pairs longer than max_length go to the naive path (`overflow`)."""
+    by_prefix: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+    overflow = []
+    for i, r in enumerate(requests):
+        fit = []
+        for j in range(r.n_choices):
+            ctx, cont = r.pair(j)
+            (fit if tk.fits(ctx, cont) else overflow).append((i, j))
+        if not fit:
+            continue
+        ctxs = [tk.context(r.pair(j)[0]) for _, j in fit]
+        n = _common_prefix_len(ctxs) if len(r.contexts) > 1 else len(ctxs[0])
+        for (_, j), c in zip(fit, ctxs):
+            cut = n if n > 0 else len(c)  # nothing shared: the context is its own prefix
+            by_prefix.setdefault(tuple(c[:cut]), []).append((i, j, c[cut:]))
+    return [(list(k), v) for k, v in by_prefix.items()], overflow
+
+
 def _continuation_logprobs(base, unembed, cache, rows, unit_idx, ctx_mask, ctx_len, pad, dev) -> torch.Tensor:
-    """Summed log P(tokens 1..m-1) of each row's continuation on top of its context's cache."""
-    tails = [r[3][:-1] for r in rows]  # inputs that predict tokens 1..m-1
-    cache.batch_select_indices(unit_idx)  # repeat each document's prefix per choice
+    """Summed log P(continuation tokens) of each row (unit, request, choice, continuation, suffix)
+    on top of its prefix's cache, given suffix + continuation[:-1] as inputs. A row without a
+    suffix scores tokens 1..m-1 only (its token 0 comes from the prefix pass); one with a suffix
+    scores all m, token 0 from the suffix's last position."""
+    tails = [r[4] + r[3][:-1] for r in rows]
+    cache.batch_select_indices(unit_idx)  # repeat each prefix per row
     x_ids, x_mask = pad_right(tails, pad)
     x_ids, x_mask = x_ids.to(dev), x_mask.to(dev)
-    full_mask = torch.cat([ctx_mask.to(dev)[unit_idx], x_mask], dim=1)  # hides the contexts' pads
+    full_mask = torch.cat([ctx_mask.to(dev)[unit_idx], x_mask], dim=1)  # hides the prefixes' pads
     pos = ctx_len.to(dev)[unit_idx, None] + torch.arange(x_ids.shape[1], device=dev)[None]
     h = base(input_ids=x_ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
              **{_cache_kwarg(base): cache}).last_hidden_state  # [N, Lx, d]
     targets = torch.zeros_like(x_ids)
+    scored = torch.zeros_like(x_mask, dtype=torch.bool)
     for k, r in enumerate(rows):
-        targets[k, : len(r[3]) - 1] = torch.tensor(r[3][1:], device=dev)
-    sel = x_mask.bool()
-    lp = _logprob_of(h[sel], targets[sel], unembed)
-    return torch.zeros(len(rows), device=dev).index_add_(0, sel.nonzero()[:, 0], lp)
+        s, cont = len(r[4]), r[3]
+        tgt = cont if s else cont[1:]
+        o = s - 1 if s else 0  # the position that predicts tgt[0]
+        if tgt:
+            targets[k, o: o + len(tgt)] = torch.tensor(tgt, device=dev)
+            scored[k, o: o + len(tgt)] = True
+    lp = _logprob_of(h[scored], targets[scored], unembed)
+    return torch.zeros(len(rows), device=dev).index_add_(0, scored.nonzero()[:, 0], lp)
+
+
+def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
+    """One right-padded pass over prefixes: (hidden at each one's last token [B, d], cache, mask, lengths)."""
+    ctx_len = torch.tensor([len(c) for c in rows_tok])
+    ids, mask = pad_right(rows_tok, pad)
+    # No attention mask: padding is on the right and attention is causal, so no real token ever
+    # sees a pad, and the causal kernel skips the masked half of the score matrix.
+    res = base(input_ids=ids.to(dev), use_cache=True)
+    last = res.last_hidden_state[torch.arange(len(rows_tok)), (ctx_len - 1).to(dev)]
+    cache = res.cache if "cache" in res else res.past_key_values
+    return last, cache, mask, ctx_len
+
+
+def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost) -> list[tuple[int, int, ChoiceScore]]:
+    """Score every row of a group of units: one prefix pass, then the tails in passes of similar length."""
+    last, cache, mask, ctx_len = _prefix_pass(base, [u[0] for u in chunk], pad, dev)
+    # One row per choice: (unit, request, choice, continuation tokens, suffix tokens).
+    rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]), suf)
+            for u, (_, ijs) in enumerate(chunk) for i, j, suf in ijs]
+    unit_idx = torch.tensor([r[0] for r in rows], device=dev)
+    total = torch.zeros(len(rows), device=dev)
+    direct = [k for k, r in enumerate(rows) if not r[4]]  # token 0 predicted by the prefix's last position
+    if direct:
+        d_idx = torch.tensor(direct, device=dev)
+        first_tok = torch.tensor([rows[k][3][0] for k in direct], device=dev)
+        total[d_idx] = _logprob_of(last[unit_idx[d_idx]], first_tok, unembed)
+    groups = _length_groups([len(r[4]) + len(r[3]) - 1 for r in rows], cost if regroupable(cache) else float("inf"))
+    saved = [(layer.keys, layer.values) for layer in cache.layers] if len(groups) > 1 else None
+    for g in groups:
+        if saved:  # every group starts from the prefix-only cache
+            for layer, (k, v) in zip(cache.layers, saved):
+                layer.keys, layer.values = k, v
+        g_idx = torch.tensor(g, device=dev)
+        total[g_idx] += _continuation_logprobs(base, unembed, cache, [rows[k] for k in g], unit_idx[g_idx], mask,
+                                               ctx_len, pad, dev)
+    return [(i, j, ChoiceScore(t, len(toks))) for (_, i, j, toks, _), t in zip(rows, total.tolist())]
 
 
 @torch.inference_mode()
@@ -190,22 +279,10 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
 @torch.inference_mode()
 def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ffn_mask=None,
                    batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> list[list[ChoiceScore]]:
-    """Prefix-cached scorer (see module docstring). `batch_size` = distinct contexts per pass."""
+    """Prefix-cached scorer (see module docstring). `batch_size` = distinct prefixes per pass."""
     tk = Tokenised(lm, requests)
     out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
-    # Work units: one per distinct context string, across documents (MultiRC's answer rows share
-    # their question's prompt; winogrande's options each have their own), with every
-    # (request, choice) scored on top of it.
-    by_ctx: dict[str, list[tuple[int, int]]] = {}
-    overflow = []
-    for i, r in enumerate(requests):
-        for j in range(r.n_choices):
-            ctx, cont = r.pair(j)
-            if tk.fits(ctx, cont):
-                by_ctx.setdefault(ctx, []).append((i, j))
-            else:
-                overflow.append((i, j))
-    units = list(by_ctx.items())
+    units, overflow = _plan(tk, requests)
     base = lm.model.base_model
     unembed = lm.model.get_output_embeddings()
     pad = lm.tokenizer.pad_token_id
@@ -213,41 +290,12 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
     cost = pass_cost_tokens(dev)
     with _gates(lm, head_mask, ffn_mask):
         bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
-        # Context passes of at most `batch_size` contexts of similar length, longest first (memory
+        # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
         # peaks early); padding costs as much as real tokens on a CPU.
-        ctx_groups = _length_groups([len(tk.context(u[0])) for u in units], cost, max_size=batch_size)
-        for g in ctx_groups:
-            chunk = [units[k] for k in g]
-            ctx_rows = [tk.context(u[0]) for u in chunk]
-            ctx_len = torch.tensor([len(c) for c in ctx_rows])
-            ids, mask = pad_right(ctx_rows, pad)
-            # No attention mask: padding is on the right and attention is causal, so no real token
-            # ever sees a pad, and the causal kernel skips the masked half of the score matrix.
-            res = base(input_ids=ids.to(dev), use_cache=True)
-            last = res.last_hidden_state[torch.arange(len(chunk)), (ctx_len - 1).to(dev)]  # [B, d]
-            cache = res.cache if "cache" in res else res.past_key_values
-            # One row per continuation: (unit, request, choice, tokens).
-            rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]))
-                    for u, (_, ij) in enumerate(chunk) for i, j in ij]
-            unit_idx = torch.tensor([r[0] for r in rows], device=dev)
-            first_tok = torch.tensor([r[3][0] for r in rows], device=dev)
-            first = _logprob_of(last[unit_idx], first_tok, unembed)  # [N]
-            rest = torch.zeros(len(rows), device=dev)
-            groups = _length_groups([len(r[3]) - 1 for r in rows], cost if regroupable(cache) else float("inf"))
-            saved = [(layer.keys, layer.values) for layer in cache.layers] if len(groups) > 1 else None
-            for g in groups:
-                if saved:  # every group starts from the context-only cache
-                    for layer, (k, v) in zip(cache.layers, saved):
-                        layer.keys, layer.values = k, v
-                g_rows = [rows[k] for k in g]
-                g_idx = torch.tensor(g, device=dev)
-                rest[g_idx] = _continuation_logprobs(base, unembed, cache, g_rows, unit_idx[g_idx], mask, ctx_len,
-                                                     pad, dev)
-            total = (first + rest).tolist()
-            for k, (_, i, j, toks) in enumerate(rows):
-                out[i][j] = ChoiceScore(total[k], len(toks))
-            del cache, res
-            bar.update(len(chunk))
+        for g in _length_groups([len(u[0]) for u in units], cost, max_size=batch_size):
+            for i, j, sc in _score_units(base, unembed, tk, requests, [units[k] for k in g], pad, dev, cost):
+                out[i][j] = sc
+            bar.update(len(g))
         bar.close()
     if overflow:  # left-truncated pairs: exact naive path
         idx = sorted({i for i, _ in overflow})
