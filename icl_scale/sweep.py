@@ -1,5 +1,6 @@
-"""The distributed batch job: one submitit array element per (task, shot), the induction job, and a
-reducer that waits for both (afterany, so it can report failures).
+"""The distributed batch job: one submitit array element per (task, shot, demonstration seed), the
+induction job, with `sweep.transfer=true` a transfer array after the shards (icl_scale.transfer),
+and a reducer that waits for all of them (afterany, so it can report failures).
 
 Launchers (conf/launcher/): `local` runs the jobs as local processes through submitit's
 LocalExecutor (the laptop default); `slurm` submits sbatch job arrays with a dependent reducer.
