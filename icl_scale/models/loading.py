@@ -309,6 +309,52 @@ def load_tokenizer(spec: dict):
         return AutoTokenizer.from_pretrained(hub_id(spec), revision=spec.get("revision"))
 
 
+def pruned_structure(path: Path) -> dict | None:
+    """The `icl_scale_pruning` block of a checkpoint's config.json (a physically pruned export), or None."""
+    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("icl_scale_pruning")
+
+
+def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
+    """A jobs/export.py checkpoint: the full architecture built from config.json, cut to the pruning
+    structure its `icl_scale_pruning` block names (models/physical.py), then model.safetensors loaded
+    with every key and shape checked (no pickle, no remote code). Problems are one line naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .physical import PruningError, apply_structure, plans_from_structure
+
+    again = "export it again with jobs/export.py"
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise ModelConfigError(f"model.path={p} is a pruned checkpoint (config.json has icl_scale_pruning) but "
+                               f"has no model.safetensors; {again}")
+    with _loading(f"model.path={p}: config.json could not be used", again, values=True):
+        cfg = AutoConfig.from_pretrained(str(path))
+    cfg._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    try:
+        apply_structure(model, plans_from_structure(Adapter(model).geometry, pruned_structure(path), f"model.path={p}"))
+    except PruningError as e:
+        raise ModelConfigError(str(e)) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        shapes = {k: tuple(v.shape) for k, v in load_file(str(file)).items()}
+    except (SafetensorError, OSError) as e:
+        raise ModelConfigError(f"model.path={p}: model.safetensors is unreadable ({_first_line(e)}); {again}") from None
+    bad = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
+    if bad:
+        raise ModelConfigError(f"model.path={p}: model.safetensors holds {bad[0]} of shape {list(shapes[bad[0]])} but "
+                               f"the pruning structure in config.json needs {list(expected[bad[0]])}; {again}")
+    missing, unexpected = load_safetensors(model, str(file), strict=False)
+    if missing or unexpected:
+        what = f"lacks {sorted(missing)[0]}" if missing else f"holds unexpected {sorted(unexpected)[0]}"
+        raise ModelConfigError(f"model.path={p}: model.safetensors {what} ({len(missing)} missing, {len(unexpected)} "
+                               f"unexpected tensors) for the pruning structure in config.json; {again}")
+    return model
+
+
 def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
     """The model of a local folder or a hub id, with one-line errors naming the file or the id."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -320,6 +366,8 @@ def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
         with _loading(f"model.path={p}: config.json could not be used",
                       "restore the file (copy or download the checkpoint again)", values=True):
             AutoConfig.from_pretrained(str(path))
+        if pruned_structure(path) is not None:  # jobs/export.py's physically pruned checkpoint
+            return load_pruned_checkpoint(path, p, dtype, attn)
         with _loading(f"model.path={p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
                       "a file is truncated or corrupt: copy or download the checkpoint again"):
             return AutoModelForCausalLM.from_pretrained(str(path), **kw)
