@@ -166,6 +166,10 @@ def render_markdown(res: dict) -> str:
         out += _importance_md(res["importance"])
     if res.get("induction") is not None:
         out += _induction_md(res["induction"])
+    if res.get("knockout"):
+        from bench.knockout import markdown
+
+        out += markdown(res["knockout"])
     return "\n".join(out)
 
 

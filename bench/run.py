@@ -1,10 +1,11 @@
-"""Speed benchmarks: the prefix-cached scorer, the one-backward importance pass and the induction scores.
+"""Speed benchmarks: the prefix-cached scorer, the one-backward importance pass, the induction scores and
+the FFN knock-out stage.
 
-    python bench/run.py [--quick] [--only scoring,importance,induction] [--out bench/results] [--data-dir DIR]
+    python bench/run.py [--quick] [--only scoring,importance,induction,knockout] [--out bench/results] [--data-dir DIR]
 
 Writes <out>.json (every number, plus machine info) and <out>.md (tables), atomically. With
 --only, the sections not run are kept from an existing <out>.json (each section carries its own
-date, machine load and settings). Task data (scoring, importance): --data-dir, else
+date, machine load and settings). Task data (scoring, importance, knockout): --data-dir, else
 $ICL_SCALE_DATA_DIR. See bench/README.md for what each number means.
 
 Sections (one module each)
@@ -12,6 +13,7 @@ Sections (one module each)
 scoring     bench/scoring.py: naive vs prefix-cached vs lm-eval 0.4.13's HFLM, docs/s and agreement.
 importance  bench/importance.py: importance pass vs forward only and vs the original code's scheme.
 induction   bench/induction.py: induction scores vs the original loops and the bare forward passes.
+knockout    bench/knockout.py: the FFN knock-out stage, restarted knock-outs vs one evaluation per knock-out.
 
 Timing: every method of one configuration runs once per round, methods alternating, for
 `repeats` rounds; we report the best round (least disturbed by other processes) and the spread.
@@ -36,12 +38,13 @@ import torch
 from bench import induction
 from bench.common import REPO, BenchError, data_dir, loadavg, machine_info, now
 from bench.importance import bench_importance
+from bench.knockout import bench_knockout
 from bench.report import write_results
 from bench.scoring import bench_scoring, profile_scoring
 from icl_scale.models.loading import LoadedModel, load_model
 
-SECTIONS = ("scoring", "importance", "induction")
-NEEDS_DATA = {"scoring", "importance"}
+SECTIONS = ("scoring", "importance", "induction", "knockout")
+NEEDS_DATA = {"scoring", "importance", "knockout"}
 
 # Sizes: the brief's 40 / 24 docs per task take hours on a shared 2-core CPU (~50-200 tokens/s for a
 # 135M model), so the default is smaller; `--limits 0:40,5:24` runs the bigger setting.
@@ -55,9 +58,13 @@ DEFAULT = dict(
     imp_shot=5,
     imp_examples=4,
     imp_batch_size=2,
+    ko_task="copa",
+    ko_shot=1,
+    ko_docs=16,
+    ko_batch_size=8,
 )
 QUICK = dict(DEFAULT, tasks=("piqa", "boolq"), limits={0: 4, 5: 2}, repeats=2, imp_tasks=("piqa",),
-             imp_examples=2, imp_batch_size=2)
+             imp_examples=2, imp_batch_size=2, ko_docs=4)
 
 
 def _scoring(lm: LoadedModel, cfg: dict, data: Path | None, profile: bool, log) -> dict:
@@ -79,6 +86,9 @@ def _section(sec: str, lm: LoadedModel, cfg: dict, quick: bool, data: Path | Non
                                 cfg["repeats"], data=data, log=log)
     if sec == "induction":
         return induction.section(lm, quick, parts=cfg.get("induction_parts"))
+    if sec == "knockout":
+        return bench_knockout(lm, cfg["ko_task"], cfg["ko_shot"], cfg["ko_docs"], cfg["ko_batch_size"], cfg["repeats"],
+                              data=data, log=log)
     raise ValueError(f"unknown section {sec!r}; use {', '.join(SECTIONS)}")
 
 
@@ -96,7 +106,7 @@ def run(sections: Sequence[str], quick: bool = False, model: str | LoadedModel =
         out: str | Path | None = REPO / "bench" / "results", cfg: dict | None = None, profile: bool = True,
         data: str | Path | None = None, log=print) -> dict:
     """Run `sections`, merge them into <out>.json / <out>.md (None: write nothing), return the results.
-    `data`: the task mirror (default: $ICL_SCALE_DATA_DIR; only scoring and importance read it)."""
+    `data`: the task mirror (default: $ICL_SCALE_DATA_DIR; only scoring, importance and knockout read it)."""
     cfg = dict(QUICK if quick else DEFAULT, **(cfg or {}))
     data = data_dir(data) if NEEDS_DATA & set(sections) else None
     lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -125,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"),
                     help="writes <out>.json and <out>.md (default: bench/results of this checkout)")
     ap.add_argument("--data-dir", default=None,
-                    help="task mirror <dir>/<task>/<split>.jsonl for scoring and importance "
+                    help="task mirror <dir>/<task>/<split>.jsonl for scoring, importance and knockout "
                          "(default $ICL_SCALE_DATA_DIR)")
     ap.add_argument("--model", default="smollm2-135m", help="model preset (conf/model/*.yaml)")
     ap.add_argument("--threads", type=int, default=1,
@@ -138,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--limits", default=None, help="docs per task by shot count, e.g. 0:40,5:24")
     ap.add_argument("--imp-tasks", default=None, help="importance tasks, comma list")
     ap.add_argument("--imp-examples", type=int, default=None, help="importance examples per task")
+    ap.add_argument("--ko-docs", type=int, default=None, help="knock-out docs (copa, 1-shot)")
     ap.add_argument("--induction-parts", default=None,
                     help="induction parts, comma list of: " + ", ".join(induction.PARTS) + " (default both)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profile taken when the 5-shot target is missed")
@@ -165,6 +176,8 @@ def _cfg(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
         cfg["imp_tasks"] = _words(a.imp_tasks)
     if a.imp_examples:
         cfg["imp_examples"] = a.imp_examples
+    if a.ko_docs:
+        cfg["ko_docs"] = a.ko_docs
     if a.induction_parts:
         cfg["induction_parts"] = _words(a.induction_parts)
         bad = [p for p in cfg["induction_parts"] if p not in induction.PARTS]

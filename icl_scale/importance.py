@@ -19,7 +19,8 @@ Options: `abs_mode="sum"` takes |sum over tokens| per example instead of sum ove
 (Michel et al.'s head-gate gradient; the paper's code takes |.| per token, the default);
 `normalize_layers=True` divides each layer's head scores by their L2 norm (Michel et al.).
 
-FFN knock-out importance (the paper's FFN ranking): accuracy drop when FFN l alone is removed.
+FFN knock-out importance (the paper's FFN ranking): accuracy drop when FFN l alone is removed
+(`ffn_knockout`; the shard's fast path is icl_scale.knockout).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .knockout import knockout_drops
 from .models.gates import Gates
 from .models.loading import LoadedModel
 from .scoring import Tokenised, pad_right
@@ -171,10 +173,12 @@ def ffn_knockout(
     on_layer: Callable[[int, float], None] | None = None,
     progress: bool = False,
 ) -> tuple[float, torch.Tensor]:
-    """Accuracy drop when FFN l alone is removed, for every layer.
+    """Accuracy drop when FFN l alone is removed, for every layer: (baseline, [L] drops).
 
-    `evaluate(head_mask, ffn_mask) -> accuracy` on the knock-out split; `done` holds accuracies
-    already measured (resume) keyed by layer, with -1 for the baseline."""
+    `evaluate(head_mask, ffn_mask) -> accuracy` on the knock-out split, called once per knock-out
+    (each a full evaluation); `done` holds accuracies already measured (resume) keyed by layer, with
+    -1 for the baseline. The shard computes the same numbers with icl_scale.knockout, which restarts
+    every knock-out at its layer instead of rerunning the layers before it."""
     n = lm.adapter.geometry.n_layers
     done = dict(done or {})
     if -1 not in done:
@@ -189,5 +193,4 @@ def ffn_knockout(
         done[l] = evaluate(head_mask, m)
         if on_layer:
             on_layer(l, done[l])
-    base = done[-1]
-    return base, torch.tensor([base - done[l] for l in range(n)], dtype=torch.float32)
+    return knockout_drops(done, n)

@@ -27,7 +27,8 @@ import torch
 from . import pruning as P
 from .collect import load_shard, read_induction
 from .distributed import barrier, dist_env
-from .importance import ImportanceState, ffn_knockout, gradient_importance
+from .importance import ImportanceState, gradient_importance
+from .knockout import KnockoutState, knockout_drops, knockout_mask, knockout_scores
 from .models.loading import LoadedModel, load_model
 from .scoring import Tokenised, score_requests
 from .store import (
@@ -131,10 +132,13 @@ class Evaluator:
 @dataclass
 class Progress:
     """A running shard's checkpoint (checkpoint/progress.json): what is finished, for one config hash.
-    Importance sums are checkpointed separately (checkpoint/importance_state.safetensors)."""
+    Importance sums and the knock-out stage's per-batch scores are checkpointed separately
+    (checkpoint/importance_state.safetensors, checkpoint/knockout_state.safetensors)."""
 
     config_hash: str
-    knockout: dict[str, float] = field(default_factory=dict)  # layer ("-1" = no knock-out) -> metric
+    # layer ("-1" = no knock-out) -> metric, once the knock-out stage is done; the stage's per-batch
+    # progress is checkpoint/knockout_state.safetensors (icl_scale.knockout.KnockoutState)
+    knockout: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict] = field(default_factory=dict)  # curve -> level -> result; "combined" -> cell
 
     @classmethod
@@ -349,17 +353,33 @@ class ShardRun:
         return state
 
     def knockout(self) -> None:
-        def accuracy(head_mask, ffn_mask):
-            metrics, _ = self.evaluate(self.requests.knockout, head_mask, ffn_mask, desc="knock-out")
-            return metrics[self.metric]["value"]
-
-        def save(layer, acc):
-            self.progress.knockout[str(layer)] = acc
+        """FFN knock-out importance on the knock-out split (icl_scale.knockout: per batch of contexts one
+        unpruned pass, then every knock-out restarted at its layer), checkpointed after every batch in
+        checkpoint/knockout_state.safetensors. Each knock-out's per-doc results go into the evaluator's
+        memo, built as Evaluator.__call__ builds them, so the curves never rescore a mask scored here
+        (the unpruned point with knockout.split=paper, an FFN level that removes one FFN) and the
+        manifest's `evaluations` counts them as it did when each knock-out was an Evaluator call."""
+        reqs, n, ev = self.requests.knockout, self.lm.adapter.geometry.n_layers, self.evaluate
+        path = self.shard.ckpt("knockout_state.safetensors")
+        saved = self._read_checkpoint(path, read_tensors)
+        if saved is not None or len(self.progress.knockout) < n + 1:  # else: finished before per-batch checkpoints
+            state = knockout_scores(self.lm, reqs, batch_size=ev.batch_size,
+                                    state=KnockoutState.from_tensors(saved) if saved else None,
+                                    on_batch=lambda s: write_tensors(path, s.tensors()), progress=self.show_progress)
+            for layer in range(-1, n):
+                key = (id(reqs), len(reqs), None, _mask_key(knockout_mask(n, layer)))
+                if key not in ev.memo:
+                    scores = state.scores(reqs, layer)
+                    metrics, per_doc = compute_metrics(self.task, reqs, [[c.logprob for c in row] for row in scores])
+                    for row, sc in zip(per_doc, scores):
+                        row["logprobs"] = [c.logprob for c in sc]
+                        row["n_tokens"] = [c.n_tokens for c in sc]
+                    ev.memo[key] = (reqs, metrics, per_doc)
+                    ev.n_scored += 1
+                self.progress.knockout[str(layer)] = ev.memo[key][1][self.metric]["value"]
             self.save_progress()
-
-        done = {int(k): v for k, v in self.progress.knockout.items()}
-        self.ko_base, self.imp["ffn_knockout"] = ffn_knockout(self.lm, accuracy, done=done, on_layer=save,
-                                                              progress=self.show_progress)
+        self.ko_base, self.imp["ffn_knockout"] = knockout_drops(
+            {int(k): v for k, v in self.progress.knockout.items()}, n)
         s = self.imp_state
         write_tensors(self.shard.file("importance.safetensors"), self.imp,
                       metadata={"n_examples": str(s.n_examples), "n_tokens": str(s.n_tokens),

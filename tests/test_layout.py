@@ -16,8 +16,8 @@ PKG = REPO / "icl_scale"
 LAYERS = [
     {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
-    {"scoring", "importance", "validation"},
-    {"induction", "shard", "collect", "report", "transfer"},
+    {"scoring", "importance", "knockout", "validation"},
+    {"induction", "shard", "collect", "report", "transfer", "paper", "plots"},
     {"reduce", "sweep"},
     {"cli"},
 ]

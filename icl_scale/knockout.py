@@ -1,0 +1,361 @@
+"""FFN knock-out (the paper's FFN ranking: the accuracy drop when FFN l alone is removed, for every l),
+with every knock-out restarted where it first differs from the unpruned model instead of rerun from
+the embeddings.
+
+Removing FFN l leaves everything before it unchanged. So per batch (one prefix pass of
+scoring.score_requests with its continuation passes on the prefixes' KV cache, scoring._score_units):
+
+1. the unpruned run of the batch (under the head mask, if any) scores it and keeps, at every
+   base-model pass, each layer l's "entry", the tensor where knock-out l first differs from it (at
+   every position of the pass), and the KV cache the pass starts from;
+2. knock-out l runs the same batch, pass for pass, with the base model's layer list cut to
+   layers[s:] (restored on exit), the input of the first module still run replaced by the pass's
+   entry, and cache layers < s lent the recorded keys/values for that pass (the knock-out's own:
+   those layers never see FFN l), so positions, cache lengths and masks are the model's own.
+
+Where the entry is (`restart_mode`):
+
+* "post_attention", pre-norm blocks (Llama family, GPT-2, OPT with do_layer_norm_before, GPT-NeoX
+  without parallel residual): block l's post-attention residual, the input of its pre-FFN norm. It is
+  exactly block l's output once its FFN is removed (x + 0 = x), so knock-out l restarts at block l + 1
+  (at the final norm for the last layer) and never computes FFN l;
+* "block", otherwise (OPT-350m's post-norm blocks, GPT-NeoX's parallel residual): block l's input;
+  knock-out l restarts at block l with FFN l gated to zero.
+
+Cost: knock-out l runs L - l - 1 blocks ("block": L - l) instead of L, on average (L - 1) / 2
+((L + 1) / 2), plus the embedding and the unembedding at the scored positions, which every knock-out
+still needs.
+
+Results are score_requests' under the knock-out's FFN mask: the same batches and the same operations
+on the same inputs (bit-identical on CPU in tests/test_knockout.py, which demands <= 1e-4 nats).
+
+Memory: a batch keeps every layer's entry at every position of its passes, L x tokens x hidden
+values (SmolLM2-135M, 8 one-shot COPA contexts: ~20 MB; OPT-30B, 8 five-shot contexts of ~500 tokens:
+~2.8 GB in bfloat16), and every pass's starting KV cache, which the scorer holds for the batch
+anyway; `eval.batch_size` bounds both.
+
+Mode "full" is the old way, one score_requests per knock-out; it is used under ZeRO-3 (whose
+parameter prefetching follows the module order it traced) and for KV caches other than plain growing
+ones (sliding-window layers). Left-truncated pairs are scored by score_naive per knock-out, as
+score_requests does.
+
+The hooks here (entries read at a pre-FFN norm's or a block's input, replaced at a block's or the
+final norm's input, the cache lent around each base-model pass) are plain torch forward hooks,
+installed for one run and always removed: models/hooks.py has no pre-FFN norm or base-model point.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models.loading import LoadedModel
+from .scoring import (
+    ChoiceScore,
+    Tokenised,
+    _gates,
+    _length_groups,
+    _plan,
+    _score_units,
+    pass_cost_tokens,
+    regroupable,
+    score_naive,
+    score_requests,
+)
+from .tasks.base import Request
+
+log = logging.getLogger(__name__)
+
+MODES = ("post_attention", "block", "full")
+
+
+def knockout_mask(n_layers: int, layer: int) -> torch.Tensor | None:
+    """The FFN mask that removes FFN `layer` alone (None for -1: no knock-out)."""
+    if layer < 0:
+        return None
+    m = torch.ones(n_layers)
+    m[layer] = 0
+    return m
+
+
+def knockout_drops(accuracy: dict[int, float], n_layers: int) -> tuple[float, torch.Tensor]:
+    """(baseline, [L] accuracy drops) from accuracies keyed by knocked-out layer (-1: none)."""
+    base = accuracy[-1]
+    return base, torch.tensor([base - accuracy[l] for l in range(n_layers)], dtype=torch.float32)
+
+
+def _offsets(requests: Sequence[Request]) -> list[int]:
+    """Index of each request's first (request, choice) pair in the flat pair order."""
+    out, k = [], 0
+    for r in requests:
+        out.append(k)
+        k += r.n_choices
+    return out
+
+
+@dataclass
+class KnockoutState:
+    """Per-choice log-likelihoods with no knock-out and with each FFN removed, filled batch by batch;
+    checkpointable (all tensors). Row 0: no knock-out; row l + 1: FFN l removed."""
+
+    logprobs: torch.Tensor  # [L + 1, pairs] float64
+    n_tokens: torch.Tensor  # [pairs] int64: continuation tokens scored
+    done: torch.Tensor  # [L + 1, pairs] bool
+
+    @classmethod
+    def empty(cls, n_layers: int, n_pairs: int) -> KnockoutState:
+        return cls(torch.zeros(n_layers + 1, n_pairs, dtype=torch.float64), torch.zeros(n_pairs, dtype=torch.int64),
+                   torch.zeros(n_layers + 1, n_pairs, dtype=torch.bool))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"logprobs": self.logprobs, "n_tokens": self.n_tokens, "done": self.done.to(torch.uint8)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> KnockoutState:
+        return cls(t["logprobs"].double(), t["n_tokens"].long(), t["done"].bool())
+
+    def fits(self, n_layers: int, n_pairs: int) -> bool:
+        shape = (n_layers + 1, n_pairs)
+        return tuple(self.logprobs.shape) == shape and tuple(self.done.shape) == shape and len(self.n_tokens) == n_pairs
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def put(self, row: int, pairs: torch.Tensor, logprobs: torch.Tensor, n_tokens: torch.Tensor) -> None:
+        self.logprobs[row, pairs] = logprobs.detach().double().cpu()
+        self.n_tokens[pairs] = n_tokens
+        self.done[row, pairs] = True
+
+    def scores(self, requests: Sequence[Request], layer: int) -> list[list[ChoiceScore]]:
+        """score_requests' result for knock-out `layer` (-1: none)."""
+        if not bool(self.done[layer + 1].all()):
+            raise RuntimeError(f"knock-out of layer {layer} is not finished")
+        lp, nt = self.logprobs[layer + 1].tolist(), self.n_tokens.tolist()
+        return [[ChoiceScore(lp[k + j], nt[k + j]) for j in range(r.n_choices)]
+                for r, k in zip(requests, _offsets(requests))]
+
+
+def _new_cache(lm: LoadedModel):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.model.config)
+
+
+def restart_mode(lm: LoadedModel) -> str:
+    """How knock-outs restart on this model (see the module docstring): post_attention, block or full."""
+    if lm.engine is not None:
+        return "full"  # ZeRO-3
+    cache = _new_cache(lm)
+    if not regroupable(cache) or len(cache.layers) != lm.adapter.geometry.n_layers:
+        return "full"
+    cfg, fam = lm.model.config, lm.adapter.family.name
+    pre_norm = {"llama": True, "gpt2": True, "opt": bool(getattr(cfg, "do_layer_norm_before", True)),
+                "gpt_neox": not getattr(cfg, "use_parallel_residual", True)}.get(fam, False)
+    return "post_attention" if pre_norm else "block"
+
+
+def knockout_scores(lm: LoadedModel, requests: Sequence[Request], head_mask: torch.Tensor | None = None,
+                    batch_size: int = 8, state: KnockoutState | None = None,
+                    on_batch: Callable[[KnockoutState], None] | None = None, mode: str | None = None,
+                    progress: bool = False) -> KnockoutState:
+    """Per-choice log-likelihoods of `requests` with no knock-out and with each FFN knocked out, all
+    under `head_mask` (see the module docstring). `batch_size` = distinct contexts per pass, as in
+    score_requests. `state` resumes: finished work is skipped; `on_batch(state)` runs after every batch
+    (checkpointing). `mode`: post_attention, block or full (default: restart_mode(lm))."""
+    n = lm.adapter.geometry.n_layers
+    n_pairs = sum(r.n_choices for r in requests)
+    if state is not None and not state.fits(n, n_pairs):
+        log.warning("discarding a knock-out checkpoint of shape %s (this run needs %s)",
+                    tuple(state.logprobs.shape), (n + 1, n_pairs))
+        state = None
+    state = state or KnockoutState.empty(n, n_pairs)
+    mode = mode or restart_mode(lm)
+    if mode not in MODES:
+        raise ValueError(f"knock-out mode {mode!r}; use one of {', '.join(MODES)}")
+    on_batch = on_batch or (lambda s: None)
+    if mode == "full":
+        _full(lm, requests, head_mask, batch_size, state, on_batch, progress)
+    else:
+        _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress)
+    return state
+
+
+def _full(lm, requests, head_mask, batch_size, state, on_batch, progress) -> None:
+    """The old way: one score_requests of every request per knock-out; checkpointed per knock-out."""
+    n = state.logprobs.shape[0] - 1
+    pairs = torch.arange(state.logprobs.shape[1])
+    for row in tqdm(range(n + 1), disable=not progress, desc="ffn knock-out", leave=False):
+        if bool(state.done[row].all()):
+            continue
+        scores = score_requests(lm, requests, head_mask, knockout_mask(n, row - 1), batch_size=batch_size)
+        state.put(row, pairs, torch.tensor([c.logprob for s in scores for c in s], dtype=torch.float64),
+                  torch.tensor([c.n_tokens for s in scores for c in s]))
+        on_batch(state)
+
+
+# --- restarted knock-outs ---------------------------------------------------------------------------
+#
+# A batch is one prefix pass of score_requests with its continuation passes (scoring._score_units).
+# The unpruned run of a batch records, at every base-model pass k, each layer's entry and the KV cache
+# it starts from; knock-out l's run of the same batch, pass for pass, feeds entry l of pass k to its
+# first module and lends cache layers < s the recorded keys/values for the pass (and takes them back
+# after it, so the scorer's cache handling sees a cache whose layers < s were never run).
+
+@contextmanager
+def _hooks(pre: list[tuple[nn.Module, Callable]], post: list[tuple[nn.Module, Callable]] = ()):
+    """Forward pre-hooks and forward hooks (both with kwargs) for one `with` block."""
+    handles = []
+    try:
+        handles += [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in pre]
+        handles += [m.register_forward_hook(fn, with_kwargs=True) for m, fn in post]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _cache_of(kwargs, output=None):
+    """The KV cache a base-model pass was given (or, with `output`, the one it returned)."""
+    for name in ("cache", "past_key_values"):  # transformers 5.24 renamed past_key_values to cache
+        for source in (kwargs, output if output is not None else {}):  # a ModelOutput is a dict
+            if source.get(name) is not None:
+                return source[name]
+    return None
+
+
+def _entry_module(lm: LoadedModel, mode: str, layer: int) -> nn.Module:
+    block = lm.adapter.layer(layer)
+    return block.get_submodule(lm.adapter.family.pre_ffn_norm) if mode == "post_attention" else block
+
+
+@contextmanager
+def _record(lm: LoadedModel, mode: str, entries: list[list[torch.Tensor]], kv: list):
+    """The unpruned run: entries[l] gets layer l's entry at every pass, kv[k] the (keys, values) per
+    layer that pass k starts from (None for a pass that starts without a cache)."""
+
+    def keep(store):
+        return lambda module, args, kwargs: store.append(_hidden(args, kwargs))
+
+    def start(module, args, kwargs):
+        cache = _cache_of(kwargs)
+        kv.append(None if cache is None else [(layer.keys, layer.values) for layer in cache.layers])
+
+    n = lm.adapter.geometry.n_layers
+    with _hooks([(lm.model.base_model, start)] + [(_entry_module(lm, mode, l), keep(entries[l])) for l in range(n)]):
+        yield
+
+
+@contextmanager
+def _layers_from(lm: LoadedModel, start: int):
+    """The base model runs only decoder blocks start.. (the full list is restored on exit)."""
+    if start == 0:
+        yield
+        return
+    path, _, name = lm.adapter.family.layers.rpartition(".")
+    parent = lm.model.get_submodule(path)
+    full = getattr(parent, name)
+    setattr(parent, name, nn.ModuleList(list(full)[start:]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, full)
+
+
+@contextmanager
+def _restart(lm: LoadedModel, start: int, entries: list[torch.Tensor], kv: list):
+    """Knock-out runs from decoder block `start` (the final norm when start = L): pass k's first module
+    gets entries[k] as input; cache layers < start hold kv[k] during pass k only."""
+    n = lm.adapter.geometry.n_layers
+    first = lm.adapter.layer(start) if start < n else lm.adapter.final_norm()
+    k = [0]
+
+    def begin(module, args, kwargs):
+        cache = _cache_of(kwargs)
+        if cache is not None and kv[k[0]] is not None:
+            for layer, (keys, values) in zip(cache.layers[:start], kv[k[0]][:start]):
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+
+    def end(module, args, kwargs, output):
+        cache = _cache_of(kwargs, output)
+        for layer in cache.layers[:start] if cache is not None else ():
+            layer.reset()
+        k[0] += 1
+
+    def feed(module, args, kwargs):
+        old, new = _hidden(args, kwargs), entries[k[0]]
+        if new.numel() != old.numel():
+            raise RuntimeError(f"knock-out restart: a stored input of shape {tuple(new.shape)} does not fit "
+                               f"{type(module).__name__}'s input {tuple(old.shape)}")
+        new = new.reshape(old.shape)  # OPT's pre-FFN residual is flat
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    base = lm.model.base_model
+    with _hooks([(base, begin), (first, feed)], [(base, end)]), _layers_from(lm, start):
+        yield
+
+
+def _score_chunk(lm: LoadedModel, tk: Tokenised, requests, chunk) -> list[tuple[int, int, ChoiceScore]]:
+    base, dev = lm.model.base_model, lm.device
+    return _score_units(base, lm.model.get_output_embeddings(), tk, requests, chunk, lm.tokenizer.pad_token_id, dev,
+                        pass_cost_tokens(dev))
+
+
+def _knock_chunk(lm: LoadedModel, tk, requests, chunk, head_mask, mode: str, todo: list[int], state, offsets) -> None:
+    """The unpruned run of one prefix pass's units, then every knock-out row in `todo` restarted."""
+    n = lm.adapter.geometry.n_layers
+    entries: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    kv: list = []
+
+    def put(row, res):
+        state.put(row, torch.tensor([offsets[i] + j for i, j, _ in res]),
+                  torch.tensor([sc.logprob for _, _, sc in res], dtype=torch.float64),
+                  torch.tensor([sc.n_tokens for _, _, sc in res]))
+
+    with _gates(lm, head_mask, None), _record(lm, mode, entries, kv):
+        put(0, _score_chunk(lm, tk, requests, chunk))
+    for row in todo:
+        if row == 0:
+            continue
+        layer = row - 1
+        start = layer + 1 if mode == "post_attention" else layer  # post_attention never runs FFN l
+        ffn_mask = knockout_mask(n, layer) if mode == "block" else None
+        with _gates(lm, head_mask, ffn_mask), _restart(lm, start, entries[layer], kv):
+            put(row, _score_chunk(lm, tk, requests, chunk))
+
+
+@torch.inference_mode()
+def _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress) -> None:
+    n = lm.adapter.geometry.n_layers
+    tk = Tokenised(lm, requests)
+    units, overflow = _plan(tk, requests)
+    offsets = _offsets(requests)
+    chunks = [[units[k] for k in g] for g in _length_groups([len(u[0]) for u in units], pass_cost_tokens(lm.device),
+                                                            max_size=batch_size)]  # score_requests' prefix passes
+    for chunk in tqdm(chunks, disable=not progress, desc="ffn knock-out", unit="batch", leave=False):
+        pairs = torch.tensor([offsets[i] + j for _, ijs in chunk for i, j, *_ in ijs])
+        todo = [row for row in range(n + 1) if not bool(state.done[row, pairs].all())]
+        if todo:
+            _knock_chunk(lm, tk, requests, chunk, head_mask, mode, todo, state, offsets)
+            on_batch(state)
+    if overflow:  # left-truncated pairs: the exact naive path, per knock-out (as score_requests does)
+        idx = sorted({i for i, _ in overflow})
+        pairs = torch.tensor([offsets[i] + j for i, j in overflow])
+        for row in range(n + 1):
+            if bool(state.done[row, pairs].all()):
+                continue
+            nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], head_mask, knockout_mask(n, row - 1))))
+            state.put(row, pairs, torch.tensor([nv[i][j].logprob for i, j in overflow], dtype=torch.float64),
+                      torch.tensor([nv[i][j].n_tokens for i, j in overflow]))
+        on_batch(state)
