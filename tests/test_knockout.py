@@ -94,6 +94,18 @@ def test_equals_one_evaluation_per_knockout(name, config, mode, masked, reqs):
     assert torch.equal(lm.model(input_ids=x).logits, logits)
 
 
+@pytest.mark.parametrize("task", ["winogrande", "multirc"])
+def test_shared_prefixes_and_contexts(task):
+    """Winogrande (one shared prefix, a suffix per option) and MultiRC (answer rows share their prompt)."""
+    lm = deep("tiny-llama")
+    reqs = build_requests(task, shot=1, limit=4, data_dir=data_dir())
+    state = ko.knockout_scores(lm, reqs, batch_size=2)
+    ref = reference(lm, reqs, None, 2)
+    for layer, want in ref.items():
+        got = state.scores(reqs, layer)
+        assert max(abs(a.logprob - b.logprob) for ra, rb in zip(got, want) for a, b in zip(ra, rb)) <= 1e-4
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gpt-neox"])
 def test_other_families(name, reqs):
     lm = get_model(name)
