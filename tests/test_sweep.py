@@ -204,5 +204,5 @@ def test_demo_entry_point_on_a_tiny_model(tmp_path):
     assert summary["n_complete"] == 4 and summary["has_induction"]
     expected = {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
     assert {(r["task"], r["shot"]) for r in summary["summary"]} == expected
-    assert f"figures in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
+    assert f"figures and report.md in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
     assert (tmp_path / "tiny-opt" / "summary" / "fig5_curves_heads.png").exists()
