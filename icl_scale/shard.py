@@ -112,19 +112,28 @@ class Evaluator:
         self.memo: dict[tuple, tuple] = {}
         self.n_scored = 0
 
-    def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
-        key = (id(requests), len(requests), _mask_key(head_mask), _mask_key(ffn_mask))
+    def key(self, requests, head_mask=None, ffn_mask=None) -> tuple:
+        return (id(requests), len(requests), _mask_key(head_mask), _mask_key(ffn_mask))
+
+    def remember(self, requests, head_mask, ffn_mask, scores) -> tuple[dict, list[dict]]:
+        """Metrics and per-doc rows of `scores` (score_requests' shape) under these masks, memoised
+        (also for scores computed elsewhere, e.g. the knock-out stage's restarted passes)."""
+        key = self.key(requests, head_mask, ffn_mask)
         if key not in self.memo:
-            scores = score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
-                                    progress=self.progress, desc=desc)
-            lls = [[c.logprob for c in row] for row in scores]
-            metrics, per_doc = compute_metrics(self.task, requests, lls)
+            metrics, per_doc = compute_metrics(self.task, requests, [[c.logprob for c in row] for row in scores])
             for row, sc in zip(per_doc, scores):
                 row["logprobs"] = [c.logprob for c in sc]
                 row["n_tokens"] = [c.n_tokens for c in sc]
             self.memo[key] = (requests, metrics, per_doc)  # holding `requests` keeps its id unique
             self.n_scored += 1
-        return copy.deepcopy(self.memo[key][1:])
+        return self.memo[key][1:]
+
+    def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
+        if self.key(requests, head_mask, ffn_mask) not in self.memo:
+            scores = score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
+                                    progress=self.progress, desc=desc)
+            self.remember(requests, head_mask, ffn_mask, scores)
+        return copy.deepcopy(self.memo[self.key(requests, head_mask, ffn_mask)][1:])
 
 
 # --- checkpoint, stage timing, fault hooks --------------------------------------------------------
@@ -356,7 +365,7 @@ class ShardRun:
         """FFN knock-out importance on the knock-out split (icl_scale.knockout: per batch of contexts one
         unpruned pass, then every knock-out restarted at its layer), checkpointed after every batch in
         checkpoint/knockout_state.safetensors. Each knock-out's per-doc results go into the evaluator's
-        memo, built as Evaluator.__call__ builds them, so the curves never rescore a mask scored here
+        memo (Evaluator.remember), so the curves never rescore a mask scored here
         (the unpruned point with knockout.split=paper, an FFN level that removes one FFN) and the
         manifest's `evaluations` counts them as it did when each knock-out was an Evaluator call."""
         reqs, n, ev = self.requests.knockout, self.lm.adapter.geometry.n_layers, self.evaluate
@@ -367,16 +376,10 @@ class ShardRun:
                                     state=KnockoutState.from_tensors(saved) if saved else None,
                                     on_batch=lambda s: write_tensors(path, s.tensors()), progress=self.show_progress)
             for layer in range(-1, n):
-                key = (id(reqs), len(reqs), None, _mask_key(knockout_mask(n, layer)))
-                if key not in ev.memo:
-                    scores = state.scores(reqs, layer)
-                    metrics, per_doc = compute_metrics(self.task, reqs, [[c.logprob for c in row] for row in scores])
-                    for row, sc in zip(per_doc, scores):
-                        row["logprobs"] = [c.logprob for c in sc]
-                        row["n_tokens"] = [c.n_tokens for c in sc]
-                    ev.memo[key] = (reqs, metrics, per_doc)
-                    ev.n_scored += 1
-                self.progress.knockout[str(layer)] = ev.memo[key][1][self.metric]["value"]
+                mask = knockout_mask(n, layer)
+                done = ev.key(reqs, None, mask) in ev.memo
+                metrics, _ = ev.remember(reqs, None, mask, None if done else state.scores(reqs, layer))
+                self.progress.knockout[str(layer)] = metrics[self.metric]["value"]
             self.save_progress()
         self.ko_base, self.imp["ffn_knockout"] = knockout_drops(
             {int(k): v for k, v in self.progress.knockout.items()}, n)

@@ -25,8 +25,8 @@ from icl_scale.cli import hydra_job  # noqa: E402
 def main(c: dict) -> None:
     import time
 
-    from icl_scale.models import check_mask, load_model
-    from icl_scale.models.gates import read_mask_file
+    from icl_scale.models import load_model
+    from icl_scale.models.gates import check_model_masks, read_mask_file
     from icl_scale.shard import Evaluator, primary_metric
     from icl_scale.store import check_writable, write_json, write_jsonl
     from icl_scale.tasks import build_requests
@@ -40,10 +40,7 @@ def main(c: dict) -> None:
     reqs = build_requests(c["task"], split=ev.get("split"), shot=int(c["shot"]), seed=int(c.get("seed", 0)),
                           limit=ev.get("limit"), data_dir=(c.get("data") or {}).get("dir"))
     lm = load_model(c["model"])
-    g = lm.adapter.geometry
-    for key, shape in (("head_mask", (g.n_layers, g.n_heads)), ("ffn_mask", (g.n_layers,))):
-        if key in masks:
-            check_mask(masks[key], shape, f"{key}={c[key]} ({lm.name})")
+    check_model_masks(masks, lm.adapter.geometry, lambda key: f"{key}={c[key]} ({lm.name})")
     t0 = time.time()
     metrics, per_doc = Evaluator(lm, c["task"], int(ev.get("batch_size", 8)), bool(c.get("progress")))(
         reqs, masks.get("head_mask"), masks.get("ffn_mask"))

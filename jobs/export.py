@@ -219,7 +219,8 @@ def _umask() -> int:
 
 @hydra_job("export")
 def main(c: dict) -> None:
-    from icl_scale.models import check_mask, load_model
+    from icl_scale.models import load_model
+    from icl_scale.models.gates import check_model_masks
     from icl_scale.models.physical import plan, prune_physically
     from icl_scale.tasks import build_requests
 
@@ -230,9 +231,7 @@ def main(c: dict) -> None:
                           limit=ev.get("limit"), data_dir=(c.get("data") or {}).get("dir"))
     lm = load_model(c["model"])
     g = lm.adapter.geometry
-    for key, shape in (("head_mask", (g.n_layers, g.n_heads)), ("ffn_mask", (g.n_layers,))):
-        if key in masks:
-            check_mask(masks[key], shape, f"{key} ({source[key]['file']}, {lm.name})")
+    check_model_masks(masks, g, lambda key: f"{key} ({source[key]['file']}, {lm.name})")
     pruned = prune_physically(lm, masks.get("head_mask"), masks.get("ffn_mask"))
     report = {"model": lm.name, "task": c["task"], "shot": int(c["shot"]), "seed": int(c.get("seed", 0)),
               "eval": {"split": ev.get("split"), "limit": ev.get("limit")}, "source": source,

@@ -24,11 +24,12 @@ and the residual stream passes through it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .adapters import Adapter
+from .adapters import Adapter, HeadGeometry
 from .hooks import Hooks
 
 
@@ -62,6 +63,15 @@ def check_mask(mask: torch.Tensor | None, shape: tuple[int, ...] | None, name: s
             first = values[other].flatten()[0].item()
             raise MaskError(f"{name} has {int(other.sum())} value(s) other than 0 and 1 (e.g. {first:g}); {fix}")
     return mask
+
+
+def check_model_masks(masks: dict[str, torch.Tensor], geometry: HeadGeometry, name: Callable[[str], str]) -> None:
+    """Masks read from files ({"head_mask": [L, H], "ffn_mask": [L]}, either may be absent) checked
+    against a loaded model's geometry; `name(key)` says where each came from in the error."""
+    shapes = {"head_mask": (geometry.n_layers, geometry.n_heads), "ffn_mask": (geometry.n_layers,)}
+    for key, shape in shapes.items():
+        if key in masks:
+            check_mask(masks[key], shape, name(key))
 
 
 def read_mask_file(path: str | Path, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
