@@ -1,16 +1,27 @@
 """Rank/world from the launcher and the few collectives the pipeline needs.
 
+A shard job may run as several ranks (torchrun, or one Slurm task per GPU). The ranks split the
+work: every document list (importance examples, knock-out docs, eval docs) is cut into
+deterministic, token-balanced slices (`balanced_slices`), one per rank; sums are all-reduced and
+per-doc results gathered, so every rank ends each step with the numbers a single process would
+have, and only rank 0 writes to the store.
+
 Big models run under DeepSpeed ZeRO-3 across the GPUs of a job (icl_scale/models/zero.py). Every
 rank holds a slice of the parameters and gathers the rest layer by layer during each forward, so
-all ranks must make the same sequence of forward calls. icl_scale therefore runs the ranks in
-lockstep on identical inputs (ZeRO-Inference: the model is sharded for memory, not the data) and
-only rank 0 writes to the store.
+all ranks must make the same sequence of module calls; their inputs may differ. Under ZeRO-3 the
+scorer and the importance pass therefore agree on the number of calls of each step (`max_over_ranks`)
+and a rank with less work runs placeholder calls (one pad token, weight zero).
+
+`set_data_parallel(False)` makes every rank do all the work on identical inputs instead
+(lockstep, the earlier behaviour; kept for the benchmark that compares the two).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 
 @dataclass(frozen=True)
@@ -35,8 +46,13 @@ def dist_env() -> DistEnv:
     return DistEnv()
 
 
+# A rank that dies makes the others fail in a collective after this long instead of hanging forever.
+COLLECTIVE_TIMEOUT_MIN = float(os.environ.get("ICL_SCALE_COLLECTIVE_TIMEOUT_MIN", "30"))
+
+
 def init_process_group(backend: str | None = None) -> DistEnv:
-    """Set the variables DeepSpeed expects (else it tries MPI) and initialise torch.distributed."""
+    """torch.distributed over the job's ranks (NCCL on GPUs, gloo on CPUs), with the variables it and
+    DeepSpeed expect (else DeepSpeed tries MPI). DeepSpeed's ZeRO-3 then uses this process group."""
     import torch
     import torch.distributed as td
 
@@ -48,10 +64,11 @@ def init_process_group(backend: str | None = None) -> DistEnv:
         os.environ["MASTER_ADDR"] = _first_node()
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
     if not td.is_initialized():
-        import deepspeed
-
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        deepspeed.init_distributed(dist_backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(de.local_rank)
+        td.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size,
+                              timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     return de
 
 
@@ -74,3 +91,74 @@ def barrier() -> None:
 
     if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
         td.barrier()
+
+
+# --- data parallelism ------------------------------------------------------------------------------
+
+_DATA_PARALLEL = True
+
+
+def set_data_parallel(on: bool) -> None:
+    """False: every rank does all the work (lockstep); True (default): the ranks split it."""
+    global _DATA_PARALLEL
+    _DATA_PARALLEL = bool(on)
+
+
+def dp_world() -> tuple[int, int]:
+    """(rank, world size) over which work is split: (0, 1) in one process or in lockstep."""
+    import torch.distributed as td
+
+    if not _DATA_PARALLEL or not (td.is_available() and td.is_initialized()):
+        return 0, 1
+    return td.get_rank(), td.get_world_size()
+
+
+def balanced_slices(costs: Sequence[int], n: int, cap: int | None = None) -> list[list[int]]:
+    """Indices of `costs` split into `n` slices of nearly equal total cost: largest first onto the
+    least-loaded slice (ties: the lower slice), each slice at most `cap` items (None: no cap).
+    Deterministic: every rank computes the same split. Each slice is in ascending index order."""
+    load, parts = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        open_ = [r for r in range(n) if cap is None or len(parts[r]) < cap]
+        r = min(open_, key=lambda r: (load[r], r))
+        parts[r].append(i)
+        load[r] += costs[i]
+    return [sorted(p) for p in parts]
+
+
+def _device():
+    """Where collectives' tensors live: the GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as td
+
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(t):
+    """Sum of `t` over the ranks (a new tensor on t's device and dtype)."""
+    import torch.distributed as td
+
+    x = t.to(_device()).clone()
+    td.all_reduce(x, op=td.ReduceOp.SUM)
+    return x.to(t.device)
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest of every rank's `n` (1 process: n)."""
+    import torch
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return int(n)
+    x = torch.tensor([int(n)], dtype=torch.long, device=_device())
+    td.all_reduce(x, op=td.ReduceOp.MAX)
+    return int(x.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (JSON-like values), in rank order, on every rank."""
+    import torch.distributed as td
+
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out

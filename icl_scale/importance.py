@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, balanced_slices, dp_world
 from .knockout import knockout_drops
 from .models.gates import Gates
 from .models.loading import LoadedModel
@@ -65,6 +66,14 @@ class ImportanceState:
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> ImportanceState:
         n_ex, n_tok, n_cont = (int(x) for x in t["counts"])
         return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok, n_cont)
+
+    def add(self, flat: torch.Tensor) -> None:
+        """Add one step's sums (`_batch_sums`' flat layout)."""
+        nh = self.heads.numel()
+        self.heads += flat[:nh].view_as(self.heads)
+        self.ffn += flat[nh: nh + self.ffn.numel()]
+        self.n_tokens += int(flat[-2])
+        self.n_cont_tokens += int(flat[-1])
 
     def layer_tokens(self, normalize: str = "paper") -> torch.Tensor:
         """[L] token count each layer's sums are divided by (see the module docstring)."""
@@ -124,45 +133,68 @@ def gradient_importance(
 
     `head_mask`/`ffn_mask` (fixed 0/1) apply while scoring: used by iterative pruning, where a
     removed component's importance is then exactly 0. `on_batch(state)` runs after every batch
-    (checkpointing)."""
+    (checkpointing).
+
+    With data-parallel ranks (icl_scale.distributed) a step is `batch_size` examples per rank, each
+    rank takes a token-balanced share and the step's sums are all-reduced: every rank's state (and
+    the checkpoint rank 0 writes after the step) is the single process's, up to summation order."""
     if abs_mode not in ABS_MODES:
         raise ValueError(f"importance.abs={abs_mode!r}; use one of {', '.join(ABS_MODES)}")
     state = state or ImportanceState.zeros(lm)
     examples = importance_inputs(lm, requests)
-    base = lm.model.base_model
-    unembed = lm.model.get_output_embeddings()
-    todo = range(state.n_examples, len(examples), batch_size)
+    rank, world = dp_world()
+    lockstep = world > 1 and lm.engine is not None  # ZeRO-3: every rank runs every step
+    step = batch_size * world  # a step: `batch_size` examples per rank
     bar = tqdm(total=len(examples), initial=state.n_examples, disable=not progress, desc="importance",
                unit="ex", leave=False)
     with Gates(lm.adapter, head_mask=head_mask, ffn_mask=ffn_mask, record=True) as gates:
-        for s in todo:
-            chunk = examples[s: s + batch_size]
-            ids, mask, rows_t, pos_t, tgt_t, weight_t = importance_batch(lm, chunk)
-            b, t = ids.shape
-            gates.clear_probes()
-            with torch.enable_grad():
-                h = base(input_ids=ids, attention_mask=mask).last_hidden_state
-                logits = unembed(h[rows_t, pos_t]).float()  # unembed only where the loss needs it
-                nll = -torch.log_softmax(logits, -1).gather(-1, tgt_t[:, None]).squeeze(-1)
-                loss = (nll * weight_t).sum()  # sum over examples of mean NLL
-                head_c, ffn_c = gates.probe_grads(loss, (b, t))  # [L, b, t, H], [L, b, t]
-            # Rows never interact (causal attention, right padding), so row i holds example i's
-            # contributions; pad positions get exactly zero gradient.
-            if abs_mode == "per_token":
-                state.heads += head_c.abs().sum(dim=(1, 2)).double().cpu()
-                state.ffn += ffn_c.abs().sum(dim=(1, 2)).double().cpu()
-            else:
-                state.heads += head_c.sum(dim=2).abs().sum(dim=1).double().cpu()
-                state.ffn += ffn_c.sum(dim=2).abs().sum(dim=1).double().cpu()
-            state.n_examples += len(chunk)
-            state.n_tokens += int(mask.sum())
-            state.n_cont_tokens += len(tgt_t)
-            gates.clear_probes()
-            bar.update(len(chunk))
+        for s in range(state.n_examples, len(examples), step):
+            todo = examples[s: s + step]
+            if world > 1:  # this rank's token-balanced share of the step
+                todo = [todo[i] for i in balanced_slices([len(x) for x, _ in todo], world, cap=batch_size)[rank]]
+            delta = _batch_sums(lm, gates, todo, abs_mode) if todo or lockstep else None
+            if world > 1:  # every rank ends the step with the same sums: the single process's
+                delta = all_reduce_sum(delta if delta is not None else _zero_sums(state))
+            if delta is not None:
+                state.add(delta)
+            state.n_examples += len(examples[s: s + step])
+            bar.update(len(examples[s: s + step]))
             if on_batch is not None:
                 on_batch(state)
     bar.close()
     return state
+
+
+def _zero_sums(state: ImportanceState) -> torch.Tensor:
+    return torch.zeros(state.heads.numel() + state.ffn.numel() + 2, dtype=torch.float64)
+
+
+def _batch_sums(lm: LoadedModel, gates: Gates, chunk, abs_mode: str) -> torch.Tensor:
+    """One forward + backward to the gate probes over `chunk`: the step's sums, flat (heads, FFN,
+    input tokens, continuation tokens; float64). An empty chunk (a ZeRO-3 rank with no example
+    left) runs one pad token with weight zero, so it still makes every call the others make."""
+    base, unembed = lm.model.base_model, lm.model.get_output_embeddings()
+    idle = not chunk
+    if idle:
+        chunk = [([lm.tokenizer.pad_token_id], [lm.tokenizer.pad_token_id])]
+    ids, mask, rows_t, pos_t, tgt_t, weight_t = importance_batch(lm, chunk)
+    b, t = ids.shape
+    gates.clear_probes()
+    with torch.enable_grad():
+        h = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = unembed(h[rows_t, pos_t]).float()  # unembed only where the loss needs it
+        nll = -torch.log_softmax(logits, -1).gather(-1, tgt_t[:, None]).squeeze(-1)
+        loss = (nll * weight_t).sum() * (0.0 if idle else 1.0)  # sum over examples of mean NLL
+        head_c, ffn_c = gates.probe_grads(loss, (b, t))  # [L, b, t, H], [L, b, t]
+    gates.clear_probes()
+    # Rows never interact (causal attention, right padding), so row i holds example i's
+    # contributions; pad positions get exactly zero gradient.
+    if abs_mode == "per_token":
+        heads, ffn = head_c.abs().sum(dim=(1, 2)), ffn_c.abs().sum(dim=(1, 2))
+    else:
+        heads, ffn = head_c.sum(dim=2).abs().sum(dim=1), ffn_c.sum(dim=2).abs().sum(dim=1)
+    counts = torch.tensor([0.0, 0.0] if idle else [float(mask.sum()), float(len(tgt_t))], dtype=torch.float64)
+    return torch.cat([heads.double().cpu().flatten(), ffn.double().cpu(), counts])
 
 
 def ffn_knockout(

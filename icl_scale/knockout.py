@@ -61,6 +61,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import balanced_slices, dp_world, gather_objects
 from .models.loading import LoadedModel
 from .scoring import (
     ChoiceScore,
@@ -71,6 +72,7 @@ from .scoring import (
     _score_units,
     pass_cost_tokens,
     regroupable,
+    request_cost,
     score_naive,
     score_requests,
 )
@@ -175,6 +177,25 @@ def knockout_scores(lm: LoadedModel, requests: Sequence[Request], head_mask: tor
     under `head_mask` (see the module docstring). `batch_size` = distinct contexts per pass, as in
     score_requests. `state` resumes: finished work is skipped; `on_batch(state)` runs after every batch
     (checkpointing). `mode`: post_attention, block or full (default: restart_mode(lm))."""
+    mode = mode or restart_mode(lm)
+    if mode not in MODES:
+        raise ValueError(f"knock-out mode {mode!r}; use one of {', '.join(MODES)}")
+    rank, world = dp_world()
+    if world > 1 and mode != "full":  # "full" is score_requests per knock-out, data-parallel itself
+        return _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, rank, world)
+    return _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress)
+
+
+def checkpoint_name(lm: LoadedModel) -> str:
+    """The knock-out checkpoint's file name: one per rank when the ranks knock out their own slices
+    (each rank writes its own; a requeue with the same world size resumes every slice)."""
+    rank, world = dp_world()
+    if world == 1 or restart_mode(lm) == "full":
+        return "knockout_state.safetensors"
+    return f"knockout_state.rank{rank}of{world}.safetensors"
+
+
+def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress) -> KnockoutState:
     n = lm.adapter.geometry.n_layers
     n_pairs = sum(r.n_choices for r in requests)
     if state is not None and not state.fits(n, n_pairs):
@@ -182,15 +203,29 @@ def knockout_scores(lm: LoadedModel, requests: Sequence[Request], head_mask: tor
                     tuple(state.logprobs.shape), (n + 1, n_pairs))
         state = None
     state = state or KnockoutState.empty(n, n_pairs)
-    mode = mode or restart_mode(lm)
-    if mode not in MODES:
-        raise ValueError(f"knock-out mode {mode!r}; use one of {', '.join(MODES)}")
     on_batch = on_batch or (lambda s: None)
     if mode == "full":
         _full(lm, requests, head_mask, batch_size, state, on_batch, progress)
     else:
         _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress)
     return state
+
+
+def _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, rank, world):
+    """Restarted knock-outs of this rank's token-balanced slice of the requests (`state`/`on_batch`:
+    this slice's, see `checkpoint_name`), then every slice gathered into the whole state on every rank."""
+    tk = Tokenised(lm, requests)
+    mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
+    local = _knockout_scores(lm, [requests[i] for i in mine], head_mask, batch_size, state, on_batch, mode,
+                             progress)
+    whole = KnockoutState.empty(lm.adapter.geometry.n_layers, sum(r.n_choices for r in requests))
+    offsets = _offsets(requests)
+    for idx, logprobs, n_tokens in gather_objects((mine, local.logprobs.tolist(), local.n_tokens.tolist())):
+        pairs = [offsets[i] + j for i in idx for j in range(requests[i].n_choices)]
+        for row, lp in enumerate(logprobs):
+            whole.put(row, torch.tensor(pairs, dtype=torch.long), torch.tensor(lp, dtype=torch.float64),
+                      torch.tensor(n_tokens, dtype=torch.long))
+    return whole
 
 
 def _full(lm, requests, head_mask, batch_size, state, on_batch, progress) -> None:

@@ -229,8 +229,9 @@ def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
     return last, cache, mask, ctx_len
 
 
-def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost) -> list[tuple[int, int, ChoiceScore]]:
-    """Score every row of a group of units: one prefix pass, then the tails in passes of similar length."""
+def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None) -> list[tuple[int, int, ChoiceScore]]:
+    """Score every row of a group of units: one prefix pass, then the tails in passes of similar length.
+    `sync` (ZeRO-3 with data-parallel ranks, `Lockstep`): as many calls as every other rank."""
     last, cache, mask, ctx_len = _prefix_pass(base, [u[0] for u in chunk], pad, dev)
     # One row per choice: (unit, request, choice, continuation tokens, suffix tokens).
     rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]), suf)
@@ -242,6 +243,8 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost) -> list[tup
         d_idx = torch.tensor(direct, device=dev)
         first_tok = torch.tensor([rows[k][3][0] for k in direct], device=dev)
         total[d_idx] = _logprob_of(last[unit_idx[d_idx]], first_tok, unembed)
+    elif sync:
+        sync.idle_unembed()
     groups = _length_groups([len(r[4]) + len(r[3]) - 1 for r in rows], cost if regroupable(cache) else float("inf"))
     saved = [(layer.keys, layer.values) for layer in cache.layers] if len(groups) > 1 else None
     for g in groups:
@@ -251,6 +254,9 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost) -> list[tup
         g_idx = torch.tensor(g, device=dev)
         total[g_idx] += _continuation_logprobs(base, unembed, cache, [rows[k] for k in g], unit_idx[g_idx], mask,
                                                ctx_len, pad, dev)
+    for _ in range(sync.agree(len(groups)) - len(groups) if sync else 0):
+        sync.idle_base()
+        sync.idle_unembed()
     return [(i, j, ChoiceScore(t, len(toks))) for (_, i, j, toks, _), t in zip(rows, total.tolist())]
 
 
@@ -276,10 +282,75 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
     return out  # type: ignore[return-value]
 
 
+class Lockstep:
+    """ZeRO-3 with data-parallel ranks: every rank must make the same sequence of module calls,
+    whatever its share of the work. Before each data-dependent number of calls the ranks agree on
+    the largest (`agree`); a rank with fewer runs placeholder calls on one pad token (`idle_*`).
+    None of this is needed (or used) without ZeRO-3: then each rank runs only its own work."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm, self.base, self.unembed = lm, lm.model.base_model, lm.model.get_output_embeddings()
+        self.pad = torch.tensor([[lm.tokenizer.pad_token_id]], device=lm.device)
+
+    @staticmethod
+    def agree(n: int) -> int:
+        from .distributed import max_over_ranks
+
+        return max_over_ranks(n)
+
+    def idle_base(self) -> None:
+        self.base(input_ids=self.pad)
+
+    def idle_unembed(self) -> None:
+        self.unembed(torch.zeros(1, self.lm.model.config.hidden_size, device=self.lm.device,
+                                 dtype=self.lm.dtype))
+
+    def idle_model(self) -> None:
+        self.lm.model(input_ids=self.pad)
+
+    def idle_units(self) -> None:
+        """The calls of one `_score_units` that has no units: prefix pass, first-token unembedding,
+        and as many continuation passes as the busiest rank makes."""
+        self.idle_base()
+        self.idle_unembed()
+        for _ in range(self.agree(0)):
+            self.idle_base()
+            self.idle_unembed()
+
+
+def request_cost(tk: Tokenised, r: Request) -> int:
+    """Tokens the scorer runs for one request (its contexts once, every continuation): the load
+    that data-parallel ranks balance."""
+    return (sum(len(tk.context(c)) for c in set(r.contexts))
+            + sum(len(tk.ids[r.pair(j)[1]]) for j in range(r.n_choices)))
+
+
 @torch.inference_mode()
 def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ffn_mask=None,
                    batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> list[list[ChoiceScore]]:
-    """Prefix-cached scorer (see module docstring). `batch_size` = distinct prefixes per pass."""
+    """Prefix-cached scorer (see module docstring). `batch_size` = distinct prefixes per pass.
+
+    With data-parallel ranks (icl_scale.distributed) each rank scores a token-balanced slice of the
+    requests and every rank returns all of them; under ZeRO-3 the ranks run in call-lockstep."""
+    from .distributed import balanced_slices, dp_world, gather_objects
+
+    rank, world = dp_world()
+    if world == 1:
+        return _score_local(lm, requests, head_mask, ffn_mask, batch_size, progress, desc, None)
+    tk = Tokenised(lm, requests)
+    mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
+    sync = Lockstep(lm) if lm.engine is not None else None
+    local = _score_local(lm, [requests[i] for i in mine], head_mask, ffn_mask, batch_size, progress, desc, sync)
+    out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
+    for idx, rows in gather_objects((mine, [[(c.logprob, c.n_tokens) for c in row] for row in local])):
+        for i, row in zip(idx, rows):
+            out[i] = [ChoiceScore(lp, n) for lp, n in row]
+    return out  # type: ignore[return-value]
+
+
+def _score_local(lm: LoadedModel, requests: Sequence[Request], head_mask, ffn_mask, batch_size: int,
+                 progress: bool, desc: str, sync: Lockstep | None) -> list[list[ChoiceScore]]:
+    """score_requests on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks)."""
     tk = Tokenised(lm, requests)
     out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
     units, overflow = _plan(tk, requests)
@@ -292,14 +363,24 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
         bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
         # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
         # peaks early); padding costs as much as real tokens on a CPU.
-        for g in _length_groups([len(u[0]) for u in units], cost, max_size=batch_size):
-            for i, j, sc in _score_units(base, unembed, tk, requests, [units[k] for k in g], pad, dev, cost):
+        groups = _length_groups([len(u[0]) for u in units], cost, max_size=batch_size)
+        for step in range(sync.agree(len(groups)) if sync else len(groups)):
+            if step >= len(groups):
+                sync.idle_units()
+                continue
+            g = groups[step]
+            for i, j, sc in _score_units(base, unembed, tk, requests, [units[k] for k in g], pad, dev, cost, sync):
                 out[i][j] = sc
             bar.update(len(g))
         bar.close()
-    if overflow:  # left-truncated pairs: exact naive path
+        # Left-truncated pairs: the exact naive path (one pair per forward).
         idx = sorted({i for i, _ in overflow})
-        nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], head_mask, ffn_mask, batch_size=1)))
-        for i, j in overflow:
-            out[i][j] = nv[i][j]
+        if idx:
+            nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], batch_size=1)))
+            for i, j in overflow:
+                out[i][j] = nv[i][j]
+        if sync:
+            n_naive = sum(requests[i].n_choices for i in idx)
+            for _ in range(sync.agree(n_naive) - n_naive):
+                sync.idle_model()
     return out  # type: ignore[return-value]

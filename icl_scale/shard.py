@@ -26,9 +26,9 @@ import torch
 
 from . import pruning as P
 from .collect import load_shard, read_induction
-from .distributed import barrier, dist_env
+from .distributed import barrier, dist_env, init_process_group, max_over_ranks
 from .importance import ImportanceState, gradient_importance
-from .knockout import KnockoutState, knockout_drops, knockout_mask, knockout_scores
+from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .models.loading import LoadedModel, load_model
 from .scoring import Tokenised, score_requests
 from .store import (
@@ -159,17 +159,29 @@ class Progress:
 # process that a test cannot monkeypatch, so "<stage>:<file>" in this variable makes a fresh (not
 # resumed) run wait after <stage> for as long as <file> exists: the test requeues it at a known point
 # instead of racing a job that may already have finished; the resumed run goes straight through.
+# "importance@<n>:<file>" holds in the middle of the importance pass, once a checkpoint with at least
+# <n> examples is written.
 HOLD_ENV = "ICL_SCALE_HOLD_AFTER"
 HOLD_MAX_S = 900
 
 
 def after_stage(stage: str, resumed: bool) -> None:
     """Runs after every finished stage; in-process tests monkeypatch it to inject a crash."""
-    hold_stage, _, hold_file = os.environ.get(HOLD_ENV, "").partition(":")
+    _hold(stage, resumed)
+
+
+def _hold(point: str, resumed: bool) -> None:
+    hold_point, _, hold_file = os.environ.get(HOLD_ENV, "").partition(":")
     t0 = time.time()
-    while (hold_stage == stage and hold_file and not resumed and os.path.exists(hold_file)
+    while (hold_point == point and hold_file and not resumed and os.path.exists(hold_file)
            and time.time() - t0 < HOLD_MAX_S):
         time.sleep(0.2)
+
+
+def _hold_in_importance(n_examples: int, resumed: bool) -> None:
+    point = os.environ.get(HOLD_ENV, "").partition(":")[0]
+    if point.startswith("importance@") and n_examples >= int(point.partition("@")[2]):
+        _hold(point, resumed)
 
 
 class Stages:
@@ -229,6 +241,8 @@ class ShardRun:
         if "induction" in (self.cfg["pruning"].get("compare") or []):
             self.induction = self.induction_scores()  # before any work: the job may not have run
         t_start = time.time()
+        if dist_env().world_size > 1:  # ranks split the work (icl_scale.distributed), ZeRO-3 or not
+            init_process_group()
         self.lm = self.lm or load_model(self.cfg["model"])
         t_load = time.time()
         self.requests = self.render()
@@ -356,8 +370,11 @@ class ShardRun:
         saved = self._read_checkpoint(path, read_tensors)
         state = ImportanceState.from_tensors(saved) if saved else None
         every = max(1, int(self.cfg["importance"].get("checkpoint_every", 8)))
-        state = self.gradient_importance(state=state,
-                                         on_batch=every_nth(every, lambda s: write_tensors(path, s.tensors())))
+        def checkpoint(s: ImportanceState) -> None:
+            write_tensors(path, s.tensors())
+            _hold_in_importance(s.n_examples, self.stages.resumed)
+
+        state = self.gradient_importance(state=state, on_batch=every_nth(every, checkpoint))
         write_tensors(path, state.tensors())
         return state
 
@@ -369,12 +386,16 @@ class ShardRun:
         (the unpruned point with knockout.split=paper, an FFN level that removes one FFN) and the
         manifest's `evaluations` counts them as it did when each knock-out was an Evaluator call."""
         reqs, n, ev = self.requests.knockout, self.lm.adapter.geometry.n_layers, self.evaluate
-        path = self.shard.ckpt("knockout_state.safetensors")
+        name = checkpoint_name(self.lm)  # data-parallel ranks: each its own slice's file
+        path = self.shard.ckpt(name)
         saved = self._read_checkpoint(path, read_tensors)
-        if saved is not None or len(self.progress.knockout) < n + 1:  # else: finished before per-batch checkpoints
+        # (else: finished before per-batch checkpoints); every rank takes the same branch
+        if max_over_ranks(saved is not None) or len(self.progress.knockout) < n + 1:
+            own = name != "knockout_state.safetensors"
             state = knockout_scores(self.lm, reqs, batch_size=ev.batch_size,
                                     state=KnockoutState.from_tensors(saved) if saved else None,
-                                    on_batch=lambda s: write_tensors(path, s.tensors()), progress=self.show_progress)
+                                    on_batch=lambda s: write_tensors(path, s.tensors(), every_rank=own),
+                                    progress=self.show_progress)
             for layer in range(-1, n):
                 mask = knockout_mask(n, layer)
                 done = ev.key(reqs, None, mask) in ev.memo

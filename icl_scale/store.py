@@ -56,8 +56,8 @@ def set_writer(is_writer: bool) -> None:
     _WRITER = bool(is_writer)
 
 
-def _atomic(path: Path, write) -> None:
-    if not _WRITER:
+def _atomic(path: Path, write, every_rank: bool = False) -> None:
+    if not (_WRITER or every_rank):
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +77,9 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+def write_bytes(path: Path, data: bytes, every_rank: bool = False) -> None:
+    """Atomic write (rank 0 only, unless `every_rank`: a rank's own checkpoint file)."""
+    _atomic(path, lambda f: f.write(data), every_rank)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -89,11 +90,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     write_bytes(path, "".join(json.dumps(r, default=str) + "\n" for r in rows).encode())
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  every_rank: bool = False) -> None:
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    write_bytes(path, data)
+    write_bytes(path, data, every_rank)
 
 
 def read_json(path: Path) -> Any:
@@ -217,7 +219,7 @@ class Shard:
 
     def clear_checkpoint(self) -> None:
         d = self.path / "checkpoint"
-        if d.exists():
+        if _WRITER and d.exists():  # rank 0's (every rank's own files included)
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()

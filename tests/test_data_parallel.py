@@ -1,0 +1,125 @@
+"""Data-parallel ranks in one shard job (icl_scale.distributed): two CPU ranks over gloo, launched as
+a user launches them (`torchrun --standalone --nproc_per_node 2 jobs/score.py ...`), with and
+without ZeRO-3 (DeepSpeed's CPU accelerator), write the store one process writes: importance within
+1e-5 relative, every knock-out and curve accuracy exactly, per-doc log-likelihoods within 1e-4 nats.
+A 2-rank run killed in the middle of the importance pass resumes to the same store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from icl_scale.distributed import balanced_slices
+from icl_scale.store import read_tensors
+
+from conftest import REPO, data_dir
+
+SHARD = ["task=copa", "shot=1", "eval.limit=13", "importance.n_examples=9", "importance.batch_size=2",
+         "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
+         "wandb.mode=disabled", "importance.checkpoint_every=1"]
+TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ICL_SCALE_DATA_DIR": str(data_dir())}
+ENV.pop("RANK", None)
+ENV.pop("WORLD_SIZE", None)
+
+
+def score(root: Path, model: str, *extra: str, ranks: int = 1, env=None, wait=True):
+    launcher = TORCHRUN if ranks == 2 else [sys.executable]
+    cmd = [*launcher, str(REPO / "jobs" / "score.py"), f"model={model}", f"store.root={root}", *SHARD, *extra]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    if not wait:
+        return p
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def kill_job(p: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks (each in a session of its own), as a preemption does."""
+    import psutil  # a DeepSpeed dependency
+
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    for q in procs:
+        q.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    p.wait()
+
+
+def shard_dir(root: Path, model: str) -> Path:
+    return root / model / "copa" / "1shot" / "seed0"
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ia, ib = read_tensors(a / "importance.safetensors"), read_tensors(b / "importance.safetensors")
+    assert set(ia) == set(ib)
+    for k in ("heads", "ffn"):  # gradient sums: equal up to summation order
+        assert float((ia[k] - ib[k]).abs().max()) <= 1e-5 * float(ia[k].abs().max()), k
+    assert torch.equal(ia["ffn_knockout"], ib["ffn_knockout"])  # accuracy drops: exactly
+    ca, cb = (json.loads((d / "curves.json").read_text()) for d in (a, b))
+    for kind in ("heads", "ffn", "combined"):
+        assert [p["value"] for p in ca[kind]] == [p["value"] for p in cb[kind]], kind
+    assert ca["knockout_baseline"] == cb["knockout_baseline"]
+    samples = sorted(p.name for p in (a / "samples").iterdir())
+    assert samples == sorted(p.name for p in (b / "samples").iterdir()) and samples
+    for name in samples:
+        ra, rb = ([json.loads(x) for x in (d / "samples" / name).read_text().splitlines()] for d in (a, b))
+        assert [r["pred"] for r in ra] == [r["pred"] for r in rb], name
+        diff = max(abs(x - y) for r, s in zip(ra, rb) for x, y in zip(r["logprobs"], s["logprobs"]))
+        assert diff <= 1e-4, (name, diff)
+
+
+def test_balanced_slices_are_deterministic_balanced_and_capped():
+    costs = [9, 1, 8, 2, 7, 3]
+    parts = balanced_slices(costs, 2)
+    assert sorted(i for p in parts for i in p) == list(range(6))
+    assert [sum(costs[i] for i in p) for p in parts] == [15, 15]
+    assert balanced_slices(costs, 2) == parts and all(p == sorted(p) for p in parts)
+    assert [len(p) for p in balanced_slices([5, 1, 1, 1], 2, cap=2)] == [2, 2]
+    assert balanced_slices([3], 2) == [[0], []]  # fewer items than ranks: a rank with nothing
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, no ZeRO: the numbers every multi-rank run must reproduce."""
+    root = tmp_path_factory.mktemp("one")
+    for model in ("tiny-opt", "tiny-llama"):
+        score(root, model)
+    return root
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+@pytest.mark.parametrize("zero", [False, True], ids=["replicas", "zero3"])
+def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero):
+    extra = ["model.deepspeed.enabled=true"] if zero else []
+    out = score(tmp_path, model, *extra, ranks=2)
+    assert out.count("done in") == 2  # both ranks finished
+    assert_same_store(shard_dir(reference, model), shard_dir(tmp_path, model))
+    manifest = json.loads((shard_dir(tmp_path, model) / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+
+
+def test_two_ranks_killed_mid_importance_resume_to_the_same_store(reference, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {**ENV, "ICL_SCALE_HOLD_AFTER": f"importance@4:{hold}"}
+    p = score(tmp_path, "tiny-opt", ranks=2, env=env, wait=False)
+    ckpt = shard_dir(tmp_path, "tiny-opt") / "checkpoint" / "importance_state.safetensors"
+    t0 = time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[0][-3000:]
+    n_done = int(read_tensors(ckpt)["counts"][0])
+    assert 4 <= n_done < 9  # stopped in the middle of the pass
+    kill_job(p)
+    hold.unlink()
+    assert not (shard_dir(tmp_path, "tiny-opt") / "importance.safetensors").exists()
+    out = score(tmp_path, "tiny-opt", ranks=2)
+    assert out.count("done in") == 2
+    assert_same_store(shard_dir(reference, "tiny-opt"), shard_dir(tmp_path, "tiny-opt"))
