@@ -45,6 +45,11 @@ parameter prefetching follows the module order it traced) and for KV caches othe
 ones (sliding-window layers). Left-truncated pairs are scored by score_naive per knock-out, as
 score_requests does.
 
+Data-parallel ranks (icl_scale.distributed): each rank knocks out every FFN on its own
+token-balanced slice of the docs, checkpointed in a file of its own (`checkpoint_name`), and the
+slices are gathered at the end; under ZeRO-3 ("full" mode) each knock-out is one data-parallel
+score_requests.
+
 The hooks here (entries read at a pre-FFN norm's or a block's input, replaced at a block's or the
 final norm's input, the cache lent around each base-model pass) are plain torch forward hooks,
 installed for one run and always removed: models/hooks.py has no pre-FFN norm or base-model point.

@@ -4,8 +4,9 @@ optionally offloaded to CPU memory) so that OPT-66B-sized models fit.
 Enabled by `model.deepspeed.enabled=true` (the `paper` experiment does). The gates, the scorer and
 importance keep working unchanged: ZeRO-3 gathers each submodule's parameters in that submodule's
 forward, our hooks sit on the same submodules, and gate gradients come from
-`torch.autograd.grad` on the gate probes (no `engine.backward`, no optimizer). The ranks run in
-lockstep on identical inputs (see icl_scale/distributed.py); rank 0 writes results.
+`torch.autograd.grad` on the gate probes (no `engine.backward`, no optimizer). The ranks score
+different documents but make the same sequence of module calls (icl_scale/distributed.py,
+scoring.Lockstep); rank 0 writes results.
 
 Facts this relies on (measured with deepspeed 0.19 / transformers 5.x): `deepspeed.initialize` on
 an already-built model partitions it correctly, whereas `zero.Init` during construction breaks
