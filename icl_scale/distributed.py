@@ -39,7 +39,11 @@ def dist_env() -> DistEnv:
     """From torchrun/deepspeed (RANK, LOCAL_RANK, WORLD_SIZE) or Slurm (SLURM_PROCID, SLURM_LOCALID,
     SLURM_NTASKS); a single process otherwise."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        have, lack = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise RuntimeError(f"{have} is set but {lack} is not: launch the ranks with torchrun (or Slurm "
+                           f"tasks), or unset {have} for one process")
+    if "RANK" in env:
         return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
@@ -57,6 +61,7 @@ def init_process_group(backend: str | None = None) -> DistEnv:
     import torch.distributed as td
 
     de = dist_env()
+    check_gpus(de)
     os.environ.setdefault("RANK", str(de.rank))
     os.environ.setdefault("LOCAL_RANK", str(de.local_rank))
     os.environ.setdefault("WORLD_SIZE", str(de.world_size))
@@ -70,6 +75,28 @@ def init_process_group(backend: str | None = None) -> DistEnv:
         td.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size,
                               timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     return de
+
+
+def ranks_on_this_node() -> int:
+    """Ranks the launcher started on this machine (torchrun: LOCAL_WORLD_SIZE; Slurm: the node's tasks)."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0]
+    return int(per_node.split(",")[0])
+
+
+def check_gpus(de: DistEnv) -> None:
+    """One rank per GPU: a job whose ranks on a node do not match its visible GPUs stops here, before
+    any model is loaded."""
+    import torch
+
+    if de.world_size == 1 or not torch.cuda.is_available():
+        return
+    n, gpus = ranks_on_this_node(), torch.cuda.device_count()
+    if n != gpus:
+        raise RuntimeError(f"{n} ranks on this node but {gpus} GPUs visible: run one rank per GPU "
+                           f"(launcher.tasks_per_node={gpus}, or torchrun --nproc_per_node {gpus})")
 
 
 def _first_node() -> str:

@@ -26,7 +26,7 @@ import torch
 
 from . import pruning as P
 from .collect import load_shard, read_induction
-from .distributed import barrier, dist_env, init_process_group, max_over_ranks
+from .distributed import barrier, dist_env, dp_world, init_process_group, max_over_ranks
 from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .models.loading import LoadedModel, load_model
@@ -306,7 +306,8 @@ class ShardRun:
         self.shard.remove_stale_temps()
         self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg,
                                   resolved=sanitize_config(self.cfg), versions=library_versions(),
-                                  started=t_start, data_sources=self.data_sources, truncated=self.truncated)
+                                  started=t_start, data_sources=self.data_sources, truncated=self.truncated,
+                                  ranks=dp_world()[1])  # data-parallel ranks that split the work
 
     def _read_checkpoint(self, path, read):
         """A checkpoint only saves time: an unreadable one is discarded with a warning."""

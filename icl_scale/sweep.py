@@ -134,6 +134,12 @@ def _job_env() -> None:
 
 # --- executors -----------------------------------------------------------------------------------------
 
+def tasks_per_node(la: dict) -> int:
+    """Ranks of a shard job: `launcher.tasks_per_node`, by default one per GPU (1 without GPUs)."""
+    n = la.get("tasks_per_node")
+    return int(n) if n else max(1, int(la.get("gpus_per_node") or 0))
+
+
 def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submitit.Executor:
     la = cfg["launcher"]
     name = la.get("name")
@@ -159,8 +165,8 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
     if job != "reduce":  # the reducer needs no GPU
         if la.get("gpus_per_node"):
             params["gpus_per_node"] = int(la["gpus_per_node"])
-            if (cfg["model"].get("deepspeed") or {}).get("enabled"):
-                params["tasks_per_node"] = int(la["gpus_per_node"])  # one ZeRO rank per GPU
+        if tasks_per_node(la) > 1:  # one rank per task (icl_scale.distributed)
+            params["tasks_per_node"] = tasks_per_node(la)
         if la.get("cpus_per_task"):
             params["cpus_per_task"] = int(la["cpus_per_task"])
         if la.get("mem_gb"):
@@ -294,7 +300,7 @@ def _submit_slurm(cfg, todo, need_induction, expected, out: Submitted, wait: boo
 def _wait_quietly(job) -> None:
     """Wait for a job; its failure is the reducer's to report, not a reason to stop the sweep."""
     try:
-        job.result()
+        job.results()  # a shard job of several tasks (ranks) has one result per task
     except Exception as e:  # noqa: BLE001 - submitit wraps the job's own exception
         log.warning("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1] if str(e).strip() else e)
 

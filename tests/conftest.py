@@ -120,3 +120,31 @@ def tiny_shard_cfg(root, task="copa", shot=1, model="tiny-opt", *extra):
                    f"data.dir={d}", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=3",
                    "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]",
                    "progress=false", "importance.checkpoint_every=1", *extra)
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Two shard folders hold the same results up to float summation order: importance within 1e-5
+    relative, knock-out drops and every curve accuracy exactly, per-doc log-likelihoods within 1e-4
+    nats with the same predictions (multi-rank runs against one process)."""
+    import json
+
+    import torch
+
+    from icl_scale.store import read_tensors
+
+    ia, ib = read_tensors(a / "importance.safetensors"), read_tensors(b / "importance.safetensors")
+    assert set(ia) == set(ib)
+    for k in ("heads", "ffn"):  # gradient sums: equal up to summation order
+        assert float((ia[k] - ib[k]).abs().max()) <= 1e-5 * float(ia[k].abs().max()), k
+    assert torch.equal(ia["ffn_knockout"], ib["ffn_knockout"])  # accuracy drops: exactly
+    ca, cb = (json.loads((d / "curves.json").read_text()) for d in (a, b))
+    for kind in ("heads", "ffn", "combined"):
+        assert [p["value"] for p in ca[kind]] == [p["value"] for p in cb[kind]], kind
+    assert ca["knockout_baseline"] == cb["knockout_baseline"]
+    samples = sorted(p.name for p in (a / "samples").iterdir())
+    assert samples == sorted(p.name for p in (b / "samples").iterdir()) and samples
+    for name in samples:
+        ra, rb = ([json.loads(x) for x in (d / "samples" / name).read_text().splitlines()] for d in (a, b))
+        assert [r["pred"] for r in ra] == [r["pred"] for r in rb], name
+        diff = max(abs(x - y) for r, s in zip(ra, rb) for x, y in zip(r["logprobs"], s["logprobs"]))
+        assert diff <= 1e-4, (name, diff)

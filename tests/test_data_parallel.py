@@ -18,7 +18,7 @@ import torch
 from icl_scale.distributed import balanced_slices
 from icl_scale.store import read_tensors
 
-from conftest import REPO, data_dir
+from conftest import REPO, assert_same_store, data_dir
 
 SHARD = ["task=copa", "shot=1", "eval.limit=13", "importance.n_examples=9", "importance.batch_size=2",
          "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
@@ -56,25 +56,6 @@ def shard_dir(root: Path, model: str) -> Path:
     return root / model / "copa" / "1shot" / "seed0"
 
 
-def assert_same_store(a: Path, b: Path) -> None:
-    ia, ib = read_tensors(a / "importance.safetensors"), read_tensors(b / "importance.safetensors")
-    assert set(ia) == set(ib)
-    for k in ("heads", "ffn"):  # gradient sums: equal up to summation order
-        assert float((ia[k] - ib[k]).abs().max()) <= 1e-5 * float(ia[k].abs().max()), k
-    assert torch.equal(ia["ffn_knockout"], ib["ffn_knockout"])  # accuracy drops: exactly
-    ca, cb = (json.loads((d / "curves.json").read_text()) for d in (a, b))
-    for kind in ("heads", "ffn", "combined"):
-        assert [p["value"] for p in ca[kind]] == [p["value"] for p in cb[kind]], kind
-    assert ca["knockout_baseline"] == cb["knockout_baseline"]
-    samples = sorted(p.name for p in (a / "samples").iterdir())
-    assert samples == sorted(p.name for p in (b / "samples").iterdir()) and samples
-    for name in samples:
-        ra, rb = ([json.loads(x) for x in (d / "samples" / name).read_text().splitlines()] for d in (a, b))
-        assert [r["pred"] for r in ra] == [r["pred"] for r in rb], name
-        diff = max(abs(x - y) for r, s in zip(ra, rb) for x, y in zip(r["logprobs"], s["logprobs"]))
-        assert diff <= 1e-4, (name, diff)
-
-
 def test_balanced_slices_are_deterministic_balanced_and_capped():
     costs = [9, 1, 8, 2, 7, 3]
     parts = balanced_slices(costs, 2)
@@ -102,7 +83,7 @@ def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero)
     assert out.count("done in") == 2  # both ranks finished
     assert_same_store(shard_dir(reference, model), shard_dir(tmp_path, model))
     manifest = json.loads((shard_dir(tmp_path, model) / "manifest.json").read_text())
-    assert manifest["status"] == "complete"
+    assert manifest["status"] == "complete" and manifest["ranks"] == 2
 
 
 def test_two_ranks_killed_mid_importance_resume_to_the_same_store(reference, tmp_path):
@@ -123,3 +104,38 @@ def test_two_ranks_killed_mid_importance_resume_to_the_same_store(reference, tmp
     out = score(tmp_path, "tiny-opt", ranks=2)
     assert out.count("done in") == 2
     assert_same_store(shard_dir(reference, "tiny-opt"), shard_dir(tmp_path, "tiny-opt"))
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+def test_induction_scores_under_zero3_on_two_ranks_equal_one_process(tmp_path, model):
+    """The copying score reads weights outside a forward pass (the OV circuit): under ZeRO-3 they are
+    gathered first (induction/job.py), so two partitioned ranks give the plain run's scores."""
+    args = [f"model={model}", "induction.n_seeds=6", "induction.progress=false", "wandb.mode=disabled"]
+    job = str(REPO / "jobs" / "induction.py")
+    for cmd, root in (([sys.executable, job], tmp_path / "one"),
+                      ([*TORCHRUN, job, "model.deepspeed.enabled=true"], tmp_path / "two")):
+        p = subprocess.run([*cmd, *args, f"store.root={root}"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    a, b = (read_tensors(tmp_path / r / model / "induction" / "scores.safetensors") for r in ("one", "two"))
+    assert set(a) == set(b) and {"prefix_matching", "copying"} <= set(a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert float(a["copying"].abs().max()) > 0
+
+
+def test_bad_distributed_environment_is_one_line_error(monkeypatch):
+    from icl_scale import distributed as D
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="RANK is set but WORLD_SIZE is not"):
+        D.dist_env()
+    # 2 ranks on a node with 4 visible GPUs: stopped before any model is loaded
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(RuntimeError, match=r"2 ranks on this node but 4 GPUs.*tasks_per_node=4"):
+        D.check_gpus(D.DistEnv(0, 0, 2))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    D.check_gpus(D.DistEnv(0, 0, 2))  # one rank per GPU: fine

@@ -1,5 +1,6 @@
 """Real jobs on the local Slurm cluster (bash slurm/start.sh): submitit arrays, dependencies,
-accounting, and checkpoint/requeue. Skipped when no cluster is reachable. ~60 s in all."""
+accounting, checkpoint/requeue, and a shard job of 2 tasks (ranks). Skipped when no cluster is
+reachable. ~90 s in all."""
 
 from __future__ import annotations
 
@@ -216,3 +217,27 @@ def _pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_shard_job_with_two_tasks_writes_the_one_rank_store(tmp_path, cluster):
+    """One shard job as 2 Slurm tasks (ranks; launcher.tasks_per_node=2): rank, world and master
+    address come from the job, the ranks split the work, and the store equals one process's."""
+    from conftest import assert_same_store, get_model, tiny_shard_cfg
+
+    from icl_scale.shard import run_shard
+    from icl_scale.store import Shard
+    from icl_scale.sweep import ShardJob, make_executor
+
+    one = tiny_shard_cfg(tmp_path / "one", "copa", 1, "tiny-opt", "importance.n_examples=9", "eval.limit=13")
+    run_shard(one, lm=get_model("tiny-opt"))
+    cfg = tiny_shard_cfg(tmp_path / "two", "copa", 1, "tiny-opt", "importance.n_examples=9", "eval.limit=13",
+                         "launcher=slurm", f"launcher.folder={tmp_path / 'logs'}", "launcher.tasks_per_node=2",
+                         "launcher.cpus_per_task=1", "launcher.mem_gb=null", f"launcher.partition={cluster.partition}",
+                         "wandb.mode=disabled")
+    job = make_executor(cfg, "shard").submit(ShardJob(), cfg)
+    _wait([job], timeout=300)
+    results = job.results()  # one per task: both ranks ran the shard
+    assert [r["status"] for r in results] == ["complete", "complete"], job.stderr()
+    two = Shard(tmp_path / "two", "tiny-opt", "copa", 1)
+    assert two.manifest()["ranks"] == 2  # the ranks split the work (not two copies of it)
+    assert_same_store(Shard(tmp_path / "one", "tiny-opt", "copa", 1).path, two.path)

@@ -67,17 +67,32 @@ def induction_settings(cfg) -> dict:
     return ind
 
 
+def weights_read(lm) -> list:
+    """The parameters the scores read outside a forward pass (the copying score's OV circuit: every
+    output projection, the unembedding, the final norm, OPT-350m's project_out). Under ZeRO-3 they
+    are partitioned placeholders until gathered (icl_scale.models.zero.gathered)."""
+    a = lm.adapter
+    decoder = getattr(getattr(lm.model, "model", None), "decoder", None)
+    mods = [a.o_proj(layer) for layer in range(a.geometry.n_layers)]
+    mods += [a.final_norm(), lm.model.get_output_embeddings(), getattr(decoder, "project_out", None)]
+    return [p for m in mods if m is not None for p in m.parameters(recurse=False)]
+
+
 def run_job(cfg) -> dict:
     """Load cfg.model, score every head, write <store.root>/<model.name>/induction/. Returns the paths.
     cfg: the composed config (a DictConfig or a plain dict)."""
+    from ..distributed import dist_env
     from ..models import load_model
+    from ..models.zero import gathered
 
     ind = induction_settings(cfg)
+    store.set_writer(dist_env().is_main)  # several ranks (ZeRO-3) compute the same scores; rank 0 writes
     lm = load_model(cfg["model"])
-    result = induction_scores(
-        lm, bos=ind["bos"], n_seeds=int(ind["n_seeds"]), seed=int(ind["seed"]),
-        exclude_frac=float(ind["exclude_frac"]), scores=tuple(ind["scores"]),
-        original_indexing=bool(ind["original_indexing"]), copying=copying_options_from(ind["copying"]),
-        progress=bool(ind["progress"]))
+    with gathered(weights_read(lm)):  # ZeRO-3: full tensors of what the scores read directly
+        result = induction_scores(
+            lm, bos=ind["bos"], n_seeds=int(ind["n_seeds"]), seed=int(ind["seed"]),
+            exclude_frac=float(ind["exclude_frac"]), scores=tuple(ind["scores"]),
+            original_indexing=bool(ind["original_indexing"]), copying=copying_options_from(ind["copying"]),
+            progress=bool(ind["progress"]))
     paths = save_result(result, store.induction_dir(cfg["store"]["root"], lm.name), k=int(ind["top_k"]))
     return {k: str(v) for k, v in paths.items()}

@@ -57,6 +57,12 @@ class CopyingProbe:
         self.adapter = adapter
         self.opts = opts
         self._embeddings = None
+        # The weights read outside their modules' forward, taken once here: under ZeRO-3 they are
+        # whole only while gathered (induction/job.py), and ZeRO releases them after each forward.
+        n, zero = adapter.geometry.n_layers, hasattr(adapter.unembedding_weight(), "ds_id")
+        self.U = _own(unembedding_matrix(adapter, opts.final_norm == "fold"), zero)  # [vocab, hidden]
+        self.W_o = [_own(adapter.o_proj_weight(layer), zero) for layer in range(n)]
+        self.b_o = [_own(adapter.o_proj(layer).bias, zero) if opts.o_bias else None for layer in range(n)]
 
     def hooks(self) -> list[tuple[str, int, Callable]]:
         n = self.adapter.geometry.n_layers
@@ -67,7 +73,7 @@ class CopyingProbe:
         return hooks
 
     def start(self, ids: torch.Tensor, first: int) -> None:
-        self.Uids = unembedding_matrix(self.adapter, self.opts.final_norm == "fold", ids)  # [T, hidden]
+        self.Uids = self.U[ids.to(self.U.device)]  # [T, hidden]
         self.first = first
         self._embeddings = None
         self.out = torch.zeros(self.adapter.geometry.n_layers, self.adapter.geometry.n_heads)
@@ -85,6 +91,10 @@ class CopyingProbe:
             att = most_attended(view.query[0], view.key[0])
         x = view.output[0] if self.opts.source == "output" else view.value[0]  # [H, T, D]
         layer = view.layer
-        b_o = self.adapter.o_proj(layer).bias if self.opts.o_bias else None
-        self.out[layer] = copying_from(att, x, self.Uids, self.adapter.o_proj_weight(layer), b_o,
+        self.out[layer] = copying_from(att, x, self.Uids, self.W_o[layer], self.b_o[layer],
                                        self.opts.softmax, self.first).cpu()
+
+
+def _own(t: torch.Tensor | None, zero: bool) -> torch.Tensor | None:
+    """`t` itself, or under ZeRO-3 (partitioned parameters, now gathered) a copy that outlives the gather."""
+    return t.detach().clone() if zero and t is not None else t

@@ -16,6 +16,7 @@ identical to plain torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -64,14 +65,23 @@ def zero_inference(model: torch.nn.Module, dtype: torch.dtype, offload_param: st
     return engine, module, de.world_size
 
 
+@contextlib.contextmanager
 def gathered(params):
-    """Context manager giving full parameter tensors under ZeRO-3 (a no-op otherwise); for code that
-    reads weights directly (e.g. OV circuits for induction copying scores)."""
-    import contextlib
-
+    """Full parameter tensors under ZeRO-3 for the whole `with` block (a no-op otherwise), for code
+    that reads weights directly (the induction copying score's OV circuit). They stay whole through
+    forward passes too: marked persistent, so ZeRO does not release them after their module runs."""
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
-        return contextlib.nullcontext()
+        yield
+        return
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        before = [p.ds_persist for p in params]
+        for p in params:
+            p.ds_persist = True
+        try:
+            yield
+        finally:
+            for p, b in zip(params, before):
+                p.ds_persist = b
