@@ -222,11 +222,11 @@ def _pid_alive(pid: int) -> bool:
 def test_shard_job_with_two_tasks_writes_the_one_rank_store(tmp_path, cluster):
     """One shard job as 2 Slurm tasks (ranks; launcher.tasks_per_node=2): rank, world and master
     address come from the job, the ranks split the work, and the store equals one process's."""
-    from conftest import assert_same_store, get_model, tiny_shard_cfg
-
     from icl_scale.shard import run_shard
     from icl_scale.store import Shard
     from icl_scale.sweep import ShardJob, make_executor
+
+    from conftest import assert_same_store, get_model, tiny_shard_cfg
 
     one = tiny_shard_cfg(tmp_path / "one", "copa", 1, "tiny-opt", "importance.n_examples=9", "eval.limit=13")
     run_shard(one, lm=get_model("tiny-opt"))
