@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""The SmolLM2-135M case study (docs/case-study-smollm2.md): runs it, then collects its numbers.
+
+    ICL_SCALE_DATA_DIR=/path/to/mirror python docs/make_case_study.py [--store store/case-study]
+
+1. one shard per (task, shot) of `experiment=case_study` (jobs/score.py; a complete shard is
+   skipped, a partial one resumes, so an interrupted run is simply started again);
+2. the unpruned accuracy at demonstration seeds 1 and 2 of every few-shot config (jobs/evaluate.py,
+   the same docs; seed 0 is the shard's), for the baseline over 3 seeds;
+3. the cross-task transfer curves at 1 shot (jobs/transfer.py), the induction scores
+   (jobs/induction.py) and the reducer (jobs/reduce.py: figures + report.md);
+4. docs/case_study/: summary.json (baselines over seeds), the reducer's report.md and figures
+   (from <store>/<model>/summary).
+
+`--collect-only` skips 1-3. Each step is an ordinary entry point with Hydra overrides, so any one
+can be rerun by hand: the commands are printed as they run.
+"""
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["copa", "arc_easy", "piqa", "hellaswag"]
+SHOTS = [0, 1, 5]
+SEEDS = [0, 1, 2]
+MODEL = "smollm2-135m"
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def seed_dir(store: Path, task: str, shot: int, seed: int) -> Path:
+    return store / "_seed_baselines" / task / f"{shot}shot" / f"seed{seed}"
+
+
+def compute(store: Path) -> None:
+    common = ["experiment=case_study", f"store.root={store}", "progress=false"]
+    for task in TASKS:
+        for shot in SHOTS:
+            run(["jobs/score.py", *common, f"task={task}", f"shot={shot}"])
+    for task in TASKS:
+        for shot in SHOTS[1:]:
+            for seed in SEEDS[1:]:
+                out = seed_dir(store, task, shot, seed)
+                if not (out / "metrics.json").exists():
+                    run(["jobs/evaluate.py", *common, f"task={task}", f"shot={shot}", f"seed={seed}",
+                         f"out_dir={out}"])
+    for task in TASKS:  # cross-task transfer (Fig. 9) at 1 shot: the aggregate ranking of all four tasks
+        run(["jobs/transfer.py", *common, f"task={task}", "shot=1"])
+    run(["jobs/induction.py", *common])
+    run(["jobs/reduce.py", *common])
+
+
+def baseline(store: Path, task: str, shot: int, seed: int) -> dict:
+    """The unpruned accuracy (the shard's metric) of one demonstration seed."""
+    curves = json.loads((store / MODEL / task / f"{shot}shot" / "seed0" / "curves.json").read_text())
+    key = curves["metric"]
+    if seed == 0 or shot == 0:  # the shard's unpruned point
+        m = curves["heads"][0]["metrics"]
+    else:
+        m = json.loads((seed_dir(store, task, shot, seed) / "metrics.json").read_text())["metrics"]
+    return {"metric": key, "value": m[key]["value"], "ci95": m[key]["ci95"], "n": m[key]["n"]}
+
+
+def correct(store: Path, task: str, shot: int, name: str) -> list[int]:
+    f = store / MODEL / task / f"{shot}shot" / "seed0" / "samples" / f"{name}.jsonl"
+    return [int(json.loads(line)["correct"]) for line in f.read_text().splitlines()]
+
+
+def paired_drop(before: list[int], after: list[int], n_boot: int = 4000) -> dict:
+    """Accuracy drop (points) over the same docs, with a paired bootstrap 95% interval."""
+    rng = random.Random(0)
+    d = [b - a for b, a in zip(before, after)]
+    boots = sorted(100 * statistics.mean(rng.choices(d, k=len(d))) for _ in range(n_boot))
+    return {"drop_points": 100 * statistics.mean(d), "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot)]],
+            "n_docs": len(d)}
+
+
+def claims(store: Path) -> list[dict]:
+    """Accuracy drops over the four tasks' eval docs pooled (40 each), per shot: pruning heads or
+    FFNs (paired bootstrap over docs) and the heads x FFN cell 70% + 20% (no per-doc samples are
+    kept for grid cells: the interval treats the two accuracies as independent)."""
+    rows = []
+    for shot in SHOTS:
+        for kind, level in [("heads", 30), ("heads", 50), ("heads", 70), ("ffn", 10), ("ffn", 20), ("ffn", 30)]:
+            before = [c for t in TASKS for c in correct(store, t, shot, f"{kind}_0")]
+            after = [c for t in TASKS for c in correct(store, t, shot, f"{kind}_{level}")]
+            rows.append({"shot": shot, "pruned": f"{level}% {kind}", **paired_drop(before, after)})
+        p0, p1, n = [], [], 0
+        for t in TASKS:
+            cv = json.loads((store / MODEL / t / f"{shot}shot" / "seed0" / "curves.json").read_text())
+            cell = next(c for c in cv["combined"] if (c["head_level"], c["ffn_level"]) == (70, 20))
+            p0.append(cv["heads"][0]["value"])
+            p1.append(cell["value"])
+            n += cell["metrics"][cv["metric"]]["n"]
+        a, b = statistics.mean(p0), statistics.mean(p1)
+        half = 196 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+        rows.append({"shot": shot, "pruned": "70% heads + 20% ffn", "drop_points": 100 * (a - b),
+                     "ci95": [100 * (a - b) - half, 100 * (a - b) + half], "n_docs": n})
+    return rows
+
+
+def collect(store: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for task in TASKS:
+        for shot in SHOTS:
+            seeds = [baseline(store, task, shot, s) for s in (SEEDS if shot else [0])]
+            vals = [s["value"] for s in seeds]
+            rows.append({"task": task, "shot": shot, "seeds": seeds, "mean": statistics.mean(vals),
+                         "sd_over_seeds": statistics.stdev(vals) if len(vals) > 1 else 0.0})
+    (out / "summary.json").write_text(json.dumps({"model": MODEL, "store": "experiment=case_study",
+                                                  "baselines": rows, "claims": claims(store)}, indent=2) + "\n")
+    figs = store / MODEL / "summary"
+    report = (figs / "report.md").read_text()
+    shutil.copy2(figs / "report.md", out / "report.md")
+    for f in sorted(figs.glob("*.png")):  # the figures report.md shows, and the importance heatmaps
+        if f.name in report or f.name == "fig3_importance.png":
+            shutil.copy2(f, out / f.name)
+    print(f"wrote {out}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="store/case-study")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "case_study"))
+    ap.add_argument("--collect-only", action="store_true")
+    args = ap.parse_args()
+    store = Path(args.store).resolve()
+    if not args.collect_only:
+        compute(store)
+    collect(store, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
