@@ -170,6 +170,10 @@ def render_markdown(res: dict) -> str:
         from bench.knockout import markdown
 
         out += markdown(res["knockout"])
+    if res.get("data_parallel"):
+        from bench import data_parallel
+
+        out += ["", "## Data-parallel section", ""] + data_parallel.markdown(res["data_parallel"])
     return "\n".join(out)
 
 

@@ -14,6 +14,7 @@ scoring     bench/scoring.py: naive vs prefix-cached vs lm-eval 0.4.13's HFLM, d
 importance  bench/importance.py: importance pass vs forward only and vs the original code's scheme.
 induction   bench/induction.py: induction scores vs the original loops and the bare forward passes.
 knockout    bench/knockout.py: the FFN knock-out stage, restarted knock-outs vs one evaluation per knock-out.
+data_parallel  bench/data_parallel.py: 2 ranks splitting the importance pass and an evaluation vs 2 in lockstep.
 
 Timing: every method of one configuration runs once per round, methods alternating, for
 `repeats` rounds; we report the best round (least disturbed by other processes) and the spread.
@@ -38,13 +39,14 @@ import torch
 from bench import induction
 from bench.common import REPO, BenchError, data_dir, loadavg, machine_info, now
 from bench.importance import bench_importance
+from bench import data_parallel
 from bench.knockout import bench_knockout
 from bench.report import write_results
 from bench.scoring import bench_scoring, profile_scoring
 from icl_scale.models.loading import LoadedModel, load_model
 
-SECTIONS = ("scoring", "importance", "induction", "knockout")
-NEEDS_DATA = {"scoring", "importance", "knockout"}
+SECTIONS = ("scoring", "importance", "induction", "knockout", "data_parallel")
+NEEDS_DATA = {"scoring", "importance", "knockout", "data_parallel"}
 
 # Sizes: the brief's 40 / 24 docs per task take hours on a shared 2-core CPU (~50-200 tokens/s for a
 # 135M model), so the default is smaller; `--limits 0:40,5:24` runs the bigger setting.
@@ -89,6 +91,9 @@ def _section(sec: str, lm: LoadedModel, cfg: dict, quick: bool, data: Path | Non
     if sec == "knockout":
         return bench_knockout(lm, cfg["ko_task"], cfg["ko_shot"], cfg["ko_docs"], cfg["ko_batch_size"], cfg["repeats"],
                               data=data, log=log)
+    if sec == "data_parallel":  # its own 2 ranks (torchrun), each loading the model
+        return data_parallel.section(lm.name, repeats=cfg["repeats"], data=data, log=log,
+                                     **({"n_eval": 4, "n_imp": 4} if quick else {}))
     raise ValueError(f"unknown section {sec!r}; use {', '.join(SECTIONS)}")
 
 
