@@ -36,10 +36,9 @@ from typing import Any
 
 import torch
 
-from bench import induction
+from bench import data_parallel, induction
 from bench.common import REPO, BenchError, data_dir, loadavg, machine_info, now
 from bench.importance import bench_importance
-from bench import data_parallel
 from bench.knockout import bench_knockout
 from bench.report import write_results
 from bench.scoring import bench_scoring, profile_scoring

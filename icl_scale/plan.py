@@ -228,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(render(pl, cfg))
     if cfg["plan"].get("out"):
-        import json
 
         from .store import write_json
         write_json(cfg["plan"]["out"], {k: (v if not isinstance(v, float) or math.isfinite(v) else None)

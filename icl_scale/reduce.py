@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from .live import shard_run_id, shard_run_name
 from .report import reduce_store
 from .tracking import start_run
 
@@ -47,20 +48,25 @@ def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
         group = wb.get("group") or cfg["sweep"].get("name") or model
         # The reducer's own W&B settings apply to every run it logs (not those saved in shards).
         where = dict(mode=wb.get("mode"), project=wb.get("project"), entity=wb.get("entity"), dir=wb.get("dir"))
+        shard_runs = []
         for d in col.ok:
-            name = f"{d.shard.task}-{d.shard.shot}shot-seed{d.shard.seed}"
+            name = shard_run_name(d.shard.task, d.shard.shot, d.shard.seed)
             shard_rows = [r for r in rows if (r["task"], r["shot"], r["seed"]) == (d.shard.task, d.shard.shot,
                                                                                   d.shard.seed)]
+            # The shard's own live run (icl_scale/live.py), resumed: one run per shard.
             with start_run({**d.manifest.get("resolved", {}), "config_hash": d.manifest.get("config_hash")},
-                           name=name, group=group, job_type="shard", **where) as run:
+                           name=name, group=group, job_type="shard",
+                           run_id=shard_run_id(d.shard.path, d.manifest.get("config_hash")), **where) as run:
                 run.log_table("curves", CURVE_COLUMNS, [[r[c] for c in CURVE_COLUMNS] for r in shard_rows])
                 base = d.curves["heads"][0]["value"] if d.curves["heads"] else None
                 run.log_summary({"task": d.shard.task, "shot": d.shard.shot, "seed": d.shard.seed,
                                  "metric": d.curves["metric"],
                                  "unpruned": base, "seconds": d.manifest.get("timings", {}).get("total")})
                 runs.append(run.name)
+                shard_runs.append([d.shard.task, d.shard.shot, d.shard.seed, run.id, run.name])
         with start_run({k: cfg[k] for k in ("model", "sweep", "pruning", "importance", "eval") if k in cfg},
                        name=f"reduce-{model}", group=group, job_type="reduce", **where) as run:
+            run.log_table("shard_runs", ["task", "shot", "seed", "run_id", "name"], shard_runs)
             t1 = res["cross_shot"]
             for name, rows in (("summary", res["summary"]), ("seeds", res["seeds"]), ("transfer", transfer),
                                ("cross_shot", t1["per_task"] + [{"task": "mean", **r} for r in t1["mean_over_tasks"]]),

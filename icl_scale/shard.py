@@ -29,6 +29,7 @@ from .collect import load_shard, read_induction
 from .distributed import barrier, dist_env, dp_world, init_process_group, max_over_ranks
 from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
+from .live import LiveRun
 from .models.loading import LoadedModel, load_model
 from .scoring import Tokenised, score_requests
 from .store import (
@@ -249,14 +250,19 @@ class ShardRun:
         self.start(t_start)  # the store is touched only now: the model and the data are fine
         self.stages.timings.update(load=round(t_load - t_start, 2), render=round(time.time() - t_load, 2))
         self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress)
-        with self.stages("importance"):
-            self.imp_state = self.importance()
-            self.imp = self.importance_result(self.imp_state)
-        with self.stages("knockout"):
-            self.knockout()
-        with self.stages("curves"):
-            self.curves()
-        return self.finish(t_start)
+        self.live = LiveRun(self.cfg, self.shard, self.hash, self.stages.resumed)  # W&B while it works
+        try:
+            for stage in ("importance", "knockout", "curves"):
+                self.live.stage(stage)
+                with self.stages(stage):
+                    getattr(self, stage)()
+            res = self.finish(t_start)
+        except BaseException as e:
+            self.live.fail(e)
+            raise
+        self.live.finish({"baseline": res.get("baseline"), "timings": res.get("timings"),
+                          "evaluations": res.get("evaluations")})
+        return res
 
     def is_done(self) -> bool:
         """Complete with this config hash and files that read back; a corrupt manifest or result file
@@ -366,18 +372,26 @@ class ShardRun:
         ic = self.cfg["importance"]
         return state.result(bool(ic["normalize_layers"]), ic["normalize"])
 
-    def importance(self) -> ImportanceState:
+    def importance(self) -> None:
+        """Gradient importance, checkpointed every `importance.checkpoint_every` steps."""
         path = self.shard.ckpt("importance_state.safetensors")
         saved = self._read_checkpoint(path, read_tensors)
         state = ImportanceState.from_tensors(saved) if saved else None
         every = max(1, int(self.cfg["importance"].get("checkpoint_every", 8)))
+
         def checkpoint(s: ImportanceState) -> None:
             write_tensors(path, s.tensors())
             _hold_in_importance(s.n_examples, self.stages.resumed)
 
-        state = self.gradient_importance(state=state, on_batch=every_nth(every, checkpoint))
+        save = every_nth(every, checkpoint)
+
+        def on_batch(s: ImportanceState) -> None:
+            self.live.progress("importance", s.n_examples, len(self.requests.importance), tokens=s.n_tokens)
+            save(s)
+
+        state = self.gradient_importance(state=state, on_batch=on_batch)
         write_tensors(path, state.tensors())
-        return state
+        self.imp_state, self.imp = state, self.importance_result(state)
 
     def knockout(self) -> None:
         """FFN knock-out importance on the knock-out split (icl_scale.knockout: per batch of contexts one
@@ -395,13 +409,13 @@ class ShardRun:
             own = name != "knockout_state.safetensors"
             state = knockout_scores(self.lm, reqs, batch_size=ev.batch_size,
                                     state=KnockoutState.from_tensors(saved) if saved else None,
-                                    on_batch=lambda s: write_tensors(path, s.tensors(), every_rank=own),
-                                    progress=self.show_progress)
+                                    on_batch=lambda s: self.knockout_batch(path, s, own), progress=self.show_progress)
             for layer in range(-1, n):
                 mask = knockout_mask(n, layer)
                 done = ev.key(reqs, None, mask) in ev.memo
                 metrics, _ = ev.remember(reqs, None, mask, None if done else state.scores(reqs, layer))
                 self.progress.knockout[str(layer)] = metrics[self.metric]["value"]
+                self.live.point("knockout", layer, metrics[self.metric]["value"])
             self.save_progress()
         self.ko_base, self.imp["ffn_knockout"] = knockout_drops(
             {int(k): v for k, v in self.progress.knockout.items()}, n)
@@ -409,6 +423,11 @@ class ShardRun:
         write_tensors(self.shard.file("importance.safetensors"), self.imp,
                       metadata={"n_examples": str(s.n_examples), "n_tokens": str(s.n_tokens),
                                 "knockout_baseline": repr(self.ko_base), "config_hash": self.hash})
+
+    def knockout_batch(self, path, state: KnockoutState, own: bool) -> None:
+        """After each knock-out batch: the checkpoint (this rank's own file with several ranks) and progress."""
+        write_tensors(path, state.tensors(), every_rank=own)
+        self.live.progress("knockout", int(state.done.sum()), state.done.numel())
 
     def curves(self) -> None:
         pr = self.cfg["pruning"]
@@ -444,6 +463,7 @@ class ShardRun:
                 write_jsonl(self.shard.file(f"samples/{key}.jsonl"), per_doc)
             saved[_level_key(p)] = res
             self.save_progress()
+            self.live.point(f"curve_{kind}", p, res["metrics"][self.metric]["value"])
 
         def rescore(mask):  # re-rank the remaining heads with the current mask applied
             return self.importance_result(self.gradient_importance(head_mask=mask))["heads"]
@@ -484,6 +504,7 @@ class ShardRun:
             metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save_progress()
+            self.live.log(**{"grid/head_level": ph, "grid/ffn_level": pf, "grid/value": metrics[self.metric]["value"]})
 
     # --- outputs -------------------------------------------------------------------------------------
 

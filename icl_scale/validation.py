@@ -105,6 +105,21 @@ def check_model(spec: dict) -> None:
     elif source == "hub":
         hub_id(spec)
     resolve_dtype(spec.get("dtype", "auto"), resolve_device(spec.get("device")))
+    _check_deepspeed(spec.get("deepspeed") or {})
+
+
+def _check_deepspeed(ds: dict) -> None:
+    """ZeRO-3 settings, before any model loads: the offload choice, and DeepSpeed being installed."""
+    import importlib.util
+
+    if not ds.get("enabled"):
+        return
+    if ds.get("offload_param", "none") not in ("none", "cpu"):
+        raise ConfigError(f"model.deepspeed.offload_param={ds.get('offload_param')!r} is not an option; "
+                          f"use none or cpu")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("model.deepspeed.enabled=true needs DeepSpeed: pip install deepspeed, or set "
+                          "model.deepspeed.enabled=false")
 
 
 def _check_eval(cfg: dict) -> None:

@@ -119,7 +119,8 @@ def tiny_shard_cfg(root, task="copa", shot=1, model="tiny-opt", *extra):
     return compose(f"model={model}", f"task={task}", f"shot={shot}", f"store.root={root}",
                    f"data.dir={d}", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=3",
                    "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]",
-                   "progress=false", "importance.checkpoint_every=1", *extra)
+                   "progress=false", "importance.checkpoint_every=1", *extra,
+                   *([] if any(x.startswith("wandb.mode=") for x in extra) else ["wandb.mode=disabled"]))
 
 
 def assert_same_store(a: Path, b: Path) -> None:

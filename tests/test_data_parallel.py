@@ -139,3 +139,21 @@ def test_bad_distributed_environment_is_one_line_error(monkeypatch):
         D.check_gpus(D.DistEnv(0, 0, 2))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     D.check_gpus(D.DistEnv(0, 0, 2))  # one rank per GPU: fine
+
+
+def test_bad_zero3_settings_fail_before_loading(tmp_path, monkeypatch):
+    import importlib.util
+
+    from conftest import tiny_shard_cfg
+
+    from icl_scale.shard import run_shard
+    from icl_scale.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="model.deepspeed.offload_param='nvme' is not an option; use none or cpu"):
+        run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "model.deepspeed.enabled=true",
+                                 "model.deepspeed.offload_param=nvme"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs DeepSpeed: pip install deepspeed"):
+        run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "model.deepspeed.enabled=true"))
+    assert not (tmp_path / "tiny-opt").exists()  # nothing written

@@ -4,9 +4,10 @@ one-line errors."""
 
 import pytest
 import torch
-from conftest import compose
 
 from icl_scale import plan as P
+
+from conftest import compose
 
 
 def meta_model_params(arch: P.Arch) -> int:

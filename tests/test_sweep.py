@@ -58,7 +58,10 @@ def test_local_sweep_end_to_end(tmp_path, mirror):
     assert (summary / "summary.csv").exists() and (summary / "fig5_curves_heads.png").exists()
     runs = wandb_runs(tmp_path)
     assert set(runs) == {"copa-1shot-seed0", "reduce-tiny-opt"}
-    curves = runs["copa-1shot-seed0"][0]["tables"]["curves"]
+    shard_runs = runs["copa-1shot-seed0"]  # the shard's live run, resumed by the reducer: one run id
+    assert len({r["run_id"] for r in shard_runs}) == 1 and len(shard_runs) == 2
+    assert any("importance/done" in row for row in shard_runs[0]["history"])  # logged while it ran
+    curves = next(r["tables"]["curves"] for r in shard_runs if "curves" in r["tables"])
     assert curves["columns"][:3] == ["kind", "head_level", "ffn_level"] and len(curves["data"]) == 8
     # A second submission does no work.
     again = submit(cfg)
