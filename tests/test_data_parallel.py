@@ -144,10 +144,10 @@ def test_bad_distributed_environment_is_one_line_error(monkeypatch):
 def test_bad_zero3_settings_fail_before_loading(tmp_path, monkeypatch):
     import importlib.util
 
-    from conftest import tiny_shard_cfg
-
     from icl_scale.shard import run_shard
     from icl_scale.validation import ConfigError
+
+    from conftest import tiny_shard_cfg
 
     with pytest.raises(ConfigError, match="model.deepspeed.offload_param='nvme' is not an option; use none or cpu"):
         run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "model.deepspeed.enabled=true",
