@@ -88,6 +88,12 @@ def forward_activation_bytes(a: Arch, batch: int, length: int, nbytes: int) -> i
     return batch * length * per_token * nbytes
 
 
+def logits_bytes(a: Arch, batch: int, scored: int, copies: int) -> int:
+    """float32 logits over the vocabulary, only at the scored (continuation) positions: the scorer
+    and the importance loss unembed just those. `copies`: logits + log-softmax (2), + their grad (3)."""
+    return copies * batch * scored * a.vocab * 4
+
+
 def backward_activation_bytes(a: Arch, batch: int, length: int, nbytes: int) -> int:
     """The importance pass keeps every block's activations for the backward to the gate probes:
     per token and block ~ the norms' outputs, q/k/v, the attention output, the FFN's hidden units
@@ -153,11 +159,14 @@ def make_plan(cfg: dict) -> Plan:
     resident = _resident(a, gpus, offload, nb)
     eval_b, imp_b = int(cfg["eval"]["batch_size"]), int(cfg["importance"]["batch_size"])
 
+    scored = int(p["scored_tokens"])
+
     def eval_mem(b):
-        return resident + kv_bytes(a, b, length, nb) + forward_activation_bytes(a, b, length, nb)
+        return (resident + kv_bytes(a, b, length, nb) + forward_activation_bytes(a, b, length, nb)
+                + logits_bytes(a, b, scored, 2))
 
     def imp_mem(b):
-        return resident + backward_activation_bytes(a, b, length, nb)
+        return resident + backward_activation_bytes(a, b, length, nb) + logits_bytes(a, b, scored, 3)
 
     fits = eval_mem(eval_b) <= mem and imp_mem(imp_b) <= mem
     tokens = float(p["tokens_per_doc"])
@@ -180,13 +189,20 @@ def _largest(mem_at, budget: float, cap: int = 4096) -> int:
     return b
 
 
+def _layout(pl: Plan, cfg: dict) -> str:
+    # The plan assumes ZeRO-3 whenever gpus > 1; say so when the config would not turn it on.
+    if pl.gpus == 1:
+        return "one GPU"
+    on = ((cfg["model"].get("deepspeed") or {}).get("enabled"))
+    return "ZeRO-3 across them" + ("" if on else " (needs model.deepspeed.enabled=true)")
+
+
 def render(pl: Plan, cfg: dict) -> str:
     gb = 2**30
     p = cfg["plan"]
     rows = [
         ("model", f"{pl.model}: {pl.params:,} parameters ({pl.params / 1e9:.2f} B), {pl.dtype}"),
-        ("GPUs", f"{pl.gpus} x {p['gpu_mem_gb']} GB, " + ("ZeRO-3 across them" if pl.gpus > 1 else "one GPU")
-                 + f", offload={pl.offload}"),
+        ("GPUs", f"{pl.gpus} x {p['gpu_mem_gb']} GB, " + _layout(pl, cfg) + f", offload={pl.offload}"),
         ("parameters per rank", f"{pl.param_bytes_per_rank / gb:.1f} GB (shard + gathered working set)"),
         ("evaluation", f"{pl.eval_bytes_per_rank / gb:.1f} GB per rank at eval.batch_size={cfg['eval']['batch_size']}, "
                        f"max_length={cfg['model'].get('max_length')}"),
@@ -202,7 +218,8 @@ def render(pl: Plan, cfg: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "tokens_per_doc", "eval_docs", "out")
+PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "tokens_per_doc", "scored_tokens",
+             "eval_docs", "out")
 
 
 def compose(overrides: list[str]) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,10 @@ class ReduceJob:
 
 def _job_env() -> None:
     setup_environment(log_level=logging.INFO)
+    # W&B exports WANDB_SERVICE so that child processes reuse the parent's service; a job inherits
+    # the submitter's environment, and sharing one service across jobs keeps a killed attempt's run
+    # id "in use" for its requeued successor. Every job talks to a service of its own.
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 # --- executors -----------------------------------------------------------------------------------------
@@ -167,6 +172,8 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
             params["gpus_per_node"] = int(la["gpus_per_node"])
         if tasks_per_node(la) > 1:  # one rank per task (icl_scale.distributed)
             params["tasks_per_node"] = tasks_per_node(la)
+            # A rank that dies ends the job's other tasks at once, not after the collective timeout.
+            params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         if la.get("cpus_per_task"):
             params["cpus_per_task"] = int(la["cpus_per_task"])
         if la.get("mem_gb"):

@@ -16,7 +16,7 @@ PKG = REPO / "icl_scale"
 LAYERS = [
     {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
-    {"scoring", "importance", "knockout", "validation"},
+    {"scoring", "importance", "knockout", "validation", "live", "plan"},
     {"induction", "shard", "collect", "report", "transfer", "paper", "plots"},
     {"reduce", "sweep"},
     {"cli"},

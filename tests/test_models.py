@@ -201,7 +201,7 @@ def test_attention_hooks_see_the_pattern_and_change_nothing(lm):
         assert f.query.shape == f.key.shape == f.value.shape == f.output.shape == shape
         probs = torch.exp(f.query @ f.key.transpose(-1, -2) * f.scaling - f.lse[..., None]) * causal
         assert torch.allclose(probs, e.probs, atol=1e-5, rtol=0), (probs - e.probs).abs().max()
-        assert torch.allclose(f.output, e.output, atol=1e-5, rtol=0)
+        assert torch.allclose(f.output, e.output, atol=1e-5, rtol=1e-5)  # two kernels: float32 rounding
 
 
 def test_hooks_are_removed_on_errors():

@@ -10,8 +10,9 @@ from icl_scale import plan as P
 from conftest import compose
 
 
-def meta_model_params(arch: P.Arch) -> int:
-    """The parameter count of the transformers model with these numbers (meta device: no memory)."""
+def model_params(arch: P.Arch, device: str = "meta") -> int:
+    """The parameter count of the transformers model with these numbers (meta device: no memory;
+    "cpu": a real randomly initialised model)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
     if arch.family == "opt":
@@ -24,7 +25,7 @@ def meta_model_params(arch: P.Arch) -> int:
                           num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
                           intermediate_size=arch.ffn, max_position_embeddings=arch.max_positions,
                           tie_word_embeddings=arch.tied)
-    with torch.device("meta"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in model.parameters())  # parameters() counts a tied weight once
 
@@ -32,7 +33,9 @@ def meta_model_params(arch: P.Arch) -> int:
 @pytest.mark.parametrize("preset", ["tiny-opt", "tiny-llama", "smollm2-135m", "opt-125m", "opt-350m", "opt-1.3b"])
 def test_parameter_count_equals_the_model(preset):
     arch = P.Arch.from_spec(compose(f"model={preset}")["model"])
-    assert P.n_params(arch) == meta_model_params(arch)
+    assert P.n_params(arch) == model_params(arch)
+    if preset.startswith("tiny-"):  # small enough to build for real, random init
+        assert P.n_params(arch) == model_params(arch, "cpu")
 
 
 def test_parameter_count_by_hand_and_the_loaded_tiny_models():
@@ -58,7 +61,7 @@ def test_memory_and_flops_by_hand():
                   "sweep.tasks=[copa,rte]", "sweep.shots=[0,1,5]")
     assert P.evaluations(cfg) == 1 + 2 * 1 + 1  # unpruned, heads 50, FFN 50, the grid's (50, 50)
     cfg["plan"] = dict(gpus=1, gpu_mem_gb=80, offload="none", peak_tflops=100, utilization=0.5,
-                       tokens_per_doc=200, eval_docs=1000, out=None)
+                       tokens_per_doc=200, scored_tokens=8, eval_docs=1000, out=None)
     pl = P.make_plan(cfg)
     n = P.n_params(P.Arch.from_spec(cfg["model"]))
     # importance 5 examples x 3 (forward + backward), 10 eval docs x 4 evaluations, 4 knock-out docs x 2 layers
@@ -67,6 +70,12 @@ def test_memory_and_flops_by_hand():
     assert pl.shard_hours == pytest.approx(flops / (100e12 * 0.5) / 3600)
     assert pl.sweep_shards == 6 and pl.sweep_hours == pytest.approx(6 * pl.shard_hours)
     assert pl.param_bytes_per_rank == n * 4  # float32, one GPU: the whole model
+    # float32 logits at the 8 scored positions of each of 3 docs, logits + log-softmax (+ grad: 3)
+    assert P.logits_bytes(a, batch=3, scored=8, copies=2) == 2 * 3 * 8 * 1000 * 4
+    # eval at batch 8, 256 tokens (tiny-llama's max_length), float32: params + KV + one block + logits
+    kv = 2 * 2 * 2 * 16 * 256 * 8 * 4
+    block = 8 * 256 * (4 * 64 + 2 * 128 + (4 + 2 * 2) * 16) * 4
+    assert pl.eval_bytes_per_rank == n * 4 + kv + block + 2 * 8 * 8 * 49152 * 4
     assert pl.fits
 
 
