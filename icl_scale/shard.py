@@ -31,6 +31,7 @@ from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .live import LiveRun
 from .models.loading import LoadedModel, load_model
+from .models.physical import pruned_if_cheaper
 from .scoring import Tokenised, score_requests
 from .store import (
     Shard,
@@ -108,10 +109,11 @@ class Evaluator:
     task: str
     batch_size: int
     progress: bool = False
+    physical_below: float | None = None  # eval.physical_below: see score()
 
     def __post_init__(self):
         self.memo: dict[tuple, tuple] = {}
-        self.n_scored = 0
+        self.n_scored = self.n_physical = 0
 
     def key(self, requests, head_mask=None, ffn_mask=None) -> tuple:
         return (id(requests), len(requests), _mask_key(head_mask), _mask_key(ffn_mask))
@@ -131,10 +133,26 @@ class Evaluator:
 
     def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
         if self.key(requests, head_mask, ffn_mask) not in self.memo:
-            scores = score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
-                                    progress=self.progress, desc=desc)
-            self.remember(requests, head_mask, ffn_mask, scores)
+            self.remember(requests, head_mask, ffn_mask, self.score(requests, head_mask, ffn_mask, desc))
         return copy.deepcopy(self.memo[self.key(requests, head_mask, ffn_mask)][1:])
+
+    def score(self, requests, head_mask, ffn_mask, desc):
+        """Gated, or on a physically pruned copy that computes only the kept heads and FFNs when its
+        blocks cost at most `physical_below` of the full model's (models/physical.pruned_if_cheaper;
+        None: always gated). Both give the same numbers up to float rounding."""
+        pruned = None
+        if self.physical_below is not None:
+            pruned = pruned_if_cheaper(self.lm, _keep(head_mask), _keep(ffn_mask), self.physical_below)
+        if pruned is None:
+            return score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
+                                  progress=self.progress, desc=desc)
+        self.n_physical += 1
+        return score_requests(pruned, requests, batch_size=self.batch_size, progress=self.progress,
+                              desc=f"{desc} (pruned copy)")
+
+
+def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if _mask_key(mask) is None else mask
 
 
 # --- checkpoint, stage timing, fault hooks --------------------------------------------------------
@@ -249,7 +267,8 @@ class ShardRun:
         self.requests = self.render()
         self.start(t_start)  # the store is touched only now: the model and the data are fine
         self.stages.timings.update(load=round(t_load - t_start, 2), render=round(time.time() - t_load, 2))
-        self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress)
+        self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress,
+                                  self.cfg["eval"].get("physical_below"))
         self.live = LiveRun(self.cfg, self.shard, self.hash, self.stages.resumed)  # W&B while it works
         try:
             for stage in ("importance", "knockout", "curves"):
@@ -531,7 +550,8 @@ class ShardRun:
         self.stages.timings["total"] = round(time.time() - t_start, 2)
         baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
         m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.stages.timings,
-                                      finished=time.time(), evaluations=self.evaluate.n_scored, baseline=baseline)
+                                      finished=time.time(), evaluations=self.evaluate.n_scored,
+                                      evaluations_pruned_copy=self.evaluate.n_physical, baseline=baseline)
         self.shard.clear_checkpoint()
         return {"status": "complete", "shard": str(self.shard.path), **m}
 

@@ -120,7 +120,8 @@ class TransferRun:
         ev = self.cfg["eval"]
         reqs = build_requests(self.task, split=ev.get("split"), shot=self.shot, seed=self.shard.seed,
                               limit=ev.get("limit"), data_dir=(self.cfg.get("data") or {}).get("dir"))
-        evaluate = Evaluator(self.lm, self.task, int(ev.get("batch_size", 8)), bool(self.cfg.get("progress")))
+        evaluate = Evaluator(self.lm, self.task, int(ev.get("batch_size", 8)), bool(self.cfg.get("progress")),
+                             ev.get("physical_below"))
         known = self.own_curve_results()
         saved = self._read(self.progress_file)
         self.progress = saved.get("curves", {}) if saved.get("config_hash") == self.hash else {}

@@ -125,6 +125,10 @@ def _check_deepspeed(ds: dict) -> None:
 def _check_eval(cfg: dict) -> None:
     integer(cfg, "eval.limit", lo=1, none_ok=True)
     integer(cfg, "eval.batch_size", lo=1)
+    below = get(cfg, "eval.physical_below")
+    if below is not None and (isinstance(below, bool) or not isinstance(below, Real) or not below > 0):
+        raise ConfigError(f"eval.physical_below={below!r} must be a number > 0 (the compute fraction at or "
+                          "under which a mask is scored on a physically pruned copy, e.g. 0.9) or null (always gate)")
     split = get(cfg, "eval.split")
     if split is not None and not isinstance(split, str):
         raise ConfigError(f"eval.split={split!r} must be a split name or null (the task's paper split)")

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +15,12 @@ from safetensors.torch import save_file
 
 from icl_scale.models import Gates, MaskError, load_model
 from icl_scale.models.gates import read_mask_file
-from icl_scale.models.physical import n_parameters, prune_physically
+from icl_scale.models.physical import compute_fraction, n_parameters, plan, prune_physically, pruned_if_cheaper
 from icl_scale.scoring import score_requests
 from icl_scale.shard import run_shard
 from icl_scale.tasks import build_requests
 
-from conftest import REPO, data_dir, get_model, tiny_shard_cfg
+from conftest import REPO, assert_same_store, data_dir, get_model, tiny_shard_cfg
 
 FAMILIES = ["tiny-opt", "tiny-llama", "tiny-gpt2", "tiny-gpt-neox"]  # 2 layers x 4 heads (llama: 2 KV heads)
 
@@ -112,6 +113,46 @@ def test_parameter_count_drops_by_the_removed_slices():
     # Groups of 2 and 2 stay grouped (no repeat); groups of 2 and 0 drop the KV head.
     attn = prune_physically(lm, torch.tensor([[1., 1, 1, 1], [0, 0, 1, 1]])).adapter.attn(1)
     assert attn.k_proj.out_features == hd and attn.num_key_value_groups == 2
+
+
+def test_the_copy_shares_untouched_weights_and_leaves_the_original():
+    lm = get_model("tiny-llama")
+    hm = torch.tensor([[1., 1, 0, 0], [1, 0, 1, 1]])
+    pruned = prune_physically(lm, hm, torch.tensor([1., 0]))
+    emb = lm.adapter.model.get_input_embeddings().weight
+    assert pruned.model.get_input_embeddings().weight is emb  # shared, not copied
+    assert pruned.adapter.attn(1).q_proj.weight.shape[0] == 3 * lm.adapter.geometry.head_dim
+    assert lm.adapter.attn(1).q_proj.weight.shape[0] == 4 * lm.adapter.geometry.head_dim
+    assert pruned.adapter.layer(1).mlp is not lm.adapter.layer(1).mlp
+
+
+def test_compute_fraction_counts_projections_and_ffns():
+    lm = get_model("tiny-llama")  # 4 query heads on 2 KV heads
+    g, ad = lm.adapter.geometry, lm.adapter
+    d, hd, inter = g.hidden, g.head_dim, lm.model.config.intermediate_size
+    attn, ffn = (2 * 4 + 2 * 2) * hd * d, 3 * d * inter
+    assert compute_fraction(ad, plan(g)) == 1.0
+    no_ffn1 = compute_fraction(ad, plan(g, ffn_mask=torch.tensor([1., 0])))
+    assert no_ffn1 == pytest.approx((2 * attn + ffn) / (2 * (attn + ffn)))
+    # heads 0, 2, 3: groups of 1 and 2 -> 3 KV slots, more KV rows than the full layer's 2
+    frac = compute_fraction(ad, plan(g, torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]])))
+    assert frac == pytest.approx((attn + (2 * 3 + 2 * 3) * hd * d + 2 * ffn) / (2 * (attn + ffn)))
+    assert pruned_if_cheaper(lm, torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]])) is None  # frac > 0.9
+    assert pruned_if_cheaper(lm, None, torch.tensor([1., 0])) is not None
+    assert pruned_if_cheaper(lm) is None
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_a_shard_on_pruned_copies_equals_the_gated_shard(name, tmp_path):
+    """The curves and the grid score masks that cost <= eval.physical_below on a pruned copy: same
+    curves, predictions and (<= 1e-4 nats) log-likelihoods as gating every mask (physical_below=null)."""
+    lm = get_model(name)
+    a = run_shard(tiny_shard_cfg(tmp_path / "pruned", "copa", 1, name, "eval.physical_below=1.5"), lm=lm)
+    b = run_shard(tiny_shard_cfg(tmp_path / "gated", "copa", 1, name, "eval.physical_below=null"), lm=lm)
+    # every evaluation but the unpruned one and the knock-outs (restarted passes, icl_scale/knockout.py)
+    n_layers = lm.adapter.geometry.n_layers
+    assert a["evaluations_pruned_copy"] == a["evaluations"] - 1 - n_layers > 0 and b["evaluations_pruned_copy"] == 0
+    assert_same_store(Path(a["shard"]), Path(b["shard"]))
 
 
 @pytest.mark.parametrize("mask,ffn,message", [

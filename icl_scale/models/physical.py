@@ -1,9 +1,9 @@
 """Physical pruning: a copy of a model that computes only the heads and FFNs a mask keeps.
 
 The gates (models/gates.py) remove a component by multiplying its output by 0, so a gated model
-still spends the full compute. `prune_physically(lm, head_mask, ffn_mask)` returns a deep copy
-(the original is never modified) whose layers are cut down to the kept components, and which
-computes exactly what the gated model computes (up to float rounding):
+still spends the full compute. `prune_physically(lm, head_mask, ffn_mask)` returns a copy (the
+original is never modified; untouched weights are shared with it) whose layers are cut down to the
+kept components, and which computes exactly what the gated model computes (up to float rounding):
 
 * heads: layer l keeps the rows of its query/key/value projections that belong to the kept heads
   and the matching input columns of its output projection (for GPT-2's fused c_attn and GPT-NeoX's
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -258,11 +259,54 @@ def prune_physically(lm_or_model: Any, head_mask=None, ffn_mask=None):
         raise PruningError("physical pruning of a ZeRO-3 partitioned model is not supported; load it with "
                            "model.deepspeed.enabled=false")
     plans = plan(Adapter(model).geometry, head_mask, ffn_mask)
-    pruned = apply_structure(copy.deepcopy(model), plans)
+    pruned = apply_structure(_copy_sharing_weights(model), plans)
     pruned.eval()
     if not is_lm:
         return pruned
     return dataclasses.replace(lm_or_model, model=pruned, adapter=Adapter(pruned))
+
+
+def _copy_sharing_weights(model: nn.Module) -> nn.Module:
+    """A deep copy of the modules whose parameters and buffers are the original's tensors: the surgery
+    then replaces only the sliced ones (new tensors on the copy's modules), so a pruned copy costs the
+    kept slices' memory, not a second model, and the original stays as it was."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _ffn_weights(ad: Adapter, l: int) -> int:
+    layer = ad.layer(l)
+    mods = (layer.fc1, layer.fc2) if ad.family.name == "opt" else (getattr(layer, ad.family.ffn),)
+    return sum(p.numel() for m in mods for p in m.parameters() if p.dim() == 2)
+
+
+def compute_fraction(ad: Adapter, plans: list[LayerPlan]) -> float:
+    """Multiply-adds per token of the blocks' projections and FFNs under `plans`, as a fraction of the
+    unpruned model's (attention scores, norms and the unembedding not counted: they are a small,
+    unchanged share). Above 1 is possible: GQA layers with unequal groups repeat KV heads."""
+    g = ad.geometry
+
+    def attn(p: LayerPlan) -> int:
+        return (2 * len(p.heads) + 2 * len(p.kv_slots)) * g.head_dim * g.hidden
+
+    full_plan = plan_layer(g, list(range(g.n_heads)), True)
+    ffn = [_ffn_weights(ad, l) for l in range(g.n_layers)]
+    full = sum(attn(full_plan) + f for f in ffn)
+    kept = sum(attn(p) + (f if p.ffn else 0) for p, f in zip(plans, ffn))
+    return kept / full
+
+
+def pruned_if_cheaper(lm, head_mask=None, ffn_mask=None, below: float = 0.9):
+    """The physically pruned copy of `lm` for these masks when its blocks' compute is at most `below` of
+    the full model's (compute_fraction), else None (score with gates). None also for no masks and for
+    a ZeRO-3 partitioned model, whose weights no rank holds whole. `below` is measured: bench/pruned.py
+    times pruned vs gated forwards at the curves' levels."""
+    if (head_mask is None and ffn_mask is None) or getattr(lm, "engine", None) is not None:
+        return None
+    plans = plan(lm.adapter.geometry, head_mask, ffn_mask)
+    if compute_fraction(lm.adapter, plans) > below:
+        return None
+    return prune_physically(lm, head_mask, ffn_mask)
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -272,4 +316,5 @@ def n_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["STRUCTURE_KEY", "LayerPlan", "MaskError", "NoFFN", "NoHeads", "PruningError", "apply_structure",
-           "n_parameters", "plan", "plan_layer", "plans_from_structure", "prune_physically", "structure"]
+           "compute_fraction", "n_parameters", "plan", "plan_layer", "plans_from_structure", "prune_physically",
+           "pruned_if_cheaper", "structure"]
