@@ -200,7 +200,7 @@ def checkpoint_name(lm: LoadedModel) -> str:
     return f"knockout_state.rank{rank}of{world}.safetensors"
 
 
-def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress) -> KnockoutState:
+def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk=None) -> KnockoutState:
     n = lm.adapter.geometry.n_layers
     n_pairs = sum(r.n_choices for r in requests)
     if state is not None and not state.fits(n, n_pairs):
@@ -212,7 +212,7 @@ def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode,
     if mode == "full":
         _full(lm, requests, head_mask, batch_size, state, on_batch, progress)
     else:
-        _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress)
+        _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk)
     return state
 
 
@@ -222,7 +222,7 @@ def _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, p
     tk = Tokenised(lm, requests)
     mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
     local = _knockout_scores(lm, [requests[i] for i in mine], head_mask, batch_size, state, on_batch, mode,
-                             progress)
+                             progress, tk)
     whole = KnockoutState.empty(lm.adapter.geometry.n_layers, sum(r.n_choices for r in requests))
     offsets = _offsets(requests)
     for idx, logprobs, n_tokens in gather_objects((mine, local.logprobs.tolist(), local.n_tokens.tolist())):
@@ -382,9 +382,9 @@ def _knock_chunk(lm: LoadedModel, tk, requests, chunk, head_mask, mode: str, tod
 
 
 @torch.inference_mode()
-def _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress) -> None:
+def _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk=None) -> None:
     n = lm.adapter.geometry.n_layers
-    tk = Tokenised(lm, requests)
+    tk = tk or Tokenised(lm, requests)  # the caller's tokens of a superset, or these requests
     units, overflow = _plan(tk, requests)
     offsets = _offsets(requests)
     chunks = [[units[k] for k in g] for g in _length_groups([len(u[0]) for u in units], pass_cost_tokens(lm.device),

@@ -340,7 +340,7 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
     tk = Tokenised(lm, requests)
     mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
     sync = Lockstep(lm) if lm.engine is not None else None
-    local = _score_local(lm, [requests[i] for i in mine], head_mask, ffn_mask, batch_size, progress, desc, sync)
+    local = _score_local(lm, [requests[i] for i in mine], head_mask, ffn_mask, batch_size, progress, desc, sync, tk)
     out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
     for idx, rows in gather_objects((mine, [[(c.logprob, c.n_tokens) for c in row] for row in local])):
         for i, row in zip(idx, rows):
@@ -348,10 +348,11 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
     return out  # type: ignore[return-value]
 
 
-def _score_local(lm: LoadedModel, requests: Sequence[Request], head_mask, ffn_mask, batch_size: int,
-                 progress: bool, desc: str, sync: Lockstep | None) -> list[list[ChoiceScore]]:
-    """score_requests on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks)."""
-    tk = Tokenised(lm, requests)
+def _score_local(lm: LoadedModel, requests: Sequence[Request], head_mask, ffn_mask, batch_size: int, progress: bool,
+                 desc: str, sync: Lockstep | None, tk: Tokenised | None = None) -> list[list[ChoiceScore]]:
+    """score_requests on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks;
+    `tk`: the tokens of a superset of `requests`, when the caller has them)."""
+    tk = tk or Tokenised(lm, requests)
     out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
     units, overflow = _plan(tk, requests)
     base = lm.model.base_model
