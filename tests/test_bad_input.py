@@ -134,6 +134,10 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
     ("eval.limit=-3", ConfigError, "eval.limit=-3 must be >= 1"),
     ("eval.limit=abc", ConfigError, "eval.limit='abc' must be a whole number or null, e.g. eval.limit=1"),
     ("eval.batch_size=0", ConfigError, "eval.batch_size=0 must be >= 1"),
+    ("eval.physical_below=0", ConfigError, "eval.physical_below=0 must be a number > 0 (the compute fraction at or "
+     "under which a mask is scored on a physically pruned copy, e.g. 0.9) or null (always gate)"),
+    ("eval.physical_below=abc", ConfigError, "eval.physical_below='abc' must be a number > 0 (the compute fraction "
+     "at or under which a mask is scored on a physically pruned copy, e.g. 0.9) or null (always gate)"),
     ("eval.batch_size=2.5", ConfigError, "eval.batch_size=2.5 " + MUST_BE_NUMBER + "eval.batch_size=1"),
     ("importance.n_examples=0", ConfigError, "importance.n_examples=0 must be >= 1"),
     ("importance.n_examples=x", ConfigError, "importance.n_examples='x' " + MUST_BE_NUMBER + "importance.n_examples=1"),
@@ -708,6 +712,45 @@ error("mask", "evaluate.py-mask-shape", "`python jobs/evaluate.py model=tiny-opt
       _evaluate_wrong_shape, JobFailed,
       "head_mask=…/mask3x4.safetensors (tiny-opt) has shape (3, 4) but this model needs (2, 4); build it with "
       "shape (2, 4) (layers, heads)")
+
+
+def _export(env: Env, *args: str, shot: int = 1):
+    env.job("export.py", f"model={MODEL}", "task=copa", f"shot={shot}", f"data.dir={data_dir()}",
+            f"store.root={env.root}", "repeats=1", *args)
+
+
+def _export_into_full_folder(env: Env):
+    out = env.tmp / "full"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    _export(env, "heads=50", f"out_dir={out}")
+    assert (out / "notes.txt").read_text() == "mine\n" and len(list(out.iterdir())) == 1
+
+
+def _export_from_running_shard(env: Env):
+    m = env.path() / "manifest.json"
+    m.write_text(json.dumps({**json.loads(m.read_text()), "status": "running"}))
+    _export(env, "heads=50", f"out_dir={env.tmp / 'x'}")
+
+
+EXPORT_FIX = "`python jobs/score.py model=tiny-opt task=copa shot="
+error("export", "export.py-out_dir-not-empty", "`python jobs/export.py ... out_dir=<a folder with files>`",
+      _export_into_full_folder, JobFailed,
+      "out_dir=…/full already exists and is not empty; choose a new folder (or remove it)")
+error("export", "export.py-level-not-in-shard", "`python jobs/export.py ... heads=70` (the shard has 0 and 50)",
+      lambda env: _export(env, "heads=70", f"out_dir={env.tmp / 'x'}"), JobFailed,
+      "heads=70: the shard …/copa/1shot/seed0 has no heads mask at level 70%; its levels are: 0, 50")
+error("export", "export.py-no-shard", "`python jobs/export.py ... shot=5 heads=50` (no such shard)",
+      lambda env: _export(env, "heads=50", f"out_dir={env.tmp / 'x'}", shot=5), JobFailed,
+      "heads=/ffn= need the shard …/copa/5shot/seed0, which does not exist: run " + EXPORT_FIX + "5` first "
+      "(or give head_mask=/ffn_mask= files)")
+error("export", "export.py-incomplete-shard", "`python jobs/export.py ... heads=50` from a shard still running",
+      _export_from_running_shard, JobFailed,
+      "the shard …/copa/1shot/seed0 is not complete (status running): finish it with " + EXPORT_FIX + "1` before "
+      "exporting from it", touches=("copa/1shot/seed0",))
+error("export", "export.py-heads=abc", "`python jobs/export.py ... heads=abc`",
+      lambda env: _export(env, "heads=abc", f"out_dir={env.tmp / 'x'}"), JobFailed,
+      "heads=abc is not a pruning level; give a percentage such as heads=50")
 
 
 # --- model specs: load_model({...}) as the jobs call it ------------------------------------------------
