@@ -2,6 +2,7 @@
 """Compare two results stores file by file: are they the same results?
 
     python bench/compare_stores.py STORE_A STORE_B [--ignore resolved]
+    python bench/compare_stores.py STORE_A STORE_B --predictions   # same results up to float rounding
 
 Tensors (safetensors: every tensor and the metadata), JSON/JSONL (parsed), CSV (parsed) and images
 (bytes) must be identical, apart from what differs between any two runs: wall-clock fields
@@ -92,12 +93,53 @@ def compare(a_root: Path, b_root: Path) -> list[str]:
     return problems
 
 
+def same_predictions(a_root: Path, b_root: Path) -> dict:
+    """Two versions' shards judged as results rather than bytes: every shard's curve and grid values,
+    the share of per-doc predictions that agree over all samples/*.jsonl, the largest per-choice
+    log-likelihood gap (nats) and the FFN knock-out drops."""
+    out: dict = {"shards": 0, "docs": 0, "same_pred": 0, "max_abs_dlogprob": 0.0, "curves_equal": True,
+                 "knockout_equal": True, "curve_diffs": []}
+    for ca in sorted(a_root.rglob("curves.json")):
+        rel = ca.parent.relative_to(a_root)
+        cb = b_root / rel / "curves.json"
+        if not cb.is_file() or SKIP_DIRS & set(rel.parts):
+            continue
+        out["shards"] += 1
+        ja, jb = json.loads(ca.read_text()), json.loads(cb.read_text())
+        for kind in ("heads", "ffn", "combined"):
+            va, vb = [p["value"] for p in ja[kind]], [p["value"] for p in jb[kind]]
+            if va != vb:
+                out["curves_equal"] = False
+                out["curve_diffs"].append({"shard": str(rel), "kind": kind, "a": va, "b": vb})
+        ia, ib = (dict(tensors(d.parent / "importance.safetensors", "")[0]) for d in (ca, cb))
+        out["knockout_equal"] &= bool((ia["ffn_knockout"] == ib["ffn_knockout"]).all())
+        for fa in sorted((ca.parent / "samples").glob("*.jsonl")):
+            fb = cb.parent / "samples" / fa.name
+            if not fb.is_file():
+                continue
+            ra, rb = (parsed(f, "") for f in (fa, fb))
+            for x, y in zip(ra, rb):
+                out["docs"] += 1
+                out["same_pred"] += x["pred"] == y["pred"]
+                gap = max(abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"]))
+                out["max_abs_dlogprob"] = max(out["max_abs_dlogprob"], gap)
+    out["same_pred_frac"] = out["same_pred"] / out["docs"] if out["docs"] else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--ignore", action="append", default=[], help="a JSON key to leave out (repeatable)")
+    ap.add_argument("--predictions", action="store_true",
+                    help="compare as results, not bytes: curves, knock-out drops, share of equal per-doc "
+                         "predictions and the largest log-likelihood gap (prints JSON; exits 1 below 99.5%%)")
     args = ap.parse_args()
+    if args.predictions:
+        r = same_predictions(args.a, args.b)
+        print(json.dumps(r, indent=1))
+        sys.exit(0 if r["docs"] and r["same_pred_frac"] >= 0.995 else 1)
     VOLATILE.update(args.ignore)
     problems = compare(args.a, args.b)
     n = len(files(args.a) | files(args.b))

@@ -174,6 +174,10 @@ def render_markdown(res: dict) -> str:
         from bench import data_parallel
 
         out += ["", "## Data-parallel section", ""] + data_parallel.markdown(res["data_parallel"])
+    if res.get("pruned"):
+        from bench import pruned
+
+        out += [""] + pruned.markdown(res["pruned"])
     return "\n".join(out)
 
 

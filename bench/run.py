@@ -15,6 +15,7 @@ importance  bench/importance.py: importance pass vs forward only and vs the orig
 induction   bench/induction.py: induction scores vs the original loops and the bare forward passes.
 knockout    bench/knockout.py: the FFN knock-out stage, restarted knock-outs vs one evaluation per knock-out.
 data_parallel  bench/data_parallel.py: 2 ranks splitting the importance pass and an evaluation vs 2 in lockstep.
+pruned      bench/pruned.py: scoring on a physically pruned copy vs gating, SmolLM2 and an OPT-1.3B shape.
 
 Timing: every method of one configuration runs once per round, methods alternating, for
 `repeats` rounds; we report the best round (least disturbed by other processes) and the spread.
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench import data_parallel, induction
+from bench import data_parallel, induction, pruned
 from bench.common import REPO, BenchError, data_dir, loadavg, machine_info, now
 from bench.importance import bench_importance
 from bench.knockout import bench_knockout
@@ -44,13 +45,13 @@ from bench.report import write_results
 from bench.scoring import bench_scoring, profile_scoring
 from icl_scale.models.loading import LoadedModel, load_model
 
-SECTIONS = ("scoring", "importance", "induction", "knockout", "data_parallel")
-NEEDS_DATA = {"scoring", "importance", "knockout", "data_parallel"}
+SECTIONS = ("scoring", "importance", "induction", "knockout", "data_parallel", "pruned")
+NEEDS_DATA = {"scoring", "importance", "knockout", "data_parallel", "pruned"}
 
 # Sizes: the brief's 40 / 24 docs per task take hours on a shared 2-core CPU (~50-200 tokens/s for a
 # 135M model), so the default is smaller; `--limits 0:40,5:24` runs the bigger setting.
 DEFAULT = dict(
-    tasks=("piqa", "hellaswag", "arc_easy", "boolq"),
+    tasks=("piqa", "hellaswag", "arc_easy", "boolq", "winogrande"),
     shots=(0, 5),
     limits={0: 8, 5: 4},  # docs per task at each shot count
     batch_size=8,  # same number for all three scorers (see README: docs vs pairs)
@@ -63,9 +64,12 @@ DEFAULT = dict(
     ko_shot=1,
     ko_docs=16,
     ko_batch_size=8,
+    pruned_docs=16,  # SmolLM2; the OPT-1.3B shape scores the first pruned_opt_docs of them
+    pruned_opt_docs=4,
 )
 QUICK = dict(DEFAULT, tasks=("piqa", "boolq"), limits={0: 4, 5: 2}, repeats=2, imp_tasks=("piqa",),
-             imp_examples=2, imp_batch_size=2, ko_docs=4)
+             imp_examples=2, imp_batch_size=2, ko_docs=4,
+             pruned_docs=4, pruned_opt_docs=1)
 
 
 def _scoring(lm: LoadedModel, cfg: dict, data: Path | None, profile: bool, log) -> dict:
@@ -93,6 +97,9 @@ def _section(sec: str, lm: LoadedModel, cfg: dict, quick: bool, data: Path | Non
     if sec == "data_parallel":  # its own 2 ranks (torchrun), each loading the model
         return data_parallel.section(lm.name, repeats=cfg["repeats"], data=data, log=log,
                                      **({"n_eval": 4, "n_imp": 4} if quick else {}))
+    if sec == "pruned":
+        return pruned.section(lm, n_docs=cfg["pruned_docs"], opt_docs=cfg["pruned_opt_docs"], repeats=cfg["repeats"],
+                              data=data, opt=not quick, log=log)
     raise ValueError(f"unknown section {sec!r}; use {', '.join(SECTIONS)}")
 
 

@@ -12,7 +12,7 @@ from conftest import REPO, get_model
 if str(REPO) not in sys.path:  # bench/ is not part of the installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from bench import importance, induction, scoring
+from bench import importance, induction, pruned, scoring
 from bench import run as bench_run
 
 
@@ -77,6 +77,21 @@ def test_induction_section(tiny):
     assert res["loops"]["seeds"] == [0] and res["forward"]["seeds"] == [0]
     assert res["loops"]["max_abs_diff"]["inputs"] < 1e-4  # same captured inputs: same numbers
     assert res["forward"]["ratio"] > 0 and "induction scores" in res["printed"]
+
+
+def test_pruned_section(tiny, mirror):
+    """Every level on the tiny model (the OPT-1.3B shape is left out): pruned and gated agree."""
+    res = pruned.section(tiny, n_docs=3, batch_size=2, repeats=1, data=mirror, opt=False, log=lambda *a: None)
+    (m,) = res["models"]
+    assert [(r["kind"], r["level"]) for r in m["rows"]] == [tuple(s) for s in res["settings"]["levels"]]
+    for r in m["rows"]:
+        assert r["max_abs_dlogprob"] <= 1e-4 and r["same_predictions"] == 1.0
+        assert r["speedup"] > 0 and r["build_s"] >= 0
+        # FFNs never cost more (20% of 2 is none); heads under GQA may (unequal groups repeat KV heads)
+        assert 0 < r["compute_fraction"] <= (1 if r["kind"] == "ffn" else 1.5)
+    assert res["targets"]["agree<=1e-4"] and not res["targets"]["opt_heads70_forward>=1.25x"]
+    assert res["targets"]["float64_agree<=1e-9"] and res["float64"]["same_predictions"] == 1.0
+    assert "## Pruned vs gated scoring" in "\n".join(pruned.markdown(res))
 
 
 def test_write_results_and_cli(tiny, mirror, tmp_path, monkeypatch):
