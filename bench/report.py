@@ -178,6 +178,10 @@ def render_markdown(res: dict) -> str:
         from bench import pruned
 
         out += [""] + pruned.markdown(res["pruned"])
+    if res.get("masks"):
+        from bench import masks
+
+        out += [""] + masks.markdown(res["masks"])
     return "\n".join(out)
 
 

@@ -16,6 +16,7 @@ induction   bench/induction.py: induction scores vs the original loops and the b
 knockout    bench/knockout.py: the FFN knock-out stage, restarted knock-outs vs one evaluation per knock-out.
 data_parallel  bench/data_parallel.py: 2 ranks splitting the importance pass and an evaluation vs 2 in lockstep.
 pruned      bench/pruned.py: scoring on a physically pruned copy vs gating, SmolLM2 and an OPT-1.3B shape.
+masks       bench/masks.py: several masks in one batched forward (per-row gates) vs one pass set per mask.
 
 Timing: every method of one configuration runs once per round, methods alternating, for
 `repeats` rounds; we report the best round (least disturbed by other processes) and the spread.
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench import data_parallel, induction, pruned
+from bench import data_parallel, induction, masks, pruned
 from bench.common import REPO, BenchError, data_dir, loadavg, machine_info, now
 from bench.importance import bench_importance
 from bench.knockout import bench_knockout
@@ -45,8 +46,8 @@ from bench.report import write_results
 from bench.scoring import bench_scoring, profile_scoring
 from icl_scale.models.loading import LoadedModel, load_model
 
-SECTIONS = ("scoring", "importance", "induction", "knockout", "data_parallel", "pruned")
-NEEDS_DATA = {"scoring", "importance", "knockout", "data_parallel", "pruned"}
+SECTIONS = ("scoring", "importance", "induction", "knockout", "data_parallel", "pruned", "masks")
+NEEDS_DATA = {"scoring", "importance", "knockout", "data_parallel", "pruned", "masks"}
 
 # Sizes: the brief's 40 / 24 docs per task take hours on a shared 2-core CPU (~50-200 tokens/s for a
 # 135M model), so the default is smaller; `--limits 0:40,5:24` runs the bigger setting.
@@ -100,6 +101,9 @@ def _section(sec: str, lm: LoadedModel, cfg: dict, quick: bool, data: Path | Non
     if sec == "pruned":
         return pruned.section(lm, n_docs=cfg["pruned_docs"], opt_docs=cfg["pruned_opt_docs"], repeats=cfg["repeats"],
                               data=data, opt=not quick, log=log)
+    if sec == "masks":
+        return masks.section(lm, settings=((2, 4, 2), (4, 2, 2)) if quick else masks.SETTINGS, repeats=cfg["repeats"],
+                             data=data, log=log)
     raise ValueError(f"unknown section {sec!r}; use {', '.join(SECTIONS)}")
 
 

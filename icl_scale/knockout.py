@@ -25,12 +25,13 @@ Where the entry is (`restart_mode`):
 Cost: knock-out l runs L - l - 1 blocks ("block": L - l) instead of L, on average (L - 1) / 2
 ((L + 1) / 2), plus the embedding and the unembedding at the scored positions, which every knock-out
 still needs. Half the block passes of one full evaluation per knock-out, but on SmolLM2-135M (30
-layers, 49k vocabulary) with COPA 1-shot's short contexts, one knock-out's unembedding (16-48 rows
-per call, where the CPU GEMM is memory-bound) costs about 5 blocks, so the stage is ~1.65-1.8x faster,
-not 2x (bench/README.md, "Knock-out section"); longer contexts bring it closer to 2x. Batching the
-unembedding of all knock-outs into one GEMM would remove most of that, but a GEMM's rows depend on its
-row count (MKL: up to 11 rows with 2 threads), so the results would stop being bit-identical to
-score_requests', which the shard relies on to reuse them for the pruning curves.
+layers, 49k vocabulary) with COPA 1-shot's short contexts one knock-out's unembedding (one call per
+prefix pass's units, scoring._score_units; ~100 rows, where the CPU GEMM is still far from its peak)
+costs about 3 blocks, so the stage is ~1.8x faster, not 2x (bench/README.md, "Knock-out section");
+longer contexts bring it closer to 2x. Batching the unembedding of all knock-outs into one GEMM would
+remove most of the rest, but a GEMM's rows depend on its row count (MKL: up to 11 rows with 2
+threads), so the results would stop being bit-identical to score_requests', which the shard relies
+on to reuse them for the pruning curves.
 
 Results are score_requests' under the knock-out's FFN mask: the same batches and the same operations
 on the same inputs (bit-identical on CPU in tests/test_knockout.py, which demands <= 1e-4 nats).

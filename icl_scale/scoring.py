@@ -14,7 +14,8 @@ Two implementations that must agree (tests check <= 1e-4 nats per choice):
   plus a fixed per-pass cost (`pass_cost_tokens`): on a CPU a padded token costs as much as a real
   one, and each pass reads every weight once. The first continuation token is scored from the
   context pass, so single-token answers (" yes"/" no", " True"/...) need no second pass at all.
-  The unembedding runs only at positions whose log-probs are needed.
+  The unembedding runs only at positions whose log-probs are needed, in one call per prefix pass
+  (its first tokens and every continuation pass's positions together).
 
 Shared prefixes (`score_requests`): contexts that share a token prefix share its KV. A request
 with several contexts (winogrande's partial scoring: the two options' prompts differ only from the
@@ -23,6 +24,10 @@ contexts once, in the batched context passes above; each context's remaining suf
 with its continuation on top of that cache, only the continuation's positions scored (its first
 token is predicted from the suffix's last position, or from the prefix's if the suffix is empty).
 A request with one context is scored as above.
+
+Several masks (`score_masks`): each work unit runs once per mask and a pass mixes the units of
+several masks, every batch row gated by its own mask (models/gates.RowGates), so a short request
+list under k masks costs fewer, fuller passes than k separate evaluations.
 
 Truncation: a sequence longer than `max_length + 1` tokens (context + continuation) loses tokens
 from the left of the context (the document-start token is kept); pairs that need it are scored
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .models.gates import Gates
+from .models.gates import Gates, RowGates
 from .models.loading import LoadedModel
 from .tasks.base import Request
 
@@ -191,11 +196,11 @@ def _plan(tk: Tokenised, requests: Sequence[Request]):
     return [(list(k), v) for k, v in by_prefix.items()], overflow
 
 
-def _continuation_logprobs(base, unembed, cache, rows, unit_idx, ctx_mask, ctx_len, pad, dev) -> torch.Tensor:
-    """Summed log P(continuation tokens) of each row (unit, request, choice, continuation, suffix)
-    on top of its prefix's cache, given suffix + continuation[:-1] as inputs. A row without a
-    suffix scores tokens 1..m-1 only (its token 0 comes from the prefix pass); one with a suffix
-    scores all m, token 0 from the suffix's last position."""
+def _continuation_hidden(base, cache, rows, unit_idx, ctx_mask, ctx_len, pad, dev):
+    """The hidden states that predict each row's continuation tokens, on top of its prefix's cache,
+    given suffix + continuation[:-1] as inputs: (hidden [n, d], target tokens [n], row of each [n]).
+    A row without a suffix has tokens 1..m-1 here (its token 0 comes from the prefix pass); one
+    with a suffix all m, token 0 from the suffix's last position."""
     tails = [r[4] + r[3][:-1] for r in rows]
     cache.batch_select_indices(unit_idx)  # repeat each prefix per row
     x_ids, x_mask = pad_right(tails, pad)
@@ -213,8 +218,7 @@ def _continuation_logprobs(base, unembed, cache, rows, unit_idx, ctx_mask, ctx_l
         if tgt:
             targets[k, o: o + len(tgt)] = torch.tensor(tgt, device=dev)
             scored[k, o: o + len(tgt)] = True
-    lp = _logprob_of(h[scored], targets[scored], unembed)
-    return torch.zeros(len(rows), device=dev).index_add_(0, scored.nonzero()[:, 0], lp)
+    return h[scored], targets[scored], scored.nonzero()[:, 0]
 
 
 def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
@@ -229,22 +233,28 @@ def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
     return last, cache, mask, ctx_len
 
 
-def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None) -> list[tuple[int, int, ChoiceScore]]:
-    """Score every row of a group of units: one prefix pass, then the tails in passes of similar length.
-    `sync` (ZeRO-3 with data-parallel ranks, `Lockstep`): as many calls as every other rank."""
+def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
+                 select=None) -> list[tuple[int, int, ChoiceScore]]:
+    """Score every row of a group of units: one prefix pass, then the tails in passes of similar length,
+    then one unembedding of every scored position (on a CPU each unembedding call reads the whole
+    [vocab, d] matrix and a GEMM of few rows is inefficient: one call instead of 1 + passes saves
+    ~25 ms per call on SmolLM2 with 1 thread). `sync` (ZeRO-3 with data-parallel ranks, `Lockstep`):
+    as many calls as every other rank. `select(request indices)` (several masks, `_mask_gates`): called
+    with the request of every batch row before each pass."""
+    if select:
+        select([ijs[0][0] for _, ijs in chunk])
     last, cache, mask, ctx_len = _prefix_pass(base, [u[0] for u in chunk], pad, dev)
     # One row per choice: (unit, request, choice, continuation tokens, suffix tokens).
     rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]), suf)
             for u, (_, ijs) in enumerate(chunk) for i, j, suf in ijs]
     unit_idx = torch.tensor([r[0] for r in rows], device=dev)
-    total = torch.zeros(len(rows), device=dev)
+    hidden, targets, owner = [], [], []  # every scored position: its hidden state, target, row
     direct = [k for k, r in enumerate(rows) if not r[4]]  # token 0 predicted by the prefix's last position
     if direct:
         d_idx = torch.tensor(direct, device=dev)
-        first_tok = torch.tensor([rows[k][3][0] for k in direct], device=dev)
-        total[d_idx] = _logprob_of(last[unit_idx[d_idx]], first_tok, unembed)
-    elif sync:
-        sync.idle_unembed()
+        hidden.append(last[unit_idx[d_idx]])
+        targets.append(torch.tensor([rows[k][3][0] for k in direct], device=dev))
+        owner.append(d_idx)
     groups = _length_groups([len(r[4]) + len(r[3]) - 1 for r in rows], cost if regroupable(cache) else float("inf"))
     saved = [(layer.keys, layer.values) for layer in cache.layers] if len(groups) > 1 else None
     for g in groups:
@@ -252,11 +262,16 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None) 
             for layer, (k, v) in zip(cache.layers, saved):
                 layer.keys, layer.values = k, v
         g_idx = torch.tensor(g, device=dev)
-        total[g_idx] += _continuation_logprobs(base, unembed, cache, [rows[k] for k in g], unit_idx[g_idx], mask,
-                                               ctx_len, pad, dev)
+        if select:
+            select([rows[k][1] for k in g])
+        h, tgt, row = _continuation_hidden(base, cache, [rows[k] for k in g], unit_idx[g_idx], mask, ctx_len, pad, dev)
+        hidden.append(h)
+        targets.append(tgt)
+        owner.append(g_idx[row])
     for _ in range(sync.agree(len(groups)) - len(groups) if sync else 0):
         sync.idle_base()
-        sync.idle_unembed()
+    lp = _logprob_of(torch.cat(hidden), torch.cat(targets), unembed)
+    total = torch.zeros(len(rows), device=dev, dtype=lp.dtype).index_add_(0, torch.cat(owner), lp)
     return [(i, j, ChoiceScore(t, len(toks))) for (_, i, j, toks, _), t in zip(rows, total.tolist())]
 
 
@@ -291,6 +306,7 @@ class Lockstep:
     def __init__(self, lm: LoadedModel):
         self.lm, self.base, self.unembed = lm, lm.model.base_model, lm.model.get_output_embeddings()
         self.pad = torch.tensor([[lm.tokenizer.pad_token_id]], device=lm.device)
+        self.select = None  # several masks (RowGates): placeholder calls run under mask 0
 
     @staticmethod
     def agree(n: int) -> int:
@@ -299,6 +315,8 @@ class Lockstep:
         return max_over_ranks(n)
 
     def idle_base(self) -> None:
+        if self.select:
+            self.select([0])
         self.base(input_ids=self.pad)
 
     def idle_unembed(self) -> None:
@@ -309,13 +327,12 @@ class Lockstep:
         self.lm.model(input_ids=self.pad)
 
     def idle_units(self) -> None:
-        """The calls of one `_score_units` that has no units: prefix pass, first-token unembedding,
-        and as many continuation passes as the busiest rank makes."""
+        """The calls of one `_score_units` that has no units: prefix pass, as many continuation
+        passes as the busiest rank makes, and the unembedding."""
         self.idle_base()
-        self.idle_unembed()
         for _ in range(self.agree(0)):
             self.idle_base()
-            self.idle_unembed()
+        self.idle_unembed()
 
 
 def request_cost(tk: Tokenised, r: Request) -> int:
@@ -332,35 +349,75 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
 
     With data-parallel ranks (icl_scale.distributed) each rank scores a token-balanced slice of the
     requests and every rank returns all of them; under ZeRO-3 the ranks run in call-lockstep."""
+    return score_masks(lm, requests, [(head_mask, ffn_mask)], batch_size, progress, desc)[0]
+
+
+@torch.inference_mode()
+def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int = 8,
+                progress: bool = False, desc: str = "scoring") -> list[list[list[ChoiceScore]]]:
+    """score_requests under each (head_mask, ffn_mask) of `masks`, all in shared passes: every work
+    unit runs once per mask, and a pass mixes the units of several masks, each batch row under its
+    own mask (models/gates.RowGates). Fewer, fuller passes when one mask's request list does not
+    fill a pass (shard.masks_per_pass decides); the numbers equal one score_requests per mask up to
+    float rounding (a GEMM's rounding depends on its row count)."""
     from .distributed import balanced_slices, dp_world, gather_objects
 
     rank, world = dp_world()
     if world == 1:
-        return _score_local(lm, requests, head_mask, ffn_mask, batch_size, progress, desc, None)
+        return _score_local(lm, requests, masks, batch_size, progress, desc, None)
     tk = Tokenised(lm, requests)
     mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
     sync = Lockstep(lm) if lm.engine is not None else None
-    local = _score_local(lm, [requests[i] for i in mine], head_mask, ffn_mask, batch_size, progress, desc, sync, tk)
-    out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
-    for idx, rows in gather_objects((mine, [[(c.logprob, c.n_tokens) for c in row] for row in local])):
-        for i, row in zip(idx, rows):
-            out[i] = [ChoiceScore(lp, n) for lp, n in row]
-    return out  # type: ignore[return-value]
+    local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk)
+    out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
+    mine_rows = [[[(c.logprob, c.n_tokens) for c in row] for row in res] for res in local]
+    for idx, per_mask in gather_objects((mine, mine_rows)):
+        for res, rows in zip(out, per_mask):
+            for i, row in zip(idx, rows):
+                res[i] = [ChoiceScore(lp, n) for lp, n in row]
+    return out
 
 
-def _score_local(lm: LoadedModel, requests: Sequence[Request], head_mask, ffn_mask, batch_size: int, progress: bool,
-                 desc: str, sync: Lockstep | None, tk: Tokenised | None = None) -> list[list[ChoiceScore]]:
-    """score_requests on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks;
-    `tk`: the tokens of a superset of `requests`, when the caller has them)."""
+def _mask_gates(lm: LoadedModel, masks: Sequence[tuple], n: int):
+    """(gates context, select) for `masks` over `n` requests: one mask, its plain Gates and no
+    select; several, RowGates with request k * n + i run under mask k."""
+    if len(masks) == 1:
+        return _gates(lm, *masks[0]), None
+    g = lm.adapter.geometry
+
+    def stack(ms, shape):
+        return None if all(m is None for m in ms) else torch.stack(
+            [torch.ones(shape) if m is None else m.detach().float().cpu() for m in ms])
+
+    heads = stack([h for h, _ in masks], (g.n_layers, g.n_heads))
+    ffns = stack([f for _, f in masks], (g.n_layers,))
+    if heads is None and ffns is None:
+        return nullcontext(), None
+    gates = RowGates(lm.adapter, heads, ffns)
+    return gates, lambda idx: gates.select(torch.tensor(idx, dtype=torch.long) // n)
+
+
+def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int,
+                 progress: bool, desc: str, sync: Lockstep | None,
+                 tk: Tokenised | None = None) -> list[list[list[ChoiceScore]]]:
+    """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks;
+    `tk`: the tokens of a superset of `requests`, when the caller has them). Request k * n + i of the
+    passes is request i under mask k."""
     tk = tk or Tokenised(lm, requests)
-    out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
+    n, n_masks = len(requests), len(masks)
+    out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     units, overflow = _plan(tk, requests)
+    units = [(p, [(k * n + i, j, suf) for i, j, suf in ijs]) for k in range(n_masks) for p, ijs in units]
+    copies = list(requests) * n_masks
     base = lm.model.base_model
     unembed = lm.model.get_output_embeddings()
     pad = lm.tokenizer.pad_token_id
     dev = lm.device
     cost = pass_cost_tokens(dev)
-    with _gates(lm, head_mask, ffn_mask):
+    gates, select = _mask_gates(lm, masks, n)
+    if sync:
+        sync.select = select
+    with gates:
         bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
         # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
         # peaks early); padding costs as much as real tokens on a CPU.
@@ -370,18 +427,19 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], head_mask, ffn_ma
                 sync.idle_units()
                 continue
             g = groups[step]
-            for i, j, sc in _score_units(base, unembed, tk, requests, [units[k] for k in g], pad, dev, cost, sync):
-                out[i][j] = sc
+            for i, j, sc in _score_units(base, unembed, tk, copies, [units[k] for k in g], pad, dev, cost, sync,
+                                         select):
+                out[i // n][i % n][j] = sc
             bar.update(len(g))
         bar.close()
-        # Left-truncated pairs: the exact naive path (one pair per forward).
-        idx = sorted({i for i, _ in overflow})
-        if idx:
-            nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], batch_size=1)))
-            for i, j in overflow:
-                out[i][j] = nv[i][j]
-        if sync:
-            n_naive = sum(requests[i].n_choices for i in idx)
-            for _ in range(sync.agree(n_naive) - n_naive):
-                sync.idle_model()
-    return out  # type: ignore[return-value]
+    # Left-truncated pairs: the exact naive path (one pair per forward), per mask.
+    idx = sorted({i for i, _ in overflow})
+    for res, (head_mask, ffn_mask) in zip(out, masks) if idx else ():
+        nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], head_mask, ffn_mask, batch_size=1)))
+        for i, j in overflow:
+            res[i][j] = nv[i][j]
+    if sync:
+        n_naive = sum(requests[i].n_choices for i in idx) * n_masks
+        for _ in range(sync.agree(n_naive) - n_naive):
+            sync.idle_model()
+    return out

@@ -31,8 +31,8 @@ from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .live import LiveRun
 from .models.loading import LoadedModel, load_model
-from .models.physical import pruned_if_cheaper
-from .scoring import Tokenised, score_requests
+from .models.physical import cheaper_pruned, prune_physically
+from .scoring import Tokenised, score_masks, score_requests
 from .store import (
     Shard,
     StoreError,
@@ -96,6 +96,18 @@ def _mask_key(mask: torch.Tensor | None) -> bytes | None:
     return mask.detach().to(torch.float32).cpu().numpy().tobytes()
 
 
+def masks_per_pass(setting, batch_size: int, requests) -> int:
+    """How many masks share one pass (`eval.masks_per_pass`): an int, or "auto": as many copies of the
+    request list as fill one pass of `batch_size` prefixes (its distinct contexts), so 1 whenever the
+    list fills a pass by itself. Below a full pass, a pass of more rows is cheaper per row (one read
+    of every weight, one parameter gather under ZeRO-3, one unembedding call for all its rows;
+    bench/masks.py: 1.2-1.4x on a CPU). With full passes, sharing only packs equal-length copies
+    into fewer continuation passes (~1.1x on a CPU): auto leaves those lists as they were."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, batch_size // max(1, len({tuple(r.contexts) for r in requests})))
+
+
 @dataclass
 class Evaluator:
     """Scores a request list under (head, FFN) masks and computes the task metrics.
@@ -103,17 +115,19 @@ class Evaluator:
     Evaluations are memoised by the masks' contents: the curves share their unpruned point, the
     heads x FFN grid's edges are the single-kind curves, and different rankings often give the same
     mask at a level, so a shard never evaluates one mask twice (a third of the evaluations in the
-    demo). Results are deep-copied out, so callers may change them."""
+    demo). Results are deep-copied out, so callers may change them. `prefetch` scores several
+    masks in shared passes ahead of their calls."""
 
     lm: LoadedModel
     task: str
     batch_size: int
     progress: bool = False
     physical_below: float | None = None  # eval.physical_below: see score()
+    masks_per_pass: int | str = 1  # eval.masks_per_pass: see prefetch()
 
     def __post_init__(self):
         self.memo: dict[tuple, tuple] = {}
-        self.n_scored = self.n_physical = 0
+        self.n_scored = self.n_physical = self.n_shared = 0
 
     def key(self, requests, head_mask=None, ffn_mask=None) -> tuple:
         return (id(requests), len(requests), _mask_key(head_mask), _mask_key(ffn_mask))
@@ -136,19 +150,44 @@ class Evaluator:
             self.remember(requests, head_mask, ffn_mask, self.score(requests, head_mask, ffn_mask, desc))
         return copy.deepcopy(self.memo[self.key(requests, head_mask, ffn_mask)][1:])
 
+    def on_pruned_copy(self, head_mask, ffn_mask) -> bool:
+        return self.physical_below is not None and cheaper_pruned(self.lm, _keep(head_mask), _keep(ffn_mask),
+                                                                   self.physical_below)
+
     def score(self, requests, head_mask, ffn_mask, desc):
         """Gated, or on a physically pruned copy that computes only the kept heads and FFNs when its
-        blocks cost at most `physical_below` of the full model's (models/physical.pruned_if_cheaper;
+        blocks cost at most `physical_below` of the full model's (models/physical.cheaper_pruned;
         None: always gated). Both give the same numbers up to float rounding."""
-        pruned = None
-        if self.physical_below is not None:
-            pruned = pruned_if_cheaper(self.lm, _keep(head_mask), _keep(ffn_mask), self.physical_below)
-        if pruned is None:
+        if not self.on_pruned_copy(head_mask, ffn_mask):
             return score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
                                   progress=self.progress, desc=desc)
         self.n_physical += 1
-        return score_requests(pruned, requests, batch_size=self.batch_size, progress=self.progress,
-                              desc=f"{desc} (pruned copy)")
+        return score_requests(prune_physically(self.lm, _keep(head_mask), _keep(ffn_mask)), requests,
+                              batch_size=self.batch_size, progress=self.progress, desc=f"{desc} (pruned copy)")
+
+    def prefetch(self, requests, masks, desc="eval") -> None:
+        """Before a run of calls on `masks` ([(head_mask, ffn_mask)], in the order they will be asked
+        for): the first `masks_per_pass` of them that are neither memoised nor cheaper on a pruned
+        copy, scored together in shared passes (scoring.score_masks) and memoised. Nothing when fewer
+        than two would share. The caller prefetches from the mask it needs now, so a job that stops
+        loses at most the group being scored."""
+        k = masks_per_pass(self.masks_per_pass, self.batch_size, requests)
+        group, seen = [], set()
+        for hm, fm in masks:
+            key = self.key(requests, hm, fm)
+            if len(group) == k:
+                break
+            if key in self.memo or key in seen or self.on_pruned_copy(hm, fm):
+                continue
+            seen.add(key)
+            group.append((hm, fm))
+        if len(group) < 2:
+            return
+        scores = score_masks(self.lm, requests, group, batch_size=self.batch_size, progress=self.progress,
+                             desc=f"{desc} ({len(group)} masks per pass)")
+        for (hm, fm), sc in zip(group, scores):
+            self.remember(requests, hm, fm, sc)
+        self.n_shared += len(group)
 
 
 def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -267,8 +306,9 @@ class ShardRun:
         self.requests = self.render()
         self.start(t_start)  # the store is touched only now: the model and the data are fine
         self.stages.timings.update(load=round(t_load - t_start, 2), render=round(time.time() - t_load, 2))
-        self.evaluate = Evaluator(self.lm, self.task, int(self.cfg["eval"].get("batch_size", 8)), self.show_progress,
-                                  self.cfg["eval"].get("physical_below"))
+        ev = self.cfg["eval"]
+        self.evaluate = Evaluator(self.lm, self.task, int(ev.get("batch_size", 8)), self.show_progress,
+                                  ev.get("physical_below"), ev.get("masks_per_pass", "auto"))
         self.live = LiveRun(self.cfg, self.shard, self.hash, self.stages.resumed)  # W&B while it works
         try:
             for stage in ("importance", "knockout", "curves"):
@@ -469,8 +509,19 @@ class ShardRun:
         pr = self.cfg["pruning"]
         saved = self.progress.curves.setdefault(kind, {})
 
+        def pair(mask):
+            return (mask, None) if component == "heads" else (None, mask)
+
+        done = {float(k): v for k, v in saved.items()}
+        # The levels' masks, known ahead unless each level is re-ranked: shared passes (prefetch).
+        ahead = [] if rescore_each_level else [pair(P.prune_mask(ranking, p, count=pr["count"]))
+                                              for p in sorted(P.check_levels(pr["levels"])) if p not in done]
+
         def evaluate(mask):
-            hm, fm = (mask, None) if component == "heads" else (None, mask)
+            hm, fm = pair(mask)
+            now = next((k for k, m in enumerate(ahead) if torch.equal(m[0] if fm is None else m[1], mask)), None)
+            if now is not None:
+                self.evaluate.prefetch(self.requests.eval, ahead[now:], desc=f"{kind} prune")
             metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"{kind} prune")
             return {"metrics": metrics, "per_doc": per_doc}
 
@@ -487,7 +538,6 @@ class ShardRun:
         def rescore(mask):  # re-rank the remaining heads with the current mask applied
             return self.importance_result(self.gradient_importance(head_mask=mask))["heads"]
 
-        done = {float(k): v for k, v in saved.items()}
         P.curve(ranking, pr["levels"], evaluate, rescore=rescore if rescore_each_level else None, done=done,
                 on_level=on_level, count=pr["count"])
 
@@ -513,13 +563,12 @@ class ShardRun:
     def combined_grid(self) -> None:
         """Heads pruned at p_h and FFNs at p_f together, for every pair of `pruning.combined_levels`."""
         grid = self.progress.curves.setdefault("combined", {})
-        levels = P.check_levels(self.cfg["pruning"]["combined_levels"])
-        for ph, pf in itertools.product(levels, levels):
-            key = f"h{_level_key(ph)}_f{_level_key(pf)}"
-            if key in grid:
-                continue
-            count = self.cfg["pruning"]["count"]
-            hm, fm = P.prune_mask(self.imp["heads"], ph, count=count), P.prune_mask(self.ffn_rank, pf, count=count)
+        levels, count = P.check_levels(self.cfg["pruning"]["combined_levels"]), self.cfg["pruning"]["count"]
+        todo = [(f"h{_level_key(ph)}_f{_level_key(pf)}", ph, pf) for ph, pf in itertools.product(levels, levels)]
+        todo = [(key, ph, pf, P.prune_mask(self.imp["heads"], ph, count=count),
+                 P.prune_mask(self.ffn_rank, pf, count=count)) for key, ph, pf in todo if key not in grid]
+        for k, (key, ph, pf, hm, fm) in enumerate(todo):
+            self.evaluate.prefetch(self.requests.eval, [(t[3], t[4]) for t in todo[k:]], desc="combined")
             metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save_progress()
@@ -551,7 +600,8 @@ class ShardRun:
         baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
         m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.stages.timings,
                                       finished=time.time(), evaluations=self.evaluate.n_scored,
-                                      evaluations_pruned_copy=self.evaluate.n_physical, baseline=baseline)
+                                      evaluations_pruned_copy=self.evaluate.n_physical,
+                                      evaluations_shared_pass=self.evaluate.n_shared, baseline=baseline)
         self.shard.clear_checkpoint()
         return {"status": "complete", "shard": str(self.shard.path), **m}
 

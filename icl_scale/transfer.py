@@ -121,7 +121,7 @@ class TransferRun:
         reqs = build_requests(self.task, split=ev.get("split"), shot=self.shot, seed=self.shard.seed,
                               limit=ev.get("limit"), data_dir=(self.cfg.get("data") or {}).get("dir"))
         evaluate = Evaluator(self.lm, self.task, int(ev.get("batch_size", 8)), bool(self.cfg.get("progress")),
-                             ev.get("physical_below"))
+                             ev.get("physical_below"), ev.get("masks_per_pass", "auto"))
         known = self.own_curve_results()
         saved = self._read(self.progress_file)
         self.progress = saved.get("curves", {}) if saved.get("config_hash") == self.hash else {}
@@ -136,11 +136,17 @@ class TransferRun:
 
     def curve(self, name: str, ranking: torch.Tensor, reqs, evaluate: Evaluator, known: dict) -> None:
         saved = self.progress.setdefault(name, {})
+        count, done = self.cfg["pruning"]["count"], {float(k): v for k, v in saved.items()}
+        ahead = [m for m in (P.prune_mask(ranking, p, count=count) for p in sorted(self.levels) if p not in done)
+                 if _mask_key(m) not in known]  # the masks left to score, in P.curve's order
 
         def score(mask):
             key = _mask_key(mask)
             if key in known:  # B's own heads curve already scored this mask
                 return {"metrics": known[key], "reused": "heads curve"}
+            now = next((k for k, m in enumerate(ahead) if torch.equal(m, mask)), None)
+            if now is not None:  # several masks in shared passes (Evaluator.prefetch)
+                evaluate.prefetch(reqs, [(m, None) for m in ahead[now:]], desc=f"transfer {name}")
             metrics, _ = evaluate(reqs, mask, None, desc=f"transfer {name}")
             return {"metrics": metrics}
 
@@ -149,8 +155,7 @@ class TransferRun:
             saved[f"{p:g}"] = {"level": p, "value": res["metrics"][self.metric]["value"], **res}
             write_json(self.progress_file, {"config_hash": self.hash, "curves": self.progress})
 
-        P.curve(ranking, self.cfg["pruning"]["levels"], score, done={float(k): v for k, v in saved.items()},
-                on_level=on_level, count=self.cfg["pruning"]["count"])
+        P.curve(ranking, self.cfg["pruning"]["levels"], score, done=done, on_level=on_level, count=count)
 
     def own_curve_results(self) -> dict:
         """{mask key: metrics} of B's own complete shard's heads curve, when it scored the same docs

@@ -12,7 +12,7 @@ from conftest import REPO, get_model
 if str(REPO) not in sys.path:  # bench/ is not part of the installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from bench import importance, induction, pruned, scoring
+from bench import importance, induction, masks, pruned, scoring
 from bench import run as bench_run
 
 
@@ -92,6 +92,18 @@ def test_pruned_section(tiny, mirror):
     assert res["targets"]["agree<=1e-4"] and not res["targets"]["opt_heads70_forward>=1.25x"]
     assert res["targets"]["float64_agree<=1e-9"] and res["float64"]["same_predictions"] == 1.0
     assert "## Pruned vs gated scoring" in "\n".join(pruned.markdown(res))
+
+
+def test_masks_section(tiny, mirror):
+    """Several masks per pass agree with one pass set per mask on the tiny model; auto's choice is
+    reported beside the forced one."""
+    res = masks.section(tiny, settings=((2, 4, 2), (4, 2, 2)), repeats=1, data=mirror, log=lambda *a: None)
+    assert [(r["docs"], r["batch_size"], r["masks_per_pass"], r["auto"]) for r in res["rows"]] == [(2, 4, 2, 2),
+                                                                                                   (4, 2, 2, 1)]
+    for r in res["rows"]:
+        assert r["max_abs_dlogprob"] <= 1e-4 and r["same_predictions"] == 1.0 and r["speedup"] > 0
+    assert res["targets"]["agree<=1e-4"] and res["targets"]["same_predictions"]
+    assert "## Several masks per pass" in "\n".join(masks.markdown(res))
 
 
 def test_write_results_and_cli(tiny, mirror, tmp_path, monkeypatch):

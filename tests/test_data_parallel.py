@@ -86,6 +86,20 @@ def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero)
     assert manifest["status"] == "complete" and manifest["ranks"] == 2
 
 
+def test_shared_passes_under_zero3_on_two_ranks_equal_one_mask_per_pass_in_one_process(tmp_path):
+    """Several masks per batched forward (eval.masks_per_pass) under ZeRO-3 on 2 ranks: the ranks'
+    passes stay in call-lockstep (the placeholder calls select a mask too) and the store equals one
+    process scoring one mask per pass."""
+    levels = "pruning.levels=[0,25,50,75]"
+    score(tmp_path / "one", "tiny-llama", levels, "eval.masks_per_pass=1")
+    out = score(tmp_path / "zero", "tiny-llama", levels, "eval.masks_per_pass=3", "model.deepspeed.enabled=true",
+                ranks=2)
+    assert out.count("done in") == 2
+    assert_same_store(shard_dir(tmp_path / "one", "tiny-llama"), shard_dir(tmp_path / "zero", "tiny-llama"))
+    manifest = json.loads((shard_dir(tmp_path / "zero", "tiny-llama") / "manifest.json").read_text())
+    assert manifest["evaluations_shared_pass"] >= 2 and manifest["ranks"] == 2
+
+
 def test_two_ranks_killed_mid_importance_resume_to_the_same_store(reference, tmp_path):
     hold = tmp_path / "hold"
     hold.touch()

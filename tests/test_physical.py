@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from icl_scale.models import Gates, MaskError, load_model
 from icl_scale.models.gates import read_mask_file
-from icl_scale.models.physical import compute_fraction, n_parameters, plan, prune_physically, pruned_if_cheaper
+from icl_scale.models.physical import cheaper_pruned, compute_fraction, n_parameters, plan, prune_physically
 from icl_scale.scoring import score_requests
 from icl_scale.shard import run_shard
 from icl_scale.tasks import build_requests
@@ -137,9 +137,10 @@ def test_compute_fraction_counts_projections_and_ffns():
     # heads 0, 2, 3: groups of 1 and 2 -> 3 KV slots, more KV rows than the full layer's 2
     frac = compute_fraction(ad, plan(g, torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]])))
     assert frac == pytest.approx((attn + (2 * 3 + 2 * 3) * hd * d + 2 * ffn) / (2 * (attn + ffn)))
-    assert pruned_if_cheaper(lm, torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]])) is None  # frac > 0.9
-    assert pruned_if_cheaper(lm, None, torch.tensor([1., 0])) is not None
-    assert pruned_if_cheaper(lm) is None
+    assert not cheaper_pruned(lm, torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]]))  # frac > 0.9
+    assert cheaper_pruned(lm, None, torch.tensor([1., 0])) and cheaper_pruned(lm, None, torch.tensor([1., 0]), 0.7)
+    assert not cheaper_pruned(lm, None, torch.tensor([1., 0]), 0.6)  # no_ffn1 is ~0.66
+    assert not cheaper_pruned(lm)
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])

@@ -115,8 +115,8 @@ def test_continuations_split_by_length_reuse_the_context_cache(task_data, monkey
     lm = get_model("tiny-opt")
     reqs = build_requests("piqa", shot=0, limit=6, data_dir=task_data)
     passes = []
-    real = scoring._continuation_logprobs
-    monkeypatch.setattr(scoring, "_continuation_logprobs", lambda *a: passes.append(len(a[3])) or real(*a))
+    real = scoring._continuation_hidden
+    monkeypatch.setattr(scoring, "_continuation_hidden", lambda *a: passes.append(len(a[2])) or real(*a))
     _compare(lm, reqs, batch_sizes=(8,))
     assert len(passes) > 1 and sum(passes) == 12, passes
 

@@ -16,6 +16,9 @@ Three uses:
   (batch, seq, heads) / (batch, seq) that require grad, so one backward pass yields the
   per-token contributions <head output, d loss / d head output> needed for sum-of-|.| importance.
 
+Several fixed masks in one batched forward, each batch row under its own (`RowGates`, which
+scoring.score_masks uses).
+
 Model parameters are never touched. Leaving the context removes every hook.
 
 A head mask that removes every head of a layer is allowed: that layer's attention output is zero
@@ -218,3 +221,84 @@ class Gates:
     def clear_probes(self) -> None:
         for lst in self.head_probes + self.ffn_probes:
             lst.clear()
+
+
+class RowGates:
+    """Several fixed masks at once: batch row b of every forward runs under mask `rows[b]` (set with
+    `select` before each forward), so one batched pass scores several masks (scoring.score_masks).
+
+    head_masks [M, layers, heads] and ffn_masks [M, layers] (either None: all kept), 0/1. A head
+    gate multiplies row b's head outputs by head_masks[rows[b], l]; an FFN gate row b's FFN output
+    by ffn_masks[rows[b], l] (OPT's FFN output is flat, [batch * seq, d]: viewed per row). Layers
+    where every mask keeps everything get no hook. A forward whose batch is not len(rows) is an
+    error, never a silent guess of which mask a row has."""
+
+    def __init__(self, adapter: Adapter, head_masks: torch.Tensor | None = None,
+                 ffn_masks: torch.Tensor | None = None):
+        g = adapter.geometry
+        if head_masks is None and ffn_masks is None:
+            raise MaskError("RowGates needs head_masks [M, layers, heads] or ffn_masks [M, layers]")
+        m = len(head_masks if head_masks is not None else ffn_masks)
+        self.adapter, self.n_masks = adapter, m
+        self.head_masks = check_mask(head_masks, (m, g.n_layers, g.n_heads), "head_masks")
+        self.ffn_masks = check_mask(ffn_masks, (m, g.n_layers), "ffn_masks")
+        self.rows: torch.Tensor | None = None
+        self._block_batch = 0
+        self._hooks: Hooks | None = None
+
+    def select(self, rows) -> None:
+        """The mask index of every batch row of the next forwards."""
+        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < self.n_masks):
+            raise MaskError(f"RowGates.select: mask indices must be in 0..{self.n_masks - 1}")
+        self.rows = rows
+
+    def _factors(self, table: torch.Tensor, like: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.rows is None or len(self.rows) != batch:
+            n = "none" if self.rows is None else len(self.rows)
+            raise RuntimeError(f"RowGates: a forward of batch {batch} with {n} rows selected; call select() first")
+        return table.to(dtype=like.dtype, device=like.device)[self.rows.to(like.device)]
+
+    def _head_gate(self, l: int):
+        g, table = self.adapter.geometry, self.head_masks[:, l]
+
+        def pre_hook(module, args, kwargs):
+            x = args[0]  # [batch, seq, heads * head_dim]
+            f = self._factors(table, x, x.shape[0])  # [batch, heads]
+            xh = x.view(*x.shape[:-1], g.n_heads, g.head_dim) * f[:, None, :, None]
+            return (xh.reshape(x.shape), *args[1:]), kwargs
+
+        return pre_hook
+
+    def _ffn_gate(self, l: int):
+        table, flat = self.ffn_masks[:, l], self.adapter.family.ffn_output_is_flat
+
+        def hook(module, args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            b = self._block_batch if flat else y.shape[0]  # flat: [b * seq, d], b read at the block's input
+            f = self._factors(table, y, b)
+            z = (y.reshape(b, -1, y.shape[-1]) * f[:, None, None]).view(y.shape)
+            return (z, *out[1:]) if isinstance(out, tuple) else z
+
+        return hook
+
+    def _note_batch(self, module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        self._block_batch = x.shape[0]
+
+    def __enter__(self) -> RowGates:
+        hooks = []
+        for l in range(self.adapter.geometry.n_layers):
+            if self.head_masks is not None and not bool((self.head_masks[:, l] == 1).all()):
+                hooks.append(("heads", l, self._head_gate(l)))
+            if self.ffn_masks is not None and not bool((self.ffn_masks[:, l] == 1).all()):
+                hooks.append(("ffn", l, self._ffn_gate(l)))
+                if self.adapter.family.ffn_output_is_flat:
+                    hooks.append(("block", l, self._note_batch))
+        self._hooks = Hooks(self.adapter, hooks).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None

@@ -296,17 +296,14 @@ def compute_fraction(ad: Adapter, plans: list[LayerPlan]) -> float:
     return kept / full
 
 
-def pruned_if_cheaper(lm, head_mask=None, ffn_mask=None, below: float = 0.9):
-    """The physically pruned copy of `lm` for these masks when its blocks' compute is at most `below` of
-    the full model's (compute_fraction), else None (score with gates). None also for no masks and for
-    a ZeRO-3 partitioned model, whose weights no rank holds whole. `below` is measured: bench/pruned.py
-    times pruned vs gated forwards at the curves' levels."""
+def cheaper_pruned(lm, head_mask=None, ffn_mask=None, below: float = 0.9) -> bool:
+    """Whether a physically pruned copy of `lm` for these masks costs at most `below` of the full
+    model's block compute (compute_fraction). False for no masks and for a ZeRO-3 partitioned model,
+    whose weights no rank holds whole. `below` is measured: bench/pruned.py times pruned vs gated
+    forwards at the curves' levels."""
     if (head_mask is None and ffn_mask is None) or getattr(lm, "engine", None) is not None:
-        return None
-    plans = plan(lm.adapter.geometry, head_mask, ffn_mask)
-    if compute_fraction(lm.adapter, plans) > below:
-        return None
-    return prune_physically(lm, head_mask, ffn_mask)
+        return False
+    return compute_fraction(lm.adapter, plan(lm.adapter.geometry, head_mask, ffn_mask)) <= below
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -316,5 +313,5 @@ def n_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["STRUCTURE_KEY", "LayerPlan", "MaskError", "NoFFN", "NoHeads", "PruningError", "apply_structure",
-           "compute_fraction", "n_parameters", "plan", "plan_layer", "plans_from_structure", "prune_physically",
-           "pruned_if_cheaper", "structure"]
+           "cheaper_pruned", "compute_fraction", "n_parameters", "plan", "plan_layer", "plans_from_structure",
+           "prune_physically", "structure"]
