@@ -243,6 +243,7 @@ class RowGates:
         self.head_masks = check_mask(head_masks, (m, g.n_layers, g.n_heads), "head_masks")
         self.ffn_masks = check_mask(ffn_masks, (m, g.n_layers), "ffn_masks")
         self.rows: torch.Tensor | None = None
+        self._on_device: dict = {}
         self._block_batch = 0
         self._hooks: Hooks | None = None
 
@@ -252,12 +253,16 @@ class RowGates:
         if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < self.n_masks):
             raise MaskError(f"RowGates.select: mask indices must be in 0..{self.n_masks - 1}")
         self.rows = rows
+        self._on_device: dict = {}  # rows and tables moved once per select, not per layer
 
     def _factors(self, table: torch.Tensor, like: torch.Tensor, batch: int) -> torch.Tensor:
         if self.rows is None or len(self.rows) != batch:
             n = "none" if self.rows is None else len(self.rows)
             raise RuntimeError(f"RowGates: a forward of batch {batch} with {n} rows selected; call select() first")
-        return table.to(dtype=like.dtype, device=like.device)[self.rows.to(like.device)]
+        key = (like.device, like.dtype, table.data_ptr())
+        if key not in self._on_device:
+            self._on_device[key] = table.to(dtype=like.dtype, device=like.device)[self.rows.to(like.device)]
+        return self._on_device[key]
 
     def _head_gate(self, l: int):
         g, table = self.adapter.geometry, self.head_masks[:, l]
