@@ -97,3 +97,14 @@ def run_alternating(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[di
 def geomean(xs: Sequence[float]) -> float | None:
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def double_copy(lm):
+    """A float64 copy of a LoadedModel (the float64 checks: gaps that vanish there are rounding)."""
+    import copy
+    import dataclasses
+
+    from icl_scale.models.adapters import Adapter
+
+    model = copy.deepcopy(lm.model).double()
+    return dataclasses.replace(lm, model=model, adapter=Adapter(model))

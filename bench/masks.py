@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import data_dir, run_alternating, stats
+from bench.common import data_dir, double_copy, run_alternating, stats
 from icl_scale import pruning as P
 from icl_scale.models.loading import LoadedModel
 from icl_scale.scoring import score_masks, score_requests
@@ -47,13 +47,7 @@ def _agreement(a, b) -> tuple[float, float, float]:
 def float64_gap(lm: LoadedModel, reqs, batch_size: int, k: int) -> dict:
     """Shared vs one pass set per mask in float64 on a double copy: ~0 shows that the float32 gaps are
     rounding (GEMMs over more rows block their sums differently), not rows under the wrong mask."""
-    import copy
-    import dataclasses
-
-    from icl_scale.models.adapters import Adapter
-
-    model = copy.deepcopy(lm.model).double()
-    lm64 = dataclasses.replace(lm, model=model, adapter=Adapter(model))
+    lm64 = double_copy(lm)
     masks = _masks(lm64)[:k]
     single = [score_requests(lm64, reqs, hm, fm, batch_size=batch_size) for hm, fm in masks]
     gap, _, same = _agreement(single, score_masks(lm64, reqs, masks, batch_size=batch_size))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import data_dir, run_alternating, stats
+from bench.common import data_dir, double_copy, run_alternating, stats
 from icl_scale import pruning as P
 from icl_scale.models.loading import LoadedModel, load_model
 from icl_scale.models.physical import compute_fraction, plan, prune_physically
@@ -52,13 +52,7 @@ def _gap(a, b) -> tuple[float, float, float]:
 def float64_gap(lm: LoadedModel, reqs, kind: str = "heads", level: float = 90) -> dict:
     """Pruned vs gated in float64 on a double copy: 0 (or ~1e-12) shows that the float32 gaps are
     rounding (a sum over fewer head columns in another order), not a different computation."""
-    import copy
-    import dataclasses
-
-    from icl_scale.models.adapters import Adapter
-
-    model = copy.deepcopy(lm.model).double()
-    lm64 = dataclasses.replace(lm, model=model, adapter=Adapter(model))
+    lm64 = double_copy(lm)
     hm, fm = masks(lm64, kind, level)
     gap, rel, same = _gap(score_requests(lm64, reqs, hm, fm), score_requests(prune_physically(lm64, hm, fm), reqs))
     return {"kind": kind, "level": level, "docs": len(reqs), "max_abs_dlogprob": gap, "same_predictions": same}
