@@ -166,11 +166,11 @@ class Evaluator:
                               batch_size=self.batch_size, progress=self.progress, desc=f"{desc} (pruned copy)")
 
     def prefetch(self, requests, masks, desc="eval") -> None:
-        """Before a run of calls on `masks` ([(head_mask, ffn_mask)], in the order they will be asked
-        for): the first `masks_per_pass` of them that are neither memoised nor cheaper on a pruned
-        copy, scored together in shared passes (scoring.score_masks) and memoised. Nothing when fewer
-        than two would share. The caller prefetches from the mask it needs now, so a job that stops
-        loses at most the group being scored."""
+        """Before each call of a run of calls on `masks` ([(head_mask, ffn_mask)], all of them, in the
+        order they are asked for): the first `masks_per_pass` that are neither memoised nor cheaper on
+        a pruned copy, scored together in shared passes (scoring.score_masks) and memoised. The masks
+        already asked for are memoised, so the group starts at the one needed now, and a job that
+        stops loses at most the group being scored. Nothing when fewer than two would share."""
         k = masks_per_pass(self.masks_per_pass, self.batch_size, requests)
         group, seen = [], set()
         for hm, fm in masks:
@@ -519,9 +519,7 @@ class ShardRun:
 
         def evaluate(mask):
             hm, fm = pair(mask)
-            now = next((k for k, m in enumerate(ahead) if torch.equal(m[0] if fm is None else m[1], mask)), None)
-            if now is not None:
-                self.evaluate.prefetch(self.requests.eval, ahead[now:], desc=f"{kind} prune")
+            self.evaluate.prefetch(self.requests.eval, ahead, desc=f"{kind} prune")
             metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"{kind} prune")
             return {"metrics": metrics, "per_doc": per_doc}
 
@@ -567,8 +565,9 @@ class ShardRun:
         todo = [(f"h{_level_key(ph)}_f{_level_key(pf)}", ph, pf) for ph, pf in itertools.product(levels, levels)]
         todo = [(key, ph, pf, P.prune_mask(self.imp["heads"], ph, count=count),
                  P.prune_mask(self.ffn_rank, pf, count=count)) for key, ph, pf in todo if key not in grid]
-        for k, (key, ph, pf, hm, fm) in enumerate(todo):
-            self.evaluate.prefetch(self.requests.eval, [(t[3], t[4]) for t in todo[k:]], desc="combined")
+        masks = [(hm, fm) for *_, hm, fm in todo]
+        for key, ph, pf, hm, fm in todo:
+            self.evaluate.prefetch(self.requests.eval, masks, desc="combined")
             metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save_progress()

@@ -137,16 +137,14 @@ class TransferRun:
     def curve(self, name: str, ranking: torch.Tensor, reqs, evaluate: Evaluator, known: dict) -> None:
         saved = self.progress.setdefault(name, {})
         count, done = self.cfg["pruning"]["count"], {float(k): v for k, v in saved.items()}
-        ahead = [m for m in (P.prune_mask(ranking, p, count=count) for p in sorted(self.levels) if p not in done)
-                 if _mask_key(m) not in known]  # the masks left to score, in P.curve's order
+        ahead = [(m, None) for m in (P.prune_mask(ranking, p, count=count) for p in sorted(self.levels)
+                                     if p not in done) if _mask_key(m) not in known]  # in P.curve's order
 
         def score(mask):
             key = _mask_key(mask)
             if key in known:  # B's own heads curve already scored this mask
                 return {"metrics": known[key], "reused": "heads curve"}
-            now = next((k for k, m in enumerate(ahead) if torch.equal(m, mask)), None)
-            if now is not None:  # several masks in shared passes (Evaluator.prefetch)
-                evaluate.prefetch(reqs, [(m, None) for m in ahead[now:]], desc=f"transfer {name}")
+            evaluate.prefetch(reqs, ahead, desc=f"transfer {name}")  # several masks in shared passes
             metrics, _ = evaluate(reqs, mask, None, desc=f"transfer {name}")
             return {"metrics": metrics}
 
