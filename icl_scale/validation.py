@@ -129,9 +129,8 @@ def _check_eval(cfg: dict) -> None:
     if below is not None and (isinstance(below, bool) or not isinstance(below, Real) or not below > 0):
         raise ConfigError(f"eval.physical_below={below!r} must be a number > 0 (the compute fraction at or "
                           "under which a mask is scored on a physically pruned copy, e.g. 0.9) or null (always gate)")
-    per_pass = get(cfg, "eval.masks_per_pass")
-    if per_pass is not None and per_pass != "auto" and (isinstance(per_pass, bool) or not isinstance(per_pass, int)
-                                                        or per_pass < 1):
+    per_pass = (cfg.get("eval") or {}).get("masks_per_pass", "auto")  # absent: auto; null is an error
+    if per_pass != "auto" and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
         raise ConfigError(f"eval.masks_per_pass={per_pass!r} must be auto or an integer >= 1 (how many masks "
                           "share one batched forward; 1 = one mask per pass)")
     split = get(cfg, "eval.split")

@@ -140,6 +140,8 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
      "at or under which a mask is scored on a physically pruned copy, e.g. 0.9) or null (always gate)"),
     ("eval.masks_per_pass=0", ConfigError, "eval.masks_per_pass=0 must be auto or an integer >= 1 (how many masks "
      "share one batched forward; 1 = one mask per pass)"),
+    ("eval.masks_per_pass=null", ConfigError, "eval.masks_per_pass=None must be auto or an integer >= 1 (how "
+     "many masks share one batched forward; 1 = one mask per pass)"),
     ("eval.masks_per_pass=some", ConfigError, "eval.masks_per_pass='some' must be auto or an integer >= 1 (how "
      "many masks share one batched forward; 1 = one mask per pass)"),
     ("eval.batch_size=2.5", ConfigError, "eval.batch_size=2.5 " + MUST_BE_NUMBER + "eval.batch_size=1"),
