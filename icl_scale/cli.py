@@ -55,7 +55,7 @@ def resolve(cfg) -> dict:
 def hydra_job(config_name: str):
     """`@hydra_job("config")` on `main(c: dict)`: a Hydra app over the package's conf/ (any key can
     be overridden on the command line), `c` the resolved config as a plain dict, known user errors
-    as one `error:` line (exit 2)."""
+    as one `error:` line (exit 2). An override of a credential-like key is refused before Hydra runs."""
     import hydra
 
     from .models.loading import CONF_DIR
@@ -68,7 +68,15 @@ def hydra_job(config_name: str):
             setup_environment()
             return fn(resolve(cfg))
 
-        return main
+        @functools.wraps(main)
+        @one_line_errors
+        def checked(*a, **kw):
+            from .validation import check_overrides
+
+            check_overrides(sys.argv[1:])  # before Hydra composes (or records) anything
+            return main(*a, **kw)
+
+        return checked
 
     return wrap
 

@@ -9,10 +9,12 @@ default; the runs' files land under `wandb.dir`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from .live import shard_run_id, shard_run_name
 from .report import reduce_store
 from .tracking import start_run
+from .validation import ConfigError, check_no_secrets
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,12 @@ def _cell(v):
 
 
 def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
+    check_no_secrets(cfg)
     model = cfg["model"]["name"]
     root = cfg["store"]["root"]
+    if not Path(root).is_dir():  # a typo in store.root: say so, rather than make an empty store
+        raise ConfigError(f"store.root={root} does not exist: set store.root to the folder the shards were "
+                          "written to")
     res = reduce_store(root, model, expected)
     col = res.pop("collected")
     rows = res.pop("curves_rows")

@@ -275,6 +275,9 @@ def start_run(
         "mode": mode,
         "tags": list(tags) if tags else None,
         "reinit": "create_new",
+        # W&B's system metadata records the process's command line (sys.argv): a credential typed there
+        # would land in the run files. Off; the config (sanitised above) says what ran.
+        "settings": wandb.Settings(x_disable_meta=True),
     }
     if run_id is not None:
         kwargs.update(id=run_id, resume="allow")
