@@ -237,10 +237,25 @@ def compose(overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+
+    from .validation import ConfigError, check_overrides, check_plan
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(__doc__)
+        return 0
     try:
-        cfg = compose(list(sys.argv[1:] if argv is None else argv))
+        check_overrides(args)
+        cfg = compose(args)
+        check_plan(cfg)
         pl = make_plan(cfg)
-    except PlanError as e:
+    except HydraException as e:  # model=nope, foo=1: Hydra's message (and hint, options) on one line
+        options = getattr(e, "options", None)
+        hint = f": use one of {', '.join(options)}" if options else ""
+        print("error: " + " ".join(str(e).strip().splitlines()[:2]) + hint, file=sys.stderr)
+        return 2
+    except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(render(pl, cfg))

@@ -29,6 +29,7 @@ from .collect import load_shard, read_induction
 from .distributed import barrier, dist_env, dp_world, init_process_group, max_over_ranks
 from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
+from .lease import LeaseHeld, shard_lease
 from .live import LiveRun
 from .models.loading import LoadedModel, load_model
 from .models.physical import cheaper_pruned, prune_physically
@@ -615,7 +616,11 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
     check_writable(cfg["store"]["root"])
     shard = Shard(cfg["store"]["root"], cfg["model"]["name"], cfg["task"], int(cfg["shot"]), int(cfg.get("seed", 0)))
     try:
-        return ShardRun(cfg, lm).run()  # reads the data first: a bad row is a failure the reducer names
+        run = ShardRun(cfg, lm)  # reads the data first: a bad row is a failure the reducer names
+        with shard_lease(cfg, shard.path, dist_env().is_main):  # one writer per shard (icl_scale.lease)
+            return run.run()
+    except LeaseHeld:
+        raise  # the shard is another job's: its manifest is not ours to mark
     except BaseException as e:
         _record_failure(shard, e)
         raise

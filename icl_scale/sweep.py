@@ -21,7 +21,8 @@ import submitit
 
 from .collect import read_induction
 from .config import setup_environment
-from .store import check_writable, shard_seed
+from .lease import describe, is_live, read_holder
+from .store import Shard, check_writable, shard_seed
 from .tracking import sanitize_config
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def shard_label(c: dict) -> str:
 
 def shard_state(c: dict) -> str:
     """"done" (complete with the same settings and data, files readable), "clobber" (a complete shard
-    made with other settings or data, not to be replaced without store.force) or "todo". Settings
+    made with other settings or data, not to be replaced without store.force), "running" (another
+    job holds its live lease, icl_scale.lease) or "todo". Settings
     that do not fit the data (e.g. shot or knockout.limit too large) stop the sweep before it submits;
     data rows that cannot be read are "todo": the shard job then fails with the reason, which the
     reducer reports."""
@@ -76,6 +78,8 @@ def shard_state(c: dict) -> str:
         return "todo"
     if run.is_done():
         return "done"
+    if is_live(read_holder(run.shard.path), c["store"]["lease_timeout_s"]):
+        return "running"
     return "clobber" if run.other_complete() else "todo"
 
 
@@ -200,6 +204,7 @@ class Submitted:
     transfer_jobs: list = field(default_factory=list)
     reduce_job: object = None
     skipped: list[str] = field(default_factory=list)
+    running: list[str] = field(default_factory=list)  # shards another job is computing (live lease): not submitted
 
     def all_jobs(self) -> list:
         return [j for j in (*self.shard_jobs, self.induction_job, *self.transfer_jobs, self.reduce_job)
@@ -226,8 +231,12 @@ def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submi
         raise SweepError(f"store.root={cfg['store']['root']} has complete shards made with other settings or data "
                          f"({', '.join(clobber)}); add store.force=true to replace them, or use another store.root")
     todo = [c for c, st in zip(cfgs, states) if st == "todo"]
+    for c in (c for c, st in zip(cfgs, states) if st == "running"):
+        holder = read_holder(Shard(cfg['store']['root'], cfg['model']['name'], c['task'], c['shot'], c['seed']).path)
+        log.warning("%s is being computed by %s: not submitted", shard_label(c), describe(holder or {}))
     need_induction = bool(cfg["sweep"].get("induction", True)) and not induction_done(cfg)
-    out = Submitted(skipped=[shard_label(c) for c in cfgs if c not in todo])
+    out = Submitted(skipped=[shard_label(c) for c, st in zip(cfgs, states) if st in ("done", "clobber")],
+                    running=[shard_label(c) for c, st in zip(cfgs, states) if st == "running"])
     expected = [(c["task"], c["shot"], c["seed"]) for c in cfgs]
     if not todo and not need_induction and not cfg["sweep"].get("transfer"):
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from numbers import Integral, Real
 from typing import Any
 
@@ -29,6 +30,49 @@ ATTENTION = ("sdpa", "eager")  # the attention implementations the gates and pro
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it and the fix."""
+
+
+# A setting whose key names a credential, at any depth (+wandb.api_key=..., +hub.token=...): refused,
+# because the command line and the config are recorded (Hydra's multirun folders, submitit's job
+# payloads, the manifest, W&B). Special-token names (bos_token...) are not credentials.
+SECRET_KEY = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+NOT_SECRET = re.compile(r"^(bos|eos|pad|unk|sep|cls|mask)_token$", re.IGNORECASE)
+SECRET_FIX = ("settings never hold credentials (they are recorded in the store and the job folders): "
+              "export WANDB_API_KEY or run `wandb login` instead")
+
+
+def is_secret_key(key: str) -> bool:
+    """True for a dotted key with a part that names a credential (api_key, token, password, secret...)."""
+    return any(SECRET_KEY.search(part) and not NOT_SECRET.match(part) for part in str(key).split("."))
+
+
+def secret_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of `cfg` (any depth) that name a credential."""
+    if not isinstance(cfg, dict):
+        return []
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        out += [key] if is_secret_key(str(k)) else secret_keys(v, key + ".")
+    return out
+
+
+def check_no_secrets(cfg: dict) -> None:
+    """No setting of the config names a credential."""
+    found = secret_keys(cfg)
+    if found:
+        raise ConfigError(f"{found[0]} looks like a credential: {SECRET_FIX}")
+
+
+def check_overrides(args: list[str]) -> None:
+    """Command-line overrides (`key=value`, `+key=value`, `++key=value`), before Hydra or anything else
+    records them: none may set a key that names a credential. Flags (`-m`, `--cfg job`) are skipped."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if is_secret_key(key):
+            raise ConfigError(f"{key} looks like a credential: {SECRET_FIX}")
 
 
 def get(cfg: dict, key: str) -> Any:
@@ -68,6 +112,7 @@ def boolean(cfg: dict, key: str) -> bool:
 def check_config(cfg: dict) -> None:
     """Every setting a shard reads: types, ranges, option names, and combinations that would
     quietly measure the wrong thing."""
+    check_no_secrets(cfg)
     get_task(cfg["task"])  # unknown task: one line listing the valid ones
     integer(cfg, "shot", lo=0)
     integer(cfg, "seed", lo=0)
@@ -83,6 +128,11 @@ def check_config(cfg: dict) -> None:
         integer(cfg, "knockout.limit", lo=1)
     _check_pruning(cfg)
     boolean(cfg, "store.force")
+    root = get(cfg, "store.root")
+    if root is None or not str(root).strip():
+        raise ConfigError(f"store.root={root!r} must be a folder, e.g. store.root=store (an empty value would "
+                          "write the store into the working directory)")
+    integer(cfg, "store.lease_timeout_s", lo=1)
     boolean(cfg, "progress")
     choice(cfg, "wandb.mode", WANDB_MODES)
     check_model(cfg.get("model") or {})
@@ -150,6 +200,7 @@ def _check_pruning(cfg: dict) -> None:
         if bad:
             raise ConfigError(f"{key} contains {bad[0]!r}; every level is a percentage in 0..100")
         P.check_levels(levels, key)
+        _check_level_list(key, levels)
     choice(cfg, "pruning.ffn_ranking", FFN_RANKINGS)
     boolean(cfg, "pruning.rescore_each_level")
     choice(cfg, "pruning.count", P.COUNTS)
@@ -161,6 +212,52 @@ def _check_pruning(cfg: dict) -> None:
         raise ConfigError(f"pruning.compare has {bad}; use a list of induction and/or random")
     integer(cfg, "pruning.random_seeds", lo=0)
     boolean(cfg, "pruning.save_samples")
+
+
+def _check_level_list(key: str, levels: list) -> None:
+    """Percentages, each once, with the unpruned 0 (every curve's first point and baseline)."""
+    fix = ",".join(f"{p:g}" for p in sorted({float(p) * (100 if max(levels) <= 1 else 1) for p in levels} | {0.0}))
+    if max(levels) <= 1 and any(0 < p < 1 for p in levels):
+        raise ConfigError(f"{key}={levels} look like fractions; levels are percentages, e.g. {key}=[{fix}]")
+    dup = sorted({p for p in levels if levels.count(p) > 1})
+    if dup:
+        raise ConfigError(f"{key}={levels} lists {dup} more than once; list each level once, e.g. {key}=[{fix}]")
+    if 0 not in levels:
+        raise ConfigError(f"{key}={levels} has no 0: the unpruned point is each curve's baseline; e.g. {key}=[{fix}]")
+
+
+def _positive(cfg: dict, key: str, hi: float | None = None) -> float:
+    """A number > 0 (and <= hi)."""
+    v = get(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, Real) or not v > 0 or (hi is not None and v > hi):
+        span = f"in (0, {hi:g}]" if hi is not None else "> 0"
+        raise ConfigError(f"{key}={v!r} must be a number {span}, e.g. {key}={hi or 1:g}")
+    return float(v)
+
+
+def check_plan(cfg: dict) -> None:
+    """The planner's inputs (python -m icl_scale.plan): its own keys (`cfg["plan"]`, named as typed:
+    gpus=...) and the shard and sweep sizes it counts, before anything is computed or written."""
+    from pathlib import Path
+
+    plan = cfg["plan"]
+    integer(plan, "gpus", lo=1)
+    for key in ("gpu_mem_gb", "peak_tflops", "tokens_per_doc"):
+        _positive(plan, key)
+    _positive(plan, "utilization", hi=1)
+    integer(plan, "scored_tokens", lo=1)
+    integer(plan, "eval_docs", lo=1)
+    out = plan.get("out")
+    if out is not None and (not isinstance(out, str) or not out.strip() or Path(out).is_dir()):
+        raise ConfigError(f"out={out!r} must be a file name for the plan's JSON (not a folder), e.g. out=plan.json")
+    _check_eval(cfg)
+    integer(cfg, "importance.n_examples", lo=1)
+    integer(cfg, "importance.batch_size", lo=1)
+    if choice(cfg, "knockout.split", KNOCKOUT_SPLITS) == "heldout":
+        integer(cfg, "knockout.limit", lo=1)
+    integer(cfg, "model.max_length", lo=2, none_ok=True)
+    _check_pruning(cfg)
+    check_sweep(cfg)
 
 
 # --- the data a shard will read -----------------------------------------------------------------

@@ -31,13 +31,15 @@ def main(c: dict) -> None:
     root = Path(c["store"]["root"]).resolve()
     summary = root / c["model"]["name"] / "summary"
     if not sub.all_jobs():
-        print(f"sweep {c['sweep']['name']}: all {len(sub.skipped)} shards and the induction scores are "
-              f"complete in {root}; nothing submitted (store.force=true to recompute)")
+        running = f"; being computed by other jobs: {', '.join(sub.running)}" if sub.running else ""
+        print(f"sweep {c['sweep']['name']}: {len(sub.skipped)} shards and the induction scores are "
+              f"complete in {root}{running}; nothing submitted (store.force=true to recompute)")
         return
     print(f"sweep {c['sweep']['name']} ({c['launcher']['name']}): {len(sub.shard_jobs)} shard jobs"
           + (f" [{sub.shard_jobs[0].job_id.split('_')[0]}]" if sub.shard_jobs else "")
           + (f", induction [{sub.induction_job.job_id}]" if sub.induction_job else "")
-          + f", reducer [{sub.reduce_job.job_id}]; {len(sub.skipped)} already complete")
+          + f", reducer [{sub.reduce_job.job_id}]; {len(sub.skipped)} already complete"
+          + (f", {len(sub.running)} being computed by other jobs ({', '.join(sub.running)})" if sub.running else ""))
     print(f"results: {root}/{c['model']['name']}/<task>/<shot>shot   figures: {summary}   "
           f"W&B ({c['wandb']['mode']}): {Path(c['wandb']['dir']).resolve()}/wandb")
     if sub.reduce_job.done():

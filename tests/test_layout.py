@@ -14,7 +14,7 @@ PKG = REPO / "icl_scale"
 
 # Lower layers never import higher ones; a module may import its own layer (no cycles, checked below).
 LAYERS = [
-    {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
+    {"config", "store", "lease", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
     {"scoring", "importance", "knockout", "validation", "live", "plan"},
     {"induction", "shard", "collect", "report", "transfer", "paper", "plots"},
