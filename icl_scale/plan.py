@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     except HydraException as e:  # model=nope, foo=1: Hydra's message (and hint, options) on one line
         options = getattr(e, "options", None)
         hint = f": use one of {', '.join(options)}" if options else ""
-        print("error: " + " ".join(str(e).strip().splitlines()[:2]) + hint, file=sys.stderr)
+        lines = [line.strip() for line in str(e).strip().splitlines()[:2] if line.strip()]
+        print("error: " + " ".join(lines) + hint, file=sys.stderr)
         return 2
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

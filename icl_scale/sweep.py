@@ -216,9 +216,12 @@ def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submi
     launcher the array runs in waves of `launcher.array_parallelism` and the reducer after it;
     with Slurm the reducer depends on the array and the induction job (afterany).
 
-    Credential-like settings (e.g. +wandb.api_key=...) are dropped before anything is pickled for
-    the jobs: W&B reads WANDB_API_KEY or `wandb login` on the node."""
-    cfg = sanitize_config(cfg)
+    A credential-like setting (e.g. +wandb.api_key=...) is refused before anything is written or
+    pickled for the jobs: W&B reads WANDB_API_KEY or `wandb login` on the node."""
+    from .validation import check_no_secrets
+
+    check_no_secrets(cfg)
+    cfg = sanitize_config(cfg)  # and a value equal to $WANDB_API_KEY
     check_writable(cfg["store"]["root"])
     la = cfg["launcher"]
     if la.get("name") not in LAUNCHERS:

@@ -35,7 +35,7 @@ def main(c: dict) -> None:
         raise ValueError("out_dir is required: add out_dir=<folder> to the command")
     # The files' contents are checked before anything is written or loaded; their shapes once the model is.
     masks = {key: read_mask_file(c[key], key) for key in ("head_mask", "ffn_mask") if c.get(key)}
-    out = check_writable(Path(c["out_dir"]))
+    out = check_writable(Path(c["out_dir"]), "out_dir")
     ev = c["eval"]
     reqs = build_requests(c["task"], split=ev.get("split"), shot=int(c["shot"]), seed=int(c.get("seed", 0)),
                           limit=ev.get("limit"), data_dir=(c.get("data") or {}).get("dir"))

@@ -224,6 +224,9 @@ def main(c: dict) -> None:
     from icl_scale.models.physical import plan, prune_physically
     from icl_scale.tasks import build_requests
 
+    from icl_scale.validation import integer
+
+    integer(c, "repeats", lo=1)  # before anything loads
     out = check_out_dir(c)
     masks, source, shard_eval = source_masks(c)  # every file is checked before the model loads
     ev = {**c["eval"], **{k: v for k, v in (shard_eval or {}).items() if k in ("split", "limit")}}
@@ -236,7 +239,7 @@ def main(c: dict) -> None:
     report = {"model": lm.name, "task": c["task"], "shot": int(c["shot"]), "seed": int(c.get("seed", 0)),
               "eval": {"split": ev.get("split"), "limit": ev.get("limit")}, "source": source,
               "load_with": {"doc_start": lm.spec.get("doc_start", "none"), "max_length": lm.max_length},
-              **measure(c, lm, pruned, masks, reqs, int(c.get("repeats") or 3))}
+              **measure(c, lm, pruned, masks, reqs, c["repeats"])}
     write_export(out, lm, pruned, plan(g, masks.get("head_mask"), masks.get("ffn_mask")), report)
     p, a, s = report["parameters"], report["accuracy"], report["speed"]
     print(f"{lm.name} {c['task']} {c['shot']}-shot: parameters {p['before']:,} -> {p['after']:,}; "

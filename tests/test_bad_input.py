@@ -222,6 +222,17 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
     ("model.source=local +model.path=/nonexistent/ckpt", ModelConfigError,
      "model.path=/nonexistent/ckpt does not exist; set model.path to a Hugging Face checkpoint folder "
      "(config.json, *.safetensors, tokenizer files)"),
+    ("pruning.levels=[0,0.5,0.9]", ConfigError, "pruning.levels=[0, 0.5, 0.9] look like fractions; levels are "
+     "percentages, e.g. pruning.levels=[0,50,90]"),
+    ("pruning.levels=[50,90]", ConfigError, "pruning.levels=[50, 90] has no 0: the unpruned point is each curve's "
+     "baseline; e.g. pruning.levels=[0,50,90]"),
+    ("pruning.levels=[0,50,50]", ConfigError, "pruning.levels=[0, 50, 50] lists [50] more than once; list each "
+     "level once, e.g. pruning.levels=[0,50]"),
+    ("pruning.combined_levels=[0,0.3]", ConfigError, "pruning.combined_levels=[0, 0.3] look like fractions; levels "
+     "are percentages, e.g. pruning.combined_levels=[0,30]"),
+    ("store.root=", ConfigError, "store.root='' must be a folder, e.g. store.root=store (an empty value would write "
+     "the store into the working directory)"),
+    ("store.lease_timeout_s=0", ConfigError, "store.lease_timeout_s=0 must be >= 1"),
     ("eval.limit=6", StoreError,
      "…/tiny-opt/copa/1shot/seed0 holds a complete shard made with other settings or data (config …, this run …); "
      "add store.force=true to replace it, or set store.root to another folder"),
@@ -869,6 +880,96 @@ error("launcher", "sweep-other-settings", "`eval.limit=5` in a sweep over the co
       lambda env: env.sweep("eval.limit=5"), SweepError,
       "store.root=… has complete shards made with other settings or data (copa/0shot/seed0, copa/1shot/seed0); add "
       "store.force=true to replace them, or use another store.root")
+
+
+# --- the planner (python -m icl_scale.plan): checked before anything is computed or written -----------------
+
+def _plan(*args: str):
+    from icl_scale.plan import compose
+    from icl_scale.validation import check_plan
+
+    return check_plan(compose(list(args)))
+
+
+def _plan_job(env: Env, *args: str) -> None:
+    """`python -m icl_scale.plan ...` as a user runs it: exit 2 and one `error:` line."""
+    p = subprocess.run([sys.executable, "-m", "icl_scale.plan", *args], cwd=env.tmp, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    raise JobFailed(errors[0].removeprefix("error: "))
+
+
+PLAN: list[tuple[str, str]] = [
+    ("gpus=abc", "gpus='abc' must be a whole number, e.g. gpus=1"),
+    ("gpus=1.5", "gpus=1.5 must be a whole number, e.g. gpus=1"),
+    ("gpus=0", "gpus=0 must be >= 1"),
+    ("gpu_mem_gb=lots", "gpu_mem_gb='lots' must be a number > 0, e.g. gpu_mem_gb=1"),
+    ("utilization=0", "utilization=0 must be a number in (0, 1], e.g. utilization=1"),
+    ("utilization=40", "utilization=40 must be a number in (0, 1], e.g. utilization=1"),
+    ("peak_tflops=0", "peak_tflops=0 must be a number > 0, e.g. peak_tflops=1"),
+    ("tokens_per_doc=-300", "tokens_per_doc=-300 must be a number > 0, e.g. tokens_per_doc=1"),
+    ("scored_tokens=0", "scored_tokens=0 must be >= 1"),
+    ("eval_docs=0", "eval_docs=0 must be >= 1"),
+    ("eval.limit=0", "eval.limit=0 must be >= 1"),
+    ("model.max_length=0", "model.max_length=0 must be >= 2"),
+    ("importance.n_examples=-5", "importance.n_examples=-5 must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+    ("pruning.levels=[0,50,50]", "pruning.levels=[0, 50, 50] lists [50] more than once; list each level once, e.g. "
+     "pruning.levels=[0,50]"),
+    ("sweep.seeds=[0,0]", "sweep.seeds=[0, 0] lists [0] more than once; list each seed once, e.g. sweep.seeds=[0]"),
+]
+for _ov, _msg in PLAN:
+    error("plan", f"plan {_ov}", f"`python -m icl_scale.plan {_ov}`", lambda env, ov=_ov: _plan(ov), ConfigError, _msg)
+
+
+def _plan_out_folder(env: Env):
+    return _plan(f"out={env.tmp}")
+
+
+def _plan_help(env: Env) -> int:
+    from icl_scale.plan import main
+
+    return main(["--help"])
+
+
+error("plan", "plan out=<a folder>", "`python -m icl_scale.plan out=<an existing folder>`", _plan_out_folder,
+      ConfigError, "out='…' must be a file name for the plan's JSON (not a folder), e.g. out=plan.json")
+harmless("plan", "plan --help", "`python -m icl_scale.plan --help`", _plan_help,
+         "prints the planner's usage and exits 0", lambda res, env: res == 0 or pytest.fail(str(res)))
+error("plan", "plan.py-model=nope", "`python -m icl_scale.plan model=nope`",
+      lambda env: _plan_job(env, "model=nope"), JobFailed,
+      "In 'config': Could not find 'model/nope': use one of local, opt-1.3b, …, tiny-opt")
+error("plan", "plan.py-+wandb.api_key", "`python -m icl_scale.plan +wandb.api_key=<secret>`",
+      lambda env: _plan_job(env, f"+wandb.api_key={SECRET}"), JobFailed,
+      "wandb.api_key looks like a credential: settings never hold credentials (they are recorded in the store and "
+      "the job folders): export WANDB_API_KEY or run `wandb login` instead")
+
+
+# --- other jobs' inputs ----------------------------------------------------------------------------------
+
+def _evaluate_out_under_a_file(env: Env):
+    (env.tmp / "afile").write_text("x\n")
+    env.job("evaluate.py", f"model={MODEL}", "task=copa", "shot=1", "eval.limit=4", f"data.dir={data_dir()}",
+            f"out_dir={env.tmp / 'afile' / 'out'}")
+
+
+def _too_short(env: Env):
+    return run_shard(env.cfg("model.max_length=2", root=env.tmp / "short"))
+
+
+error("export", "evaluate.py-out_dir-under-a-file", "`python jobs/evaluate.py ... out_dir=<a regular file>/out`",
+      _evaluate_out_under_a_file, JobFailed,
+      "out_dir=…/afile/out is not writable (Not a directory); set out_dir to a writable folder")
+error("export", "export.py-repeats=abc", "`python jobs/export.py ... heads=50 repeats=abc` (before the model loads)",
+      lambda env: _export(env, "heads=50", f"out_dir={env.tmp / 'x'}", "repeats=abc"), JobFailed,
+      "repeats='abc' must be a whole number, e.g. repeats=1")
+error("config", "model.max_length=2", "`model.max_length=2` (shorter than a continuation)", _too_short, ValueError,
+      "a continuation of … tokens does not fit model.max_length=2: set model.max_length=… or more")
+error("store", "reduce-missing-store", "reduce with `store.root=<a folder that does not exist>`",
+      lambda env: run_reduce(env.cfg("sweep.tasks=[copa]", "sweep.shots=[0,1]", root=env.tmp / "nope"),
+                             [("copa", 0)]), ConfigError,
+      "store.root=…/nope does not exist: set store.root to the folder the shards were written to")
 
 
 # --- W&B ------------------------------------------------------------------------------------------------
