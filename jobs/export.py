@@ -223,7 +223,6 @@ def main(c: dict) -> None:
     from icl_scale.models.gates import check_model_masks
     from icl_scale.models.physical import plan, prune_physically
     from icl_scale.tasks import build_requests
-
     from icl_scale.validation import integer
 
     integer(c, "repeats", lo=1)  # before anything loads
