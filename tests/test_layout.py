@@ -124,3 +124,46 @@ def test_every_experiment_preset_composes_and_validates(experiment):
     cfg = compose(f"experiment={experiment}")
     cfgs = shard_cfgs(cfg)
     assert len(cfgs) == len(cfg["sweep"]["tasks"]) * len(cfg["sweep"]["shots"])
+
+
+# --- nothing executes what it loads ---------------------------------------------------------------------
+
+PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
+
+
+def _unsafe_loads(source: str) -> list[str]:
+    """Calls and imports that can run code from a file: torch.load without weights_only=True, pickle and
+    its kin, yaml.load/unsafe_load/full_load, numpy loads with allow_pickle=True, a literal
+    trust_remote_code=True (only a user's setting may turn it on), the eval/exec builtins."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"line {node.lineno}: import {n}" for n in names if n.split(".")[0] in PICKLERS]
+        if not isinstance(node, ast.Call):
+            continue
+        kw = {k.arg: k.value for k in node.keywords}
+        name = ast.unparse(node.func)
+        safe_torch = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+        bad = ((name.endswith("torch.load") and not safe_torch)
+               or name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "eval", "exec", "pd.read_pickle")
+               or any(isinstance(v, ast.Constant) and v.value is True and k in ("trust_remote_code", "allow_pickle")
+                      for k, v in kw.items()))
+        found += [f"line {node.lineno}: {ast.unparse(node)}"] if bad else []
+    return found
+
+
+def test_nothing_executes_what_it_loads():
+    files = [p for d in ("icl_scale", "jobs", "bench", "docs") for p in sorted((REPO / d).rglob("*.py"))]
+    assert len(files) > 30
+    found = {str(p.relative_to(REPO)): hits for p in files if (hits := _unsafe_loads(p.read_text()))}
+    assert not found, f"code that can execute what it loads: {found}"
+
+
+@pytest.mark.parametrize("source", ["import pickle", "from cloudpickle import loads", "torch.load(p)",
+                                    "torch.load(p, weights_only=False)", "yaml.load(f)",
+                                    "AutoModel.from_pretrained(p, trust_remote_code=True)",
+                                    "np.load(p, allow_pickle=True)", "eval(s)"])
+def test_the_load_scan_catches(source):
+    assert _unsafe_loads(source)
+    assert not _unsafe_loads("torch.load(p, weights_only=True); yaml.safe_load(f); model.eval()")
