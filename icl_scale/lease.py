@@ -117,7 +117,7 @@ class ShardLease:
                     log.warning("%s: the lease was taken over by another job", self.folder)
                     return
                 self.beat()
-            except OSError as e:  # e.g. a full disk: the next beat tries again
+            except (OSError, StoreError) as e:  # e.g. a full disk: the next beat tries again
                 log.warning("%s: lease heartbeat failed (%s)", self.folder, e)
 
     def __exit__(self, *exc) -> None:

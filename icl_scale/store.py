@@ -16,6 +16,7 @@ are safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,10 +57,24 @@ def set_writer(is_writer: bool) -> None:
     _WRITER = bool(is_writer)
 
 
+# A write the filesystem refuses for lack of room (or a read-only remount): one line, not a traceback.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def _atomic(path: Path, write, every_rank: bool = False) -> None:
     if not (_WRITER or every_rank):
         return
-    path = Path(path)
+    try:
+        _write_atomically(Path(path), write)
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise StoreError(f"writing {path} failed ({e.strerror}): free space there (or set store.root to another "
+                         "folder) and rerun; complete files are intact and a shard resumes from its checkpoint") from None
+
+
+def _write_atomically(path: Path, write) -> None:
+    """`write(f)` into a temporary file beside `path`, synced, then renamed over it; removed on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
