@@ -70,7 +70,8 @@ def _atomic(path: Path, write, every_rank: bool = False) -> None:
         if e.errno not in _FULL:
             raise
         raise StoreError(f"writing {path} failed ({e.strerror}): free space there (or set store.root to another "
-                         "folder) and rerun; complete files are intact and a shard resumes from its checkpoint") from None
+                         "folder) and rerun; complete files are intact and a shard resumes from its "
+                         "checkpoint") from None
 
 
 def _write_atomically(path: Path, write) -> None:
