@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -218,8 +219,9 @@ class Progress:
 # process that a test cannot monkeypatch, so "<stage>:<file>" in this variable makes a fresh (not
 # resumed) run wait after <stage> for as long as <file> exists: the test requeues it at a known point
 # instead of racing a job that may already have finished; the resumed run goes straight through.
-# "importance@<n>:<file>" holds in the middle of the importance pass, once a checkpoint with at least
-# <n> examples is written.
+# "<stage>@<n>:<file>" holds in the middle of a stage once its checkpoint holds at least <n> units:
+# importance examples, knockout batches, curves levels (all curves together), combined grid cells.
+# While a run holds, <file>.held exists (the test knows it has reached the point).
 HOLD_ENV = "ICL_SCALE_HOLD_AFTER"
 HOLD_MAX_S = 900
 
@@ -232,14 +234,17 @@ def after_stage(stage: str, resumed: bool) -> None:
 def _hold(point: str, resumed: bool) -> None:
     hold_point, _, hold_file = os.environ.get(HOLD_ENV, "").partition(":")
     t0 = time.time()
+    if hold_point == point and hold_file and not resumed and os.path.exists(hold_file):
+        Path(hold_file + ".held").touch()
     while (hold_point == point and hold_file and not resumed and os.path.exists(hold_file)
            and time.time() - t0 < HOLD_MAX_S):
         time.sleep(0.2)
 
 
-def _hold_in_importance(n_examples: int, resumed: bool) -> None:
+def _hold_in(stage: str, done: int, resumed: bool) -> None:
+    """The `<stage>@<n>` hold point, once `done` units of the stage are checkpointed."""
     point = os.environ.get(HOLD_ENV, "").partition(":")[0]
-    if point.startswith("importance@") and n_examples >= int(point.partition("@")[2]):
+    if point.startswith(f"{stage}@") and done >= int(point.partition("@")[2]):
         _hold(point, resumed)
 
 
@@ -441,7 +446,7 @@ class ShardRun:
 
         def checkpoint(s: ImportanceState) -> None:
             write_tensors(path, s.tensors())
-            _hold_in_importance(s.n_examples, self.stages.resumed)
+            _hold_in("importance", s.n_examples, self.stages.resumed)
 
         save = every_nth(every, checkpoint)
 
@@ -488,6 +493,8 @@ class ShardRun:
         """After each knock-out batch: the checkpoint (this rank's own file with several ranks) and progress."""
         write_tensors(path, state.tensors(), every_rank=own)
         self.live.progress("knockout", int(state.done.sum()), state.done.numel())
+        self.knockout_batches = getattr(self, "knockout_batches", 0) + 1
+        _hold_in("knockout", self.knockout_batches, self.stages.resumed)
 
     def curves(self) -> None:
         pr = self.cfg["pruning"]
@@ -533,6 +540,8 @@ class ShardRun:
             saved[_level_key(p)] = res
             self.save_progress()
             self.live.point(f"curve_{kind}", p, res["metrics"][self.metric]["value"])
+            _hold_in("curves", sum(len(v) for k, v in self.progress.curves.items() if k != "combined"),
+                     self.stages.resumed)
 
         def rescore(mask):  # re-rank the remaining heads with the current mask applied
             return self.importance_result(self.gradient_importance(head_mask=mask))["heads"]
@@ -572,6 +581,7 @@ class ShardRun:
             metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save_progress()
+            _hold_in("combined", len(grid), self.stages.resumed)
             self.live.log(**{"grid/head_level": ph, "grid/ffn_level": pf, "grid/value": metrics[self.metric]["value"]})
 
     # --- outputs -------------------------------------------------------------------------------------

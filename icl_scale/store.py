@@ -7,6 +7,7 @@
         curves.json              accuracy at every pruning level (heads, ffn, combined grid)
         samples/*.jsonl          per-level per-doc eval samples
         checkpoint/              progress inside a running shard (removed when complete)
+        lease.json               the running job holding the shard (icl_scale.lease; removed when it ends)
 
 Every file is written to a temporary name in the same folder and renamed into place (atomic on
 POSIX), so a reader never sees a half-written file. A shard is complete only when its manifest
