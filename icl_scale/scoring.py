@@ -82,8 +82,8 @@ class Tokenised:
         if len(full) > budget:
             keep = budget - len(self.start)
             if len(x) >= keep:
-                raise ValueError(f"a continuation of {len(x)} tokens does not fit model.max_length={self.max_len}: "
-                                 f"set model.max_length={len(x) + len(self.start)} or more")
+                raise ValueError(f"a continuation of {len(x)} tokens does not fit model.max_length={self.max_len}: set "
+                                 f"model.max_length={len(x) + len(self.start)} or more")
             full = self.start + full[len(full) - keep:]
         return full[:-1], x
 

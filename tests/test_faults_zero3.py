@@ -14,6 +14,8 @@ import pytest
 from safetensors.torch import load_file
 from test_data_parallel import ENV, score, shard_dir
 
+from fault_injection import hold_env
+
 ZERO = ["model.deepspeed.enabled=true", "eval.batch_size=4"]  # 2 knock-out batches per rank (batch 2 hangs: issue 25)
 # (hold point, rank killed): after each stage, and inside importance, knock-out, the curves and the grid
 POINTS = [("importance@4", 1), ("importance", 0), ("knockout@1", 1), ("knockout", 0), ("curves@1", 1),
@@ -65,8 +67,7 @@ def _kill_rank(job, rank: int) -> None:
 def test_one_rank_killed_resumes_bit_identical(uninterrupted, tmp_path, point, rank):
     hold = tmp_path / "hold"
     hold.touch()
-    job = score(tmp_path, "tiny-opt", *ZERO, ranks=2, env={**ENV, "ICL_SCALE_HOLD_AFTER": f"{point}:{hold}"},
-                wait=False)
+    job = score(tmp_path, "tiny-opt", *ZERO, ranks=2, env=hold_env(point, hold, ENV), wait=False)
     t0 = time.time()
     while not Path(f"{hold}.held").exists():
         assert job.poll() is None and time.time() - t0 < 600, job.communicate()[0][-3000:]

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from icl_scale.lease import LEASE, LOCK, LeaseHeld, ShardLease, read_holder
-from icl_scale.shard import HOLD_ENV
 from icl_scale.store import Shard
 from icl_scale.sweep import submit
 
 from conftest import REPO, data_dir, tiny_shard_cfg
+from fault_injection import hold_env
 
 
 def _fake_lease(folder: Path, host: str, pid: int, age_s: float) -> None:
@@ -64,7 +64,7 @@ def _score(root: Path, hold: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     env.pop("ICL_SCALE_DEBUG", None)
     if hold:
-        env[HOLD_ENV] = f"importance:{hold}"
+        env = hold_env("importance", hold, env)
     args = ["model=tiny-opt", "task=copa", "shot=1", f"data.dir={data_dir()}", "eval.limit=6",
             "importance.n_examples=4", "importance.batch_size=2", "pruning.levels=[0,50]",
             "pruning.combined_levels=[0,50]", "progress=false",
