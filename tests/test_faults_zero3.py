@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_data_parallel import ENV, score, shard_dir
 
@@ -29,10 +30,20 @@ def uninterrupted(tmp_path_factory) -> Path:
     return shard_dir(root, "tiny-opt")
 
 
-def _results(folder: Path) -> dict[str, bytes]:
-    """Every result file's bytes (the manifest's timings differ between runs: compared apart)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+def _results(folder: Path) -> dict[str, object]:
+    """Every result file's bytes (the manifest's timings differ between runs: compared apart); a
+    safetensors file as its tensors' bytes and its metadata (whose key order safetensors does not fix)."""
+    out: dict[str, object] = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name == "manifest.json":
+            continue
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "pt") as f:
+                tensors = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+                out[str(p.relative_to(folder))] = (f.metadata(), tensors)
+        else:
+            out[str(p.relative_to(folder))] = p.read_bytes()
+    return out
 
 
 def _none_partial(folder: Path) -> None:
