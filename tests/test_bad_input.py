@@ -939,7 +939,7 @@ harmless("plan", "plan --help", "`python -m icl_scale.plan --help`", _plan_help,
          "prints the planner's usage and exits 0", lambda res, env: res == 0 or pytest.fail(str(res)))
 error("plan", "plan.py-model=nope", "`python -m icl_scale.plan model=nope`",
       lambda env: _plan_job(env, "model=nope"), JobFailed,
-      "In 'config': Could not find 'model/nope': use one of local, opt-1.3b, …, tiny-opt")
+      "In '…': Could not find 'model/nope': use one of local, opt-1.3b, …, tiny-opt")
 error("plan", "plan.py-+wandb.api_key", "`python -m icl_scale.plan +wandb.api_key=<secret>`",
       lambda env: _plan_job(env, f"+wandb.api_key={SECRET}"), JobFailed,
       "wandb.api_key looks like a credential: settings never hold credentials (they are recorded in the store and "
