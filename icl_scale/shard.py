@@ -26,12 +26,21 @@ import torch
 
 from . import pruning as P
 from .collect import load_shard, read_induction
-from .distributed import barrier, dist_env, dp_world, init_process_group, max_over_ranks
+from .distributed import (
+    announce_failure,
+    barrier,
+    dist_env,
+    dp_world,
+    failure_text,
+    init_process_group,
+    max_over_ranks,
+)
 from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .live import LiveRun
 from .models.loading import LoadedModel, load_model
 from .models.physical import cheaper_pruned, prune_physically
+from .models.zero import count_gathers
 from .scoring import Tokenised, score_masks, score_requests
 from .store import (
     Shard,
@@ -243,18 +252,33 @@ def _hold_in_importance(n_examples: int, resumed: bool) -> None:
 
 
 class Stages:
-    """Times each stage (manifest `timings`) and calls `after_stage` when one finishes."""
+    """Times each stage (manifest `timings`) and calls `after_stage` when one finishes. Under ZeRO-3
+    (`gathers`, models.zero.GatherCount) also the model parameters each stage gathered on this rank
+    (manifest `zero`; every rank makes the same calls, so every rank gathers the same)."""
 
-    def __init__(self, resumed: bool):
+    def __init__(self, resumed: bool, gathers=None):
         self.resumed = resumed
         self.timings: dict[str, float] = {}
+        self.gathers = gathers
+        self.zero: dict[str, dict] = {}
 
     @contextmanager
     def __call__(self, name: str):
-        t0 = time.time()
+        t0, g0 = time.time(), self.gathers.totals() if self.gathers else None
         yield
         self.timings[name] = round(time.time() - t0, 2)
+        if self.gathers:
+            z = self.zero[name] = self.gathers.since(g0)
+            log.info("stage %s: %.1f s, %.2f full-model gathers (%.3f GiB) per rank", name, self.timings[name],
+                     z["gathers"], z["gathered_gb"])
         after_stage(name, self.resumed)
+
+    def zero_record(self) -> dict:
+        """The manifest's `zero`: per stage and in all, with the model's size ({} without ZeRO-3)."""
+        if not self.gathers:
+            return {}
+        return {"stages": self.zero, "total": self.gathers.totals(),
+                "model_gb": round(self.gathers.model_bytes / 2**30, 6)}
 
 
 def n_truncated(lm: LoadedModel, requests: list[Request]) -> int:
@@ -315,6 +339,9 @@ class ShardRun:
                 self.live.stage(stage)
                 with self.stages(stage):
                     getattr(self, stage)()
+                if self.stages.gathers:
+                    t = self.stages.gathers.totals()
+                    self.live.log(**{"zero/gathers": t["gathers"], "zero/gathered_gb": t["gathered_gb"]})
             res = self.finish(t_start)
         except BaseException as e:
             self.live.fail(e)
@@ -367,7 +394,7 @@ class ShardRun:
         if not resumed:
             self.shard.clear_checkpoint()
             self.save_progress()
-        self.stages = Stages(resumed)
+        self.stages = Stages(resumed, count_gathers(self.lm.model) if self.lm.engine is not None else None)
         self.shard.remove_stale_temps()
         self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg,
                                   resolved=sanitize_config(self.cfg), versions=library_versions(),
@@ -598,6 +625,7 @@ class ShardRun:
         self.stages.timings["total"] = round(time.time() - t_start, 2)
         baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
         m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.stages.timings,
+                                      zero=self.stages.zero_record(),
                                       finished=time.time(), evaluations=self.evaluate.n_scored,
                                       evaluations_pruned_copy=self.evaluate.n_physical,
                                       evaluations_shared_pass=self.evaluate.n_shared, baseline=baseline)
@@ -623,15 +651,20 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
 
 def _record_failure(shard: Shard, e: BaseException) -> None:
     """Name the error in the manifest for the reducer; a complete shard is never marked failed
-    (e.g. a run with other settings that refused to replace it)."""
-    first = str(e).splitlines()[0] if str(e) else ""
+    (e.g. a run with other settings that refused to replace it). With several ranks the record names
+    the job's first failing rank and its exception (icl_scale.distributed.announce_failure), and that
+    rank writes it (the others stop when they see the failure)."""
+    first = announce_failure(e)
     try:
         m = shard.manifest()
     except StoreError:
         m = None
     if m and m.get("status") == "complete":
         return
+    fields = {"error": failure_text(e)}
+    if first is not None:
+        fields = {"error": f"rank {first['rank']}/{first['world']}: {first['error']}", "failed_rank": first["rank"]}
     try:
-        shard.write_manifest(status="failed", error=f"{type(e).__name__}: {first}")
+        shard.write_manifest(status="failed", every_rank=first is not None, **fields)
     except Exception:  # noqa: BLE001 - never mask the original error
         pass
