@@ -9,8 +9,9 @@ have, and only rank 0 writes to the store.
 Big models run under DeepSpeed ZeRO-3 across the GPUs of a job (icl_scale/models/zero.py). Every
 rank holds a slice of the parameters and gathers the rest layer by layer during each forward, so
 all ranks must make the same sequence of module calls; their inputs may differ. Under ZeRO-3 the
-scorer and the importance pass therefore agree on the number of calls of each step (`max_over_ranks`)
-and a rank with less work runs placeholder calls (one pad token, weight zero).
+scorer follows a schedule every rank computes from the shard's inputs before any work
+(scoring.Lockstep), the importance pass runs every step on every rank, and a rank with less work runs
+placeholder calls (one pad token, weight zero). A rank that fails ends the job (`FailureWatch`).
 
 `set_data_parallel(False)` makes every rank do all the work on identical inputs instead
 (lockstep, the earlier behaviour; kept for the benchmark that compares the two).

@@ -200,6 +200,14 @@ def test_random_shards_under_zero3_on_2_and_3_ranks_write_the_one_process_store(
     assert out.count("done in") == ranks, shard
     assert_same_store(shard_dir(tmp_path / "one", "tiny-opt", task, shot),
                       shard_dir(tmp_path / "zero", "tiny-opt", task, shot))
+    # the gather counters: per stage, in the manifest and the stage log (none without ZeRO-3)
+    zero = json.loads((shard_dir(tmp_path / "zero", "tiny-opt", task, shot) / "manifest.json").read_text())["zero"]
+    assert set(zero["stages"]) == {"importance", "knockout", "curves"}
+    assert all(s["gathers"] >= 1 and s["gathered_gb"] > 0 for s in zero["stages"].values()), zero
+    total = sum(s["gathers"] for s in zero["stages"].values())
+    assert abs(zero["total"]["gathers"] - total) <= 1e-2 * total
+    assert "stage curves: " in out and "full-model gathers" in out
+    assert json.loads((shard_dir(tmp_path / "one", "tiny-opt", task, shot) / "manifest.json").read_text())["zero"] == {}
 
 
 @pytest.mark.slow
