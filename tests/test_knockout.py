@@ -258,3 +258,13 @@ def test_bench_section(tmp_path):
     assert set(sec["time"]) == set(bench_ko.TIMED) and sec["speedup"] > 0 and sec["cpu_speedup"] > 0
     assert "knockout" in json.loads(out.with_suffix(".json").read_text())
     assert "## FFN knock-out" in out.with_suffix(".md").read_text()
+
+
+def test_zero3_knockouts_share_passes_only_under_zero3():
+    """Under ZeRO-3 ("full" mode) as many knock-outs share a pass as copies of the request list fill
+    `batch_size` contexts; without ZeRO-3 each is its own score_requests (bit-identical to it)."""
+    lm = get_model("tiny-opt")
+    reqs = build_requests("copa", shot=1, limit=3, data_dir=data_dir())
+    assert ko.shared_knockouts(lm, reqs, 8) == 1
+    zero = dataclasses.replace(lm, engine=object())
+    assert ko.shared_knockouts(zero, reqs, 8) == 2 and ko.shared_knockouts(zero, reqs, 2) == 1
