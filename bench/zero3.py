@@ -44,8 +44,6 @@ def worker() -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
 
-    import icl_scale.shard as shard
-
     count = {"bytes": 0, "params": 0, "peak_live": 0}
     name = "_PartitionedParameterCoordinator__all_gather_params_"
     real = getattr(C, name)
@@ -60,15 +58,26 @@ def worker() -> None:
 
     setattr(C, name, counted)
     stages: dict[str, dict] = {}
-    real_after = shard.after_stage
 
-    def after(stage, resumed):
+    def record(stage):
         stages[stage] = dict(count)
         if os.environ.get("RANK", "0") == "0":
             Path(os.environ["ZERO3_BENCH_OUT"]).write_text(json.dumps(stages))
-        return real_after(stage, resumed)
 
-    shard.after_stage = after
+    try:  # the stage callbacks of the run skeleton (icl_scale/runs.py)
+        from icl_scale import runs
+
+        runs.STAGE_CALLBACKS.append(lambda run, stage: record(stage))
+    except ImportError:  # earlier commits: shard.after_stage
+        import icl_scale.shard as shard
+
+        real_after = shard.after_stage
+
+        def after(stage, resumed):
+            record(stage)
+            return real_after(stage, resumed)
+
+        shard.after_stage = after
     score = Path(os.environ["PYTHONPATH"].split(os.pathsep)[0]) / "jobs" / "score.py"
     sys.argv = [str(score), *sys.argv[2:]]
     runpy.run_path(str(score), run_name="__main__")
