@@ -48,8 +48,8 @@ score_requests does.
 
 Data-parallel ranks (icl_scale.distributed): each rank knocks out every FFN on its own
 token-balanced slice of the docs, checkpointed in a file of its own (`checkpoint_name`), and the
-slices are gathered at the end; under ZeRO-3 ("full" mode) the knock-outs are data-parallel
-score_masks calls, several knock-outs per pass (`shared_knockouts`: each pass gathers the model).
+slices are gathered at the end; under ZeRO-3 ("full" mode) each knock-out is one data-parallel
+score_requests.
 
 The hooks here (entries read at a pre-FFN norm's or a block's input, replaced at a block's or the
 final norm's input, the cache lent around each base-model pass) are points of the one hook system
@@ -81,7 +81,6 @@ from .scoring import (
     pass_cost_tokens,
     regroupable,
     request_cost,
-    score_masks,
     score_naive,
     score_requests,
 )
@@ -238,31 +237,16 @@ def _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, p
 
 
 def _full(lm, requests, head_mask, batch_size, state, on_batch, progress) -> None:
-    """The old way: one evaluation of every request per knock-out; checkpointed per group. Under ZeRO-3
-    several knock-outs share each pass (scoring.score_masks, as many copies of the request list as fill
-    a pass of `batch_size` contexts): every pass gathers the whole model, so fewer, fuller passes
-    gather it fewer times (~1e-6 nats of GEMM rounding from one score_requests per knock-out)."""
+    """The old way: one score_requests of every request per knock-out; checkpointed per knock-out."""
     n = state.logprobs.shape[0] - 1
     pairs = torch.arange(state.logprobs.shape[1])
-    todo = [row for row in range(n + 1) if not bool(state.done[row].all())]
-    k = shared_knockouts(lm, requests, batch_size)
-    for s in tqdm(range(0, len(todo), k), disable=not progress, desc="ffn knock-out", leave=False):
-        rows = todo[s: s + k]
-        masks = [(head_mask, knockout_mask(n, row - 1)) for row in rows]
-        per_mask = (score_masks(lm, requests, masks, batch_size=batch_size) if len(rows) > 1
-                    else [score_requests(lm, requests, *masks[0], batch_size=batch_size)])
-        for row, scores in zip(rows, per_mask):
-            state.put(row, pairs, torch.tensor([c.logprob for r in scores for c in r], dtype=torch.float64),
-                      torch.tensor([c.n_tokens for r in scores for c in r]))
+    for row in tqdm(range(n + 1), disable=not progress, desc="ffn knock-out", leave=False):
+        if bool(state.done[row].all()):
+            continue
+        scores = score_requests(lm, requests, head_mask, knockout_mask(n, row - 1), batch_size=batch_size)
+        state.put(row, pairs, torch.tensor([c.logprob for s in scores for c in s], dtype=torch.float64),
+                  torch.tensor([c.n_tokens for s in scores for c in s]))
         on_batch(state)
-
-
-def shared_knockouts(lm: LoadedModel, requests: Sequence[Request], batch_size: int) -> int:
-    """Knock-outs per shared pass in "full" mode: under ZeRO-3 as many as fill a pass of `batch_size`
-    distinct contexts (at least 1); otherwise 1 (one score_requests each, bit-identical to it)."""
-    if lm.engine is None:
-        return 1
-    return max(1, int(batch_size) // max(1, len({tuple(r.contexts) for r in requests})))
 
 
 # --- restarted knock-outs ---------------------------------------------------------------------------

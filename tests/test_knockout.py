@@ -234,13 +234,3 @@ def test_shard_resumes_mid_knockout_to_identical_files(tmp_path, monkeypatch):
     assert res["status"] == "complete" and res["evaluations"] == 5
     assert n_chunks >= 3 and len(calls) == n_chunks - 2
     assert _snapshot(sh.path) == _snapshot(Shard(tmp_path / "a", "tiny-opt", "copa", 1).path)
-
-
-def test_zero3_knockouts_share_passes_only_under_zero3():
-    """Under ZeRO-3 ("full" mode) as many knock-outs share a pass as copies of the request list fill
-    `batch_size` contexts; without ZeRO-3 each is its own score_requests (bit-identical to it)."""
-    lm = get_model("tiny-opt")
-    reqs = build_requests("copa", shot=1, limit=3, data_dir=data_dir())
-    assert ko.shared_knockouts(lm, reqs, 8) == 1
-    zero = dataclasses.replace(lm, engine=object())
-    assert ko.shared_knockouts(zero, reqs, 8) == 2 and ko.shared_knockouts(zero, reqs, 2) == 1
