@@ -174,7 +174,7 @@ class ModelConfig:
     """A model preset (conf/model/*.yaml); which keys matter depends on `source`."""
 
     name: Any = setting("???", str, "the model's name in the store", hashed=True)
-    source: Any = setting("hub", str, "hub | local | gguf_wheel | random", hashed=True)
+    source: Any = setting(None, str, "hub | local | gguf_wheel | random", hashed=True)
     id: Any = setting(None, str, "hub id (source=hub)", hashed=True)
     path: Any = setting(None, str, "checkpoint folder (source=local)", hashed=True)
     revision: Any = setting(None, str, "hub revision", hashed=True)

@@ -574,7 +574,7 @@ error("launcher", "launcher.folder-under-a-file", "`launcher.folder=<a regular f
       StoreError,
       "launcher.folder=…/lf/sub is not writable (Not a directory); set launcher.folder to a writable folder")
 error("model", "random-without-family", "`model.source=random` without `model.family`",
-      lambda env: env.shard("model.source=random", "~model.family"), ConfigError,
+      lambda env: env.shard("model.source=random", "model.family=null"), ConfigError,
       "model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
 error("store", "store.root-is-a-file", "`store.root=<a regular file>`", lambda env: _under_a_file(env, ""),
       StoreError, "store.root=…/a-file is not writable (File exists); set store.root to a writable folder")
