@@ -60,7 +60,7 @@ HASHED = {
     "model": ("name", "source", "id", "path", "revision", "gguf_file", "family", "seed", "config", "dtype",
               "doc_start", "max_length"),
     "eval": ("split", "limit"),
-    "importance": ("n_examples", "docs", "normalize", "abs", "normalize_layers"),
+    "importance": ("n_examples", "docs", "normalize", "abs", "normalize_layers", "continuation"),
     "knockout": ("split", "limit"),
     "pruning": ("levels", "combined_levels", "count", "ffn_ranking", "rescore_each_level", "compare",
                 "random_seeds"),
@@ -425,7 +425,8 @@ class ShardRun:
         ic = self.cfg["importance"]
         return gradient_importance(self.lm, self.requests.importance, batch_size=int(ic.get("batch_size", 4)),
                                    head_mask=head_mask, abs_mode=ic.get("abs", "per_token"), state=state,
-                                   on_batch=on_batch, progress=self.show_progress)
+                                   on_batch=on_batch, progress=self.show_progress,
+                                   continuation=ic["continuation"])
 
     def importance_result(self, state: ImportanceState) -> dict[str, torch.Tensor]:
         ic = self.cfg["importance"]

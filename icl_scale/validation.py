@@ -14,7 +14,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from . import pruning as P
-from .importance import ABS_MODES, NORMALIZE
+from .importance import ABS_MODES, CONTINUATIONS, NORMALIZE
 from .tasks import get_task, load_split
 from .tasks.data import resolve_source, splits_present
 from .tasks.fewshot import demo_pool
@@ -77,6 +77,7 @@ def check_config(cfg: dict) -> None:
     integer(cfg, "importance.checkpoint_every", lo=1)
     choice(cfg, "importance.abs", ABS_MODES)
     choice(cfg, "importance.normalize", NORMALIZE)
+    choice(cfg, "importance.continuation", CONTINUATIONS)
     choice(cfg, "importance.docs", IMPORTANCE_DOCS)
     boolean(cfg, "importance.normalize_layers")
     if choice(cfg, "knockout.split", KNOCKOUT_SPLITS) == "heldout":
