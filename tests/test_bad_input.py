@@ -852,6 +852,17 @@ error("launcher", "transfer.sources=[copa,nope]", "`sweep.transfer=true transfer
 error("launcher", "transfer.rankings_from=[copa,copa]", "`sweep.transfer=true transfer.rankings_from=[copa,copa]`",
       lambda env: env.sweep("sweep.transfer=true", "transfer.rankings_from=[copa,copa]"), ConfigError,
       "transfer.rankings_from lists ['copa'] more than once; list each task once")
+error("launcher", "transfer.high_low-role", "`sweep.transfer=true transfer.high_low={1:{copa:{middle:rte}}}`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.high_low={1:{copa:{middle:rte}}}"), ConfigError,
+      "transfer.high_low.1.copa={'middle': 'rte'} must be {high: task, low: task} (either or both), e.g. "
+      "transfer.high_low={1:{copa:{high:wsc,low:record}}}")
+error("launcher", "transfer.high_low-task", "`sweep.transfer=true transfer.high_low={1:{copa:{high:nope}}}`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.high_low={1:{copa:{high:nope}}}"), ConfigError,
+      "transfer.high_low.1.copa: unknown task 'nope'; valid tasks: …")
+error("launcher", "transfer.high_low-shot", "`sweep.transfer=true transfer.high_low={x:{copa:{high:rte}}}`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.high_low={x:{copa:{high:rte}}}"), ConfigError,
+      "transfer.high_low.x: keys are shots (whole numbers >= 0) mapping tasks to {high: task, low: task}, e.g. "
+      "transfer.high_low={1:{copa:{high:wsc,low:record}}}")
 error("config", "induction.copying.preset=nope", "`induction.copying.preset=nope`",
       lambda env: copying_options_from({"preset": "nope"}), InductionConfigError,
       "induction.copying.preset='nope'; use one of paper, head_output, custom")
