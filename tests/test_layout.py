@@ -17,7 +17,7 @@ LAYERS = [
     {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
     {"scoring", "importance", "knockout", "validation", "live", "plan"},
-    {"induction", "shard", "collect", "report", "transfer", "paper", "plots"},
+    {"induction", "shard", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
     {"reduce", "sweep"},
     {"cli"},
 ]
