@@ -500,9 +500,11 @@ class ShardRun:
         compare = list(pr.get("compare") or [])
         if "induction" in compare:
             self.curve("heads_by_induction", self.induction_ranking(), "heads")
-        if "random" in compare:
+        if "random" in compare:  # chance: the same counts of heads, and of FFNs, removed at random
             for k in range(int(pr.get("random_seeds", 3))):
                 self.curve(f"heads_random{k}", P.random_ranking(heads.shape, k), "heads")
+            for k in range(int(pr.get("random_seeds", 3))):
+                self.curve(f"ffn_random{k}", P.random_ranking(self.ffn_rank.shape, k), "ffn")
         self.combined_grid()
 
     def curve(self, kind: str, ranking: torch.Tensor, component: str, rescore_each_level: bool = False) -> None:
@@ -569,7 +571,9 @@ class ShardRun:
         masks = [(hm, fm) for *_, hm, fm in todo]
         for key, ph, pf, hm, fm in todo:
             self.evaluate.prefetch(self.requests.eval, masks, desc="combined")
-            metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
+            metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
+            if self.cfg["pruning"]["save_samples"]:  # per-doc rows for the paired intervals (icl_scale.paired)
+                write_jsonl(self.shard.file(f"samples/combined_{key}.jsonl"), per_doc)
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save_progress()
             self.live.log(**{"grid/head_level": ph, "grid/ffn_level": pf, "grid/value": metrics[self.metric]["value"]})
@@ -591,6 +595,7 @@ class ShardRun:
             "n_knockout": len(self.requests.knockout),
             "heads": self.curve_rows("heads"), "ffn": self.curve_rows("ffn"),
             "heads_by": {kind: self.curve_rows(kind) for kind in kinds if kind.startswith("heads_")},
+            "ffn_by": {kind: self.curve_rows(kind) for kind in kinds if kind.startswith("ffn_")},
             "combined": sorted(({"value": v["metrics"][self.metric]["value"], **v} for v in grid.values()),
                                key=lambda r: (r["head_level"], r["ffn_level"])),
             "ffn_ranking": self.cfg["pruning"]["ffn_ranking"], "knockout_baseline": self.ko_base,
