@@ -6,13 +6,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import bootstrap
 from test_paper_figures import IMP, LEVELS, MODEL, make_shard
 
 from icl_scale import claims as C
 from icl_scale import paired, report
 from icl_scale.collect import collect
-from icl_scale.store import write_jsonl
+from icl_scale.store import write_jsonl, write_tensors
 from icl_scale.tasks.metrics import unit_scores
 
 
@@ -120,3 +121,22 @@ def test_claims_from_a_store(tmp_path):
     md = (tmp_path / "out" / "claims.md").read_text()
     assert "| 70% heads + 20% FFN | about -5 points (taken as -8 to -2) | -5.0 points |" in md
     assert "## The paper's claims on this model" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cross_shot_agreement_is_tested_against_the_depth_trend(tmp_path):
+    """Two shots whose rankings share only a strong depth trend (independent within each layer) have a
+    high true Spearman, but no more than the within-layer permutation null: not distinguishable.
+    The same ranking at both shots is above the null: supported."""
+    rng = np.random.default_rng(0)
+    depth = np.repeat(np.arange(6)[:, None] * 10.0, 8, axis=1)
+    a, b = depth + rng.random((6, 8)), depth + rng.random((6, 8))
+    for root, second in ((tmp_path / "depth", b), (tmp_path / "same", a)):
+        for shot, heads in ((0, a), (1, second)):
+            sh = make_shard(root, "copa", shot, 0, [0.6] * 4, [0.6] * 4, IMP[("copa", 1, 0)])
+            write_tensors(sh.file("importance.safetensors"), {"heads": torch.tensor(heads, dtype=torch.float32),
+                                                             "ffn": torch.ones(6), "ffn_knockout": torch.zeros(6)})
+    depth_only = C.cross_shot_depth_claim(collect(tmp_path / "depth", MODEL))
+    assert depth_only["this_model"] > 0.8 and depth_only["verdict"] == C.UNCLEAR
+    assert depth_only["ci95"][0] <= depth_only["this_model"] <= depth_only["ci95"][1]
+    same = C.cross_shot_depth_claim(collect(tmp_path / "same", MODEL))
+    assert same["this_model"] == pytest.approx(1.0) and same["verdict"] == C.SUPPORTED
