@@ -203,7 +203,8 @@ def transfer_claim(transfer_rows: list[dict], level: float = 70) -> dict | None:
     return {"claim": "transfer: the aggregate ranking prunes an unseen task", "paper": "close to its own ranking "
             "(Fig. 9)", "range": [-0.01, 1.0], "this_model": float(np.mean(diffs)), "ci95": [math.nan, math.nan],
             "n_docs": 0, "cells": len(diffs), "cells_without_samples": len(diffs),
-            "statistic": f"aggregate without the task - own ranking at {level:g}% heads, mean over targets",
+            "statistic": f"accuracy pruned by the aggregate without the task - by its own ranking at {level:g}% "
+                         "heads, mean over targets",
             "verdict": "no interval (transfer curves keep no per-doc samples)"}
 
 
