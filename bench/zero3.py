@@ -112,7 +112,8 @@ def run_one(tree: Path, ranks: int, store: Path, timeout_min: float, model_bytes
     res["gathers"] = round(prev["bytes"] / model_bytes, 2)
     res["gathered_gb"] = round(prev["bytes"] / 2**30, 4)
     res["peak_live_frac"] = round(max((c["peak_live"] for c in counts.values()), default=0) * 4 / model_bytes, 4)
-    log(f"[zero3] {tree.name} {ranks} rank(s): {res['status']} in {wall} s, {res['gathers']} full-model gathers")
+    code = "this" if tree == REPO else "base"
+    log(f"[zero3] {code} {ranks} rank(s): {res['status']} in {wall} s, {res['gathers']} full-model gathers")
     return res
 
 
