@@ -16,6 +16,7 @@ PKG = REPO / "icl_scale"
 LAYERS = [
     {"config", "settings", "schema", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
+    {"passes"},
     {"scoring", "importance", "knockout", "validation", "live", "plan"},
     {"evaluator", "runs"},
     {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
