@@ -17,9 +17,10 @@ LAYERS = [
     {"config", "settings", "schema", "store", "lease", "distributed", "slurm_env", "tracking", "pruning", "figures",
      "rankings"},
     {"models", "tasks"},
+    {"passes"},
     {"scoring", "importance", "knockout", "validation", "live", "plan"},
     {"evaluator", "runs"},
-    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots"},
+    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
     {"reduce", "sweep"},
     {"cli"},
 ]
