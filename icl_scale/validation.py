@@ -91,7 +91,7 @@ def check_config(cfg: dict) -> None:
 def check_model(spec: dict) -> None:
     """The cheap part of loading: a local checkpoint folder's files, a hub id, the device and dtype
     (nothing is read from the hub and no weights load)."""
-    from .models.loading import SOURCES, hub_id, local_checkpoint, resolve_device, resolve_dtype
+    from .models.loading import RANDOM_FAMILIES, SOURCES, hub_id, local_checkpoint, resolve_device, resolve_dtype
 
     source = spec.get("source")
     if source not in SOURCES:
@@ -99,7 +99,7 @@ def check_model(spec: dict) -> None:
     integer({"model": spec}, "model.max_length", lo=2, none_ok=True)
     choice({"model": spec}, "model.attn_implementation", ATTENTION)
     if source == "random" and not spec.get("family"):
-        raise ConfigError("model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
+        raise ConfigError(f"model.family is required for model.source=random: use one of {', '.join(RANDOM_FAMILIES)}")
     if source == "local":
         local_checkpoint(spec)
     elif source == "hub":

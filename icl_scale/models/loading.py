@@ -156,31 +156,36 @@ def convert_gguf_to_cache(gguf_path: Path, target: Path) -> Path:
 
 # --- random configs for tests -------------------------------------------------------------------
 
-def random_config(family: str, vocab_size: int, **overrides):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
+RANDOM_FAMILIES = ("opt", "llama", "gpt2", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# The shared tiny shape of the rotary GQA families: 2 layers, 4 query heads on 2 KV heads, head_dim 16.
+_GQA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
 
-    base = dict(vocab_size=vocab_size)
-    if family == "opt":
-        cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                   max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0,
-                   eos_token_id=0, pad_token_id=0)
-        cls = OPTConfig
-    elif family == "llama":
-        cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
-        cls = LlamaConfig
-    elif family == "gpt2":
-        cfg = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
-        cls = GPT2Config
-    elif family == "gpt_neox":
-        cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                   max_position_embeddings=256, use_parallel_residual=True)
-        cls = GPTNeoXConfig
-    else:
-        raise ModelConfigError(f"model.family={family!r} has no random config; use opt, llama, gpt2 or gpt_neox")
-    cfg.update(base)
-    cfg.update(overrides)
-    return cls(**cfg)
+
+def random_config(family: str, vocab_size: int, **overrides):
+    """A tiny config of `family` (a transformers model_type, RANDOM_FAMILIES) for tests."""
+    import transformers
+
+    shapes = {
+        "opt": ("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                  max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0,
+                                  eos_token_id=0, pad_token_id=0)),
+        "llama": ("LlamaConfig", {k: v for k, v in _GQA.items() if k != "head_dim"}),
+        "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)),
+        "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=256,
+                                           use_parallel_residual=True)),
+        "mistral": ("MistralConfig", dict(_GQA, sliding_window=None)),
+        "qwen2": ("Qwen2Config", _GQA),  # q/k/v biases
+        "qwen3": ("Qwen3Config", _GQA),  # per-head q/k norms
+        "gemma2": ("Gemma2Config", dict(_GQA, query_pre_attn_scalar=16)),  # post-norms, soft-capping
+        "gemma3_text": ("Gemma3TextConfig", dict(_GQA, query_pre_attn_scalar=16)),
+        "phi3": ("Phi3Config", dict(_GQA, pad_token_id=None, bos_token_id=0, eos_token_id=0)),  # fused qkv, gate_up
+    }
+    if family not in shapes:
+        raise ModelConfigError(f"model.family={family!r} has no random config; use one of {', '.join(RANDOM_FAMILIES)}")
+    cls, cfg = shapes[family]
+    return getattr(transformers, cls)(**{**cfg, "vocab_size": vocab_size, **overrides})
 
 
 # --- entry point ------------------------------------------------------------------------------------
