@@ -30,6 +30,8 @@ class MissingSetting(ValueError):
 # What to write for a mandatory key, by key; others get the generic message.
 REQUIRED = {
     "model.path": "model.path is required for model=local: add model.path=/path/to/checkpoint",
+    "model.id": "model.id is required for model=hf: add model.id=<org>/<name> (a hub id) or "
+                "model.id=/path/to/checkpoint",
 }
 
 

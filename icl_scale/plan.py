@@ -38,14 +38,18 @@ class Arch:
     tied: bool = True
     embed_dim: int | None = None  # OPT-350m: word embeddings narrower than the hidden size
     final_norm: bool = True  # OPT-350m (post-norm) has none
+    head_size: int | None = None  # Gemma, Qwen3: head_dim is not hidden / heads
+    params: int | None = None  # the exact count, when it was counted on the model itself (config.json)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     @classmethod
     def from_spec(cls, spec: dict) -> Arch:
         a = spec.get("arch")
+        if not a and spec.get("source") in ("hf", "local"):
+            a = arch_from_config(spec)
         if not a:
             raise PlanError(f"model preset {spec.get('name')!r} has no architecture numbers: add a model.arch block "
                             f"(family, layers, hidden, heads, kv_heads, ffn, vocab, max_positions, tied) to its yaml")
@@ -54,6 +58,44 @@ class Arch:
         if a.get("family") not in ("opt", "llama"):
             raise PlanError(f"model.arch.family={a.get('family')!r}: the planner knows opt and llama")
         return cls(**a)
+
+
+# model_types whose blocks the planner's Llama formulas describe (gated FFN: gate, up, down)
+GATED_FFN = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+def arch_from_config(spec: dict) -> dict:
+    """The arch block of model=hf / model=local from the checkpoint's config.json (a local folder, or a hub
+    id already in the Hugging Face cache; nothing is downloaded), with the exact parameter count of the
+    model built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models.loading import checkpoint_key, is_local, local_checkpoint
+
+    try:
+        if is_local(spec):
+            where = f"{checkpoint_key(spec)}={spec.get('id') or spec.get('path')}"
+            cfg = AutoConfig.from_pretrained(str(local_checkpoint(spec)))
+        else:
+            where = f"model.id={spec.get('id')}"
+            cfg = AutoConfig.from_pretrained(str(spec.get("id")), revision=spec.get("revision"), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{where}: no readable config.json ({type(e).__name__}); download the model first or add a "
+                        "model.arch block") from None
+    family = "opt" if cfg.model_type == "opt" else "llama" if cfg.model_type in GATED_FFN else None
+    if family is None:
+        raise PlanError(f"{where}: model_type={cfg.model_type!r}; the planner knows opt and {', '.join(GATED_FFN)}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    text = cfg.get_text_config()
+    heads = text.num_attention_heads
+    return dict(family=family, layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads,
+                kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                ffn=getattr(text, "intermediate_size", None) or text.ffn_dim, vocab=text.vocab_size,
+                max_positions=text.max_position_embeddings, tied=bool(text.tie_word_embeddings),
+                head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                params=sum(p.numel() for p in model.parameters()))
 
 
 def layer_params(a: Arch) -> int:
@@ -66,6 +108,8 @@ def layer_params(a: Arch) -> int:
 
 def n_params(a: Arch) -> int:
     """Exactly the model's parameter count (tied embeddings counted once)."""
+    if a.params is not None:
+        return a.params
     e = a.embed_dim or a.hidden
     total = a.vocab * e + a.layers * layer_params(a)
     if a.family == "opt":

