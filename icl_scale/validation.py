@@ -18,6 +18,7 @@ from .importance import ABS_MODES, NORMALIZE
 from .tasks import get_task, load_split
 from .tasks.data import resolve_source, splits_present
 from .tasks.fewshot import demo_pool
+from .tasks.taskfile import file_fingerprint
 
 WANDB_MODES = ("offline", "online", "disabled")
 FFN_RANKINGS = ("knockout", "gradient")
@@ -193,7 +194,7 @@ def check_data(cfg: dict) -> dict[str, str]:
     task = get_task(cfg["task"])
     data_dir = get(cfg, "data.dir")
     split = get(cfg, "eval.split") or task.eval_split
-    if get(cfg, "eval.split") and resolve_source(task, split, data_dir).kind != "hub":
+    if get(cfg, "eval.split") and resolve_source(task, split, data_dir).kind in ("mirror", "embedded"):
         src = resolve_source(task, split, data_dir)
         if not (src.root / task.name / f"{split}.jsonl").is_file():
             have = splits_present(src.root, task.name)
@@ -207,7 +208,7 @@ def check_data(cfg: dict) -> dict[str, str]:
     if not train:
         raise ConfigError(f"{task.name} train has no rows: importance and demonstrations need it")
     _check_sizes(cfg, task, train)
-    return {"train": fingerprint(train), split: fingerprint(eval_rows)}
+    return {"train": fingerprint(train), split: fingerprint(eval_rows), **file_fingerprint(task)}
 
 
 def _check_sizes(cfg: dict, task, train: list[dict]) -> None:

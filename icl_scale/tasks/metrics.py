@@ -18,7 +18,8 @@ import numpy as np
 from scipy.stats import binomtest, bootstrap
 
 from .base import Request
-from .registry import Task, get_task
+from .registry import Task
+from .taskfile import get_task
 
 BOOTSTRAP_ITERS = 1000
 BOOTSTRAP_SEED = 1234
