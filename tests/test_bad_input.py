@@ -208,7 +208,8 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
      "use the task's validation/test split (eval.split=null)"),
     ("eval.split=123", ConfigError, "eval.split=123 must be a split name or null (the task's paper split)"),
     ("task=nope", ValueError, "unknown task 'nope'; valid tasks: hellaswag, piqa, arc_easy, arc_challenge, "
-                              "openbookqa, winogrande, boolq, cb, copa, wic, wsc, multirc, rte, record"),
+                              "openbookqa, winogrande, boolq, cb, copa, wic, wsc, multirc, rte, record, or a task "
+                              "file (path/to/task.yaml)"),
     ("data.dir=/nonexistent/mirror", TaskDataError,
      "data.dir=/nonexistent/mirror does not exist: point data.dir (--data-dir on the command line) at a local "
      "mirror folder <dir>/<task>/<split>.jsonl, use data.dir=hub for the Hugging Face hub, or leave it unset "
@@ -229,6 +230,65 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
 ]
 for _ov, _exc, _msg in CONFIG:
     error("config", _ov, f"`{_ov}`", lambda env, ov=_ov: env.shard(*ov.split()), _exc, _msg)
+
+
+# --- task files (task=path/to/task.yaml, icl_scale/tasks/taskfile.py) ---------------------------------
+
+EXAMPLE_TASK = REPO / "docs" / "examples" / "antonyms.yaml"
+
+
+def task_file(edit: Callable[[str], str], rows: str | None = None) -> Callable[[Env], Any]:
+    """A shard of a copy of docs/examples/antonyms.yaml with its text edited (and its train rows replaced)."""
+    def run(env: Env):
+        folder = env.tmp / "task"
+        shutil.copytree(EXAMPLE_TASK.parent, folder, dirs_exist_ok=True)
+        (folder / "antonyms.yaml").write_text(edit(EXAMPLE_TASK.read_text()))
+        if rows is not None:
+            (folder / "antonyms.jsonl").write_text(rows)
+        return env.shard(f"task={folder / 'antonyms.yaml'}", "shot=1", "knockout.limit=4", "importance.n_examples=6")
+
+    return run
+
+
+def _key(line: str) -> Callable[[str], str]:
+    return lambda text: text + line + "\n"
+
+
+def _replace(old: str, new: str) -> Callable[[str], str]:
+    return lambda text: text.replace(old, new)
+
+
+TASK_FILES: list[tuple[str, str, Callable[[Env], Any], type[BaseException], str]] = [
+    ("function", "a task file with `process_docs: !function utils.process_docs`",
+     task_file(_key("process_docs: !function utils.process_docs")), ValueError,
+     "task=…/antonyms.yaml: process_docs is `!function utils.process_docs` (Python code), which is not supported; "
+     "write it as a Jinja template or a field name"),
+    ("generation", "a task file with `output_type: generate_until`",
+     task_file(_replace("output_type: multiple_choice", "output_type: generate_until")), ValueError,
+     "task=…/antonyms.yaml: output_type='generate_until' is not supported; only multiple_choice (log-likelihood of "
+     "each choice) tasks run here"),
+    ("unsupported-key", "a task file with `filter_list: ...`", task_file(_key("filter_list: [take_first]")),
+     ValueError, "task=…/antonyms.yaml: key 'filter_list' is not supported (the multiple-choice log-likelihood "
+                 "subset of lm-eval 0.4: dataset_kwargs, …); remove it"),
+    ("other-metric", "a task file with `metric_list: [{metric: mcc}]`",
+     task_file(_replace("  - metric: acc\n  - metric: acc_norm", "  - metric: mcc")), ValueError,
+     "task=…/antonyms.yaml: metric_list has 'mcc'; the supported metrics are acc and acc_norm"),
+    ("bad-template", "a task file whose `doc_to_text` is `\"{{word\"`",
+     task_file(_replace('doc_to_text: "Word: {{word}}', 'doc_to_text: "Word: {{word')), ValueError,
+     "task=…/antonyms.yaml: doc_to_text is not a valid Jinja template (…, line 2)"),
+    ("missing-data-file", "a task file whose `data_files.test` does not exist",
+     task_file(_replace("test: antonyms_test.jsonl", "test: gone.jsonl")), TaskDataError,
+     "task=…/antonyms.yaml: data file …/gone.jsonl (test) does not exist; fix dataset_kwargs.data_files (relative "
+     "paths start at the task file's folder)"),
+    ("gold-not-a-choice", "a task file row whose `answer` is not one of its `options`",
+     task_file(lambda t: t, rows='{"word": "hot", "options": ["cold", "warm"], "answer": "icy"}\n' * 12),
+     TaskDataError, "antonyms train row 0: doc_to_target gives 'icy', not one of the 2 choices; fix the row in the "
+                    "data file"),
+    ("no-such-file", "`task=nope/task.yaml`", lambda env: env.shard("task=nope/task.yaml"), ValueError,
+     "task=nope/task.yaml: no such task file; give the path of an lm-eval style task YAML"),
+]
+for _name, _input, _run, _exc, _msg in TASK_FILES:
+    error("task file", _name, _input, _run, _exc, _msg)
 
 
 def _data_dir_is_a_file(env: Env):

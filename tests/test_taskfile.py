@@ -176,3 +176,9 @@ def test_the_example_task_file_runs_through_a_shard(tmp_path):
     curves = json.loads((shard / "curves.json").read_text())
     assert (curves["task"], curves["metric"], curves["n_eval"]) == (task, "acc", 8)
     assert set(curves["heads"][0]["metrics"]) == {"acc", "acc_norm"} and curves["heads"][0]["metrics"]["acc"]["n"] == 8
+    # the reducer reads it like any shard
+    from icl_scale.report import reduce_store
+
+    res = reduce_store(tmp_path, "tiny-llama", expected=[(task, 2, 0)], figures=False)  # the sweep's expectation
+    assert not res["collected"].problems
+    assert [(r["task"], r["shot"]) for r in res["curves_rows"]][:1] == [("docs_examples_antonyms.yaml", 2)]

@@ -556,4 +556,5 @@ def get_task(name: str | Task) -> Task:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}, or a task file "
+                         "(path/to/task.yaml)") from None
