@@ -182,3 +182,25 @@ def test_the_example_task_file_runs_through_a_shard(tmp_path):
     res = reduce_store(tmp_path, "tiny-llama", expected=[(task, 2, 0)], figures=False)  # the sweep's expectation
     assert not res["collected"].problems
     assert [(r["task"], r["shot"]) for r in res["curves_rows"]][:1] == [("docs_examples_antonyms.yaml", 2)]
+
+
+@pytest.mark.slow
+def test_a_local_sweep_with_a_task_file_and_a_builtin_task(tmp_path, monkeypatch):
+    """sweep.tasks=[docs/examples/antonyms.yaml,copa]: one shard each on the local executor, then the reducer
+    names both and no problem."""
+    from icl_scale.sweep import submit
+
+    from conftest import compose
+
+    monkeypatch.chdir(REPO)  # the task file's path as a user gives it, from the repository root
+    cfg = compose("model=tiny-opt", "eval.limit=8", "importance.n_examples=6", "importance.batch_size=4",
+                  "knockout.limit=4", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
+                  f"store.root={tmp_path}", f"data.dir={data_dir()}", "wandb.mode=disabled",
+                  "sweep.tasks=[docs/examples/antonyms.yaml,copa]", "sweep.shots=[1]", "sweep.induction=false",
+                  f"launcher.folder={tmp_path / 'submitit'}")
+    sub = submit(cfg)
+    assert len(sub.shard_jobs) == 2 and sub.reduce_job.done()
+    res = sub.reduce_job.result()
+    assert res["n_complete"] == 2 and res["problems"] == [], res["problems"]
+    summary = (tmp_path / "tiny-opt" / "summary" / "summary.csv").read_text()
+    assert "docs_examples_antonyms.yaml" in summary and "copa" in summary
