@@ -161,7 +161,7 @@ def compute_metrics(
 def _aggregate(t: Task, per_doc: list[dict]) -> dict:
     out = {}
     for m in t.metrics:
-        if t.name == "multirc" and m == "acc":
+        if t.name == "multirc" and t.source_file is None and m == "acc":  # not a task file named multirc
             # 0.2.0 acc_all: a question is right only if every one of its answers is right
             groups: dict[str, list[bool]] = {}
             for r in per_doc:
