@@ -47,7 +47,7 @@ class Arch:
 
     @classmethod
     def from_spec(cls, spec: dict) -> Arch:
-        a = spec.get("arch")
+        a = {k: v for k, v in (spec.get("arch") or {}).items() if v is not None}  # the schema's unset: None
         if not a and spec.get("source") in ("hf", "local"):
             a = arch_from_config(spec)
         if not a:
@@ -268,14 +268,9 @@ PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "tok
 
 def compose(overrides: list[str]) -> dict:
     """conf/plan.yaml with Hydra-style overrides, resolved; the planner's own keys under `plan`."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from .config import compose as compose_config
 
-    from .models.loading import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_container(hcompose(config_name="plan", overrides=overrides), resolve=True)
+    cfg = compose_config("plan", overrides)
     cfg["plan"] = {k: cfg.pop(k) for k in PLAN_KEYS}
     return cfg
 

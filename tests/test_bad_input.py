@@ -882,8 +882,7 @@ MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
      "model.id is required for model.source=hub: add model.id=<org>/<name> (a Hugging Face hub id), or use "
      "model=local model.path=..."),
     ("hf-without-id", "`{source: hf}` (`model=hf`) without `id`", lambda env: load_model({"name": "m", "source": "hf"}),
-     "model.id is required for model.source=hf: add model.id=<org>/<name> (a Hugging Face hub id), or use "
-     "model=local model.path=..."),
+     "model.id is required for model=hf: add model.id=<org>/<name> (a hub id) or model.id=/path/to/checkpoint"),
     ("hf-folder-missing", "`model=hf model.id=./nonexistent/ckpt`",
      lambda env: load_model({"name": "m", "source": "hf", "id": "./nonexistent/ckpt", "device": "cpu"}),
      "model.id=./nonexistent/ckpt does not exist; " + CKPT.replace("model.path", "model.id")),

@@ -21,7 +21,6 @@ Two families need care about where the FFN gate sits:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -220,9 +219,6 @@ class Adapter:
         """The final norm's per-channel scale (Gemma: 1 + weight), or None when it has no weight."""
         w = getattr(self.final_norm(), "weight", None)
         return None if w is None else w + self.family.norm_offset if self.family.norm_offset else w
-
-    def final_norm_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.final_norm()
 
     def describe(self) -> dict:
         g = self.geometry
