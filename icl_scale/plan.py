@@ -47,13 +47,12 @@ class Arch:
 
     @classmethod
     def from_spec(cls, spec: dict) -> Arch:
-        a = {k: v for k, v in (spec.get("arch") or {}).items() if v is not None}  # the schema's unset: None
+        a = {k: v for k, v in (spec.get("arch") or {}).items() if v is not None}  # (null: not given)
         if not a and spec.get("source") in ("hf", "local"):
             a = arch_from_config(spec)
         if not a:
             raise PlanError(f"model preset {spec.get('name')!r} has no architecture numbers: add a model.arch block "
                             f"(family, layers, hidden, heads, kv_heads, ffn, vocab, max_positions, tied) to its yaml")
-        a = dict(a)
         a.setdefault("kv_heads", a.get("heads"))
         if a.get("family") not in ("opt", "llama"):
             raise PlanError(f"model.arch.family={a.get('family')!r}: the planner knows opt and llama")

@@ -59,7 +59,8 @@ class Tokenised:
 
     def __init__(self, lm: LoadedModel, requests: Sequence[Request]):
         tok = lm.tokenizer
-        strings = sorted({s for r in requests for s in (*r.contexts, *r.continuations)})
+        strings = sorted({s for r in requests for s in (*r.contexts, *r.continuations, r.importance_continuation)
+                          if s is not None})
         enc = tok(strings, add_special_tokens=False)["input_ids"] if strings else []
         self.ids = dict(zip(strings, enc))
         self.start = list(lm.doc_start_ids)

@@ -210,7 +210,8 @@ class ShardRun(CurvesStage, ResumableRun):
         ic = self.cfg["importance"]
         return gradient_importance(self.lm, self.requests.importance, batch_size=int(ic["batch_size"]),
                                    head_mask=head_mask, abs_mode=ic["abs"], state=state,
-                                   on_batch=on_batch, progress=self.show_progress)
+                                   on_batch=on_batch, progress=self.show_progress,
+                                   continuation=ic["continuation"])
 
     def importance_result(self, state: ImportanceState) -> dict[str, torch.Tensor]:
         ic = self.cfg["importance"]
@@ -285,6 +286,7 @@ class ShardRun(CurvesStage, ResumableRun):
             "n_knockout": len(self.requests.knockout),
             "heads": self.curve_rows("heads"), "ffn": self.curve_rows("ffn"),
             "heads_by": {kind: self.curve_rows(kind) for kind in kinds if kind.startswith("heads_")},
+            "ffn_by": {kind: self.curve_rows(kind) for kind in kinds if kind.startswith("ffn_")},
             "combined": sorted(({"value": v["metrics"][self.metric]["value"], **v} for v in grid.values()),
                                key=lambda r: (r["head_level"], r["ffn_level"])),
             "ffn_ranking": self.cfg["pruning"]["ffn_ranking"], "knockout_baseline": self.ko_base,

@@ -103,6 +103,11 @@ class Task:
         """The data's name of a split the shard asks for (task files map "train" to their training_split)."""
         return split
 
+    def doc_to_cont(self, doc: dict) -> str:
+        """The gold continuation of the paper's importance loss: what its task's `get_dataloader`
+        passes to `utils.create_dataloader` (doc_to_target, except where the task defines doc_to_cont)."""
+        return self.doc_to_target(doc)
+
     # --- few-shot hooks ------------------------------------------------------------------------
     def demo_filter(self, doc: dict) -> bool:
         """Whether a demo-split row may serve as a demonstration (WSC: positives only)."""
@@ -135,6 +140,7 @@ class Task:
             group=self.group(doc),
             answers=self._answers(doc),
             choice_texts=choice_texts,
+            importance_continuation=self.doc_to_cont(doc),
         )
 
     def _answers(self, doc: dict) -> list[str]:
@@ -161,6 +167,12 @@ class MultipleChoiceTask(Task):
     def doc_to_target(self, doc: dict) -> str:
         d = self.convert(doc)
         return " " + d["choices"][d["gold"]]
+
+    def doc_to_cont(self, doc: dict) -> str:
+        # The original's arc.py, hellaswag.py, piqa.py, openbookqa.py: doc['choices'][doc['gold']],
+        # the bare choice with no leading space, tokenised apart from the context.
+        d = self.convert(doc)
+        return d["choices"][d["gold"]]
 
     def _choices(self, doc):
         d = self.convert(doc)
@@ -317,6 +329,7 @@ class Winogrande(Task):
             gold={"1": 0, "2": 1}[doc["answer"]],
             task=self.name,
             choice_texts=options,
+            importance_continuation=self.doc_to_cont(doc),
         )
 
 
