@@ -158,18 +158,19 @@ def compute_metrics(
     return _aggregate(t, per_doc), per_doc
 
 
-def unit_scores(task: str | Task, per_doc: Sequence[dict]) -> dict[str, float]:
+def unit_scores(task: str | Task, per_doc: Sequence[dict], primary: str | None = None) -> dict[str, float]:
     """{unit: 0/1} of the task's primary metric, one unit per doc (MultiRC: per question, right only
     if all its answers are; ReCoRD: exact match): the units whose mean is the metric, so pruned and
-    unpruned runs on the same docs can be paired (icl_scale.paired)."""
-    t = get_task(task)
-    primary = t.metrics[0]
-    if t.name == "multirc":
+    unpruned runs on the same docs can be paired (icl_scale.paired). `primary`: the metric a shard
+    recorded (curves.json), for a task known only by its store folder (a task file's safe name)."""
+    t = None if primary is not None and not isinstance(task, Task) else get_task(task)
+    primary = primary or t.metrics[0]
+    if (t.name if t is not None else task) == "multirc" and (t is None or t.source_file is None):
         groups: dict[str, bool] = {}
         for r in per_doc:
             groups[str(r["group"])] = groups.get(str(r["group"]), True) and bool(r["correct"])
         return {k: float(v) for k, v in groups.items()}
-    key = {"acc": "correct", "em": "em"}[primary]
+    key = {"acc": "correct", "acc_norm": "correct_norm", "em": "em"}[primary]
     return {str(r["doc"]): float(r[key] == 1 if key == "em" else bool(r[key])) for r in per_doc}
 
 
