@@ -288,3 +288,24 @@ def test_model_hf_without_an_id_is_one_line():
     with pytest.raises(ValueError, match=r"^model.id is required for model=hf: add model.id=<org>/<name> "
                                          r"\(a hub id\) or model.id=/path/to/checkpoint$"):
         check_model(cfg["model"])
+
+
+def test_the_cached_scorer_equals_naive_scoring(lm, reqs):
+    """The prefix-cached batched scorer on each family's cache (Gemma: sliding-window layers)."""
+    from icl_scale.scoring import score_naive
+
+    cached, naive = score_requests(lm, reqs, batch_size=3), score_naive(lm, reqs)
+    assert max(abs(a.logprob - b.logprob) for x, y in zip(cached, naive) for a, b in zip(x, y)) <= 1e-4
+
+
+def test_restarted_ffn_knockouts_equal_one_evaluation_each(lm, reqs):
+    from icl_scale import knockout as ko
+
+    mode = ko.restart_mode(lm)
+    assert mode in ("post_attention", "full")
+    state = ko.knockout_scores(lm, reqs, batch_size=3)
+    n = lm.adapter.geometry.n_layers
+    for layer in range(-1, n):
+        want = score_requests(lm, reqs, None, ko.knockout_mask(n, layer), batch_size=3)
+        got = state.scores(reqs, layer)
+        assert max(abs(a.logprob - b.logprob) for x, y in zip(got, want) for a, b in zip(x, y)) <= 1e-4, (mode, layer)
