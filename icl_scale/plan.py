@@ -144,6 +144,24 @@ def _resident(a: Arch, gpus: int, offload: str, nbytes: int) -> float:
     return shard + _gathered_bytes(a, nbytes)
 
 
+# A rank's process before any weight: Python, torch, transformers, DeepSpeed and (on GPUs) the CUDA context.
+HOST_RUNTIME_GB = 3.0
+
+
+def host_bytes_per_rank(cfg: dict, ranks: int) -> float:
+    """Peak host memory of one rank. Under ZeRO-3 (model.deepspeed.enabled, several ranks) the weights
+    load straight into each rank's partition (models/loading.py): the partition (params x bytes / ranks,
+    which stays in host memory with offload=cpu and moves to the GPU otherwise) plus the largest tensor
+    being split (the embedding). Without ZeRO-3 every rank holds the whole model."""
+    spec = cfg["model"]
+    a = Arch.from_spec(spec)
+    nb = BYTES.get(str(spec.get("dtype") or "auto"), 2)
+    weights = n_params(a) * nb
+    if (spec.get("deepspeed") or {}).get("enabled") and ranks > 1:
+        weights = weights / ranks + a.vocab * (a.embed_dim or a.hidden) * nb
+    return weights + HOST_RUNTIME_GB * 2**30
+
+
 def make_plan(cfg: dict) -> Plan:
     spec, p = cfg["model"], cfg["plan"]
     a = Arch.from_spec(spec)

@@ -253,3 +253,18 @@ def check_sweep(cfg: dict) -> None:
         check_transfer(cfg)
     integer(cfg, "launcher.timeout_min", lo=1)
     integer(cfg, "launcher.array_parallelism", lo=1)
+    check_resources(cfg)
+
+
+def check_resources(cfg: dict) -> None:
+    """A shard job's request: GPUs and tasks per node, CPUs per task and memory (`auto`: derived from the
+    partition's nodes and the plan at submission, icl_scale.sweep.job_resources)."""
+    integer(cfg, "launcher.gpus_per_node", lo=0, none_ok=True)
+    integer(cfg, "launcher.tasks_per_node", lo=1, none_ok=True)
+    for key, what in (("launcher.cpus_per_task", "the node's CPUs / tasks per node"),
+                      ("launcher.mem_gb", "the plan's host memory per job")):
+        v = get(cfg, key)
+        if v is None or v == "auto":
+            continue
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+            raise ConfigError(f"{key}={v!r} must be a whole number >= 1, auto ({what}) or null (not requested)")

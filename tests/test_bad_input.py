@@ -859,6 +859,20 @@ error("launcher", "launcher.timeout_min=0", "`launcher.timeout_min=0`",
 error("launcher", "launcher.array_parallelism=x", "`launcher.array_parallelism=x`",
       lambda env: env.sweep("launcher.array_parallelism=x"), ConfigError,
       "launcher.array_parallelism='x' must be a whole number, e.g. launcher.array_parallelism=1")
+error("launcher", "launcher.cpus_per_task=0", "`launcher=slurm launcher.cpus_per_task=0`",
+      lambda env: env.sweep("launcher=slurm", "launcher.cpus_per_task=0"), ConfigError,
+      "launcher.cpus_per_task=0 must be a whole number >= 1, auto (the node's CPUs / tasks per node) or null "
+      "(not requested)")
+error("launcher", "launcher.mem_gb=lots", "`launcher=slurm launcher.mem_gb=lots`",
+      lambda env: env.sweep("launcher=slurm", "launcher.mem_gb=lots"),
+      ConfigError, "launcher.mem_gb='lots' must be a whole number >= 1, auto (the plan's host memory per job) or null "
+      "(not requested)")
+error("launcher", "launcher.gpus_per_node=-1", "`launcher=slurm launcher.gpus_per_node=-1`",
+      lambda env: env.sweep("launcher=slurm", "launcher.gpus_per_node=-1"), ConfigError,
+      "launcher.gpus_per_node=-1 must be >= 0")
+error("launcher", "launcher.tasks_per_node=0", "`launcher=slurm launcher.tasks_per_node=0`",
+      lambda env: env.sweep("launcher=slurm", "launcher.tasks_per_node=0"), ConfigError,
+      "launcher.tasks_per_node=0 must be >= 1")
 error("launcher", "sweep.tasks=[copa,nope]", "`sweep.tasks=[copa,nope]`",
       lambda env: env.sweep("sweep.tasks=[copa,nope]"), ValueError, "unknown task 'nope'; valid tasks: …")
 error("launcher", "sweep-bad-shard-setting", "`eval.batch_size=0` in a sweep",
