@@ -2,13 +2,16 @@
 
     python -m icl_scale.plan model=opt-66b gpus=8 gpu_mem_gb=80
     python -m icl_scale.plan experiment=paper gpus=8 gpu_mem_gb=40 offload=cpu
-    python -m icl_scale.plan model=smollm2-135m gpus=1 gpu_mem_gb=24 tokens_per_doc=300
+    python -m icl_scale.plan model=smollm2-135m gpus=1 gpu_mem_gb=24 data.dir=/path/to/mirror
 
 Everything comes from the composed config (conf/plan.yaml on top of conf/config.yaml): the model
 preset's `arch` block (layers, hidden, heads, kv_heads, ffn, vocab, max_positions, tied), its dtype,
-`eval.batch_size`, `importance.batch_size`, `model.max_length`, and the shard's sizes (importance
-examples, knock-out docs, pruning levels). The numbers are estimates of the dominant terms (stated
-in docs/plan.md); the parameter count is exact.
+`eval.batch_size`, `importance.batch_size`, `model.max_length`, the shard's sizes (importance
+examples, knock-out docs, pruning levels), the sweep's tasks and shots, `launcher.timeout_min`, and
+per (task, shot) the docs and tokens of its request lists: counted from the data when a mirror has
+the splits, else conf/plan_tasks.yaml (docs/make_plan_tasks.py). The numbers are estimates of the
+dominant terms (stated in docs/plan.md; bench/plan_calibration.py checks them on a machine); the
+parameter count is exact.
 """
 
 from __future__ import annotations
@@ -169,8 +172,9 @@ HOST_RUNTIME_GB = 3.0
 def host_bytes_per_rank(cfg: dict, ranks: int) -> float:
     """Peak host memory of one rank. Under ZeRO-3 (model.deepspeed.enabled, several ranks) the weights
     load straight into each rank's partition (models/partitioned.py): the partition (params x bytes /
-    ranks, which stays in host memory with offload=cpu and moves to the GPU otherwise) plus the largest
-    tensor built whole before it is split (the embedding). Without ZeRO-3 every rank holds the model."""
+    ranks; in host memory with offload=cpu or on CPUs, on the GPU otherwise, where this is an upper
+    bound) plus the largest tensor built whole before it is split (the embedding). Without ZeRO-3
+    every rank holds the whole model."""
     spec = cfg["model"]
     a = Arch.from_spec(spec)
     nb = BYTES.get(str(spec.get("dtype") or "auto"), 2)

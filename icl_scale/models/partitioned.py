@@ -148,9 +148,14 @@ def build_partitioned(path: Path, dtype: torch.dtype, attn: str, ds_config: dict
     config = AutoConfig.from_pretrained(str(path))
     config._attn_implementation = attn
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    with zero3_construction(ds_config), no_init_weights(), \
-            deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # zero.Init takes the dtype from the config's fp16/bf16 flags (ds_config sets them from `dtype`); its
+    # own `dtype=` argument is overridden by the accelerator's half type on CPUs (deepspeed 0.19).
+    with zero3_construction(ds_config), no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = model_class(config)
+    bad = {str(p.ds_tensor.dtype) for p in model.parameters()} - {str(dtype)}
+    if bad:
+        raise PartitionError(f"{label}: zero.Init built {sorted(bad)} partitions instead of {dtype}; check the "
+                             "DeepSpeed config's fp16/bf16 flags (icl_scale/models/zero.ds_config)")
     model.tie_weights()  # no_init_weights skips it: the tied unembedding then shares the embedding's partition
     n = load_partitions(model, path, label)
     log.info("partitioned loading: %d tensors from %s into this rank's ZeRO-3 partitions", n, label)
