@@ -7,7 +7,7 @@
 (a) ours vs a faithful re-implementation of the original per-layer/per-head/per-token Python loops
     (llm-interpret's prefix_matching_copying.py: eager attention with output_attentions, `.item()`
     accumulation, every head's output through the full-vocabulary unembedding + softmax, per-position
-    loops; tests/reference_induction.py) with the original definitions (CopyingOptions.paper()), on
+    loops; icl_scale/induction/reference.py) with the original definitions (CopyingOptions.paper()), on
     the first seeds only (the loops take minutes per seed); reported per measured seeds, not
     extrapolated:
     - scoring on identical inputs: the same captured attention probabilities and values go into the
@@ -47,14 +47,14 @@ from icl_scale.induction import (
     token_pool,
     unembedding_matrix,
 )
-from icl_scale.models import Adapter, load_model
-from icl_scale.models.loading import LoadedModel
-from tests.reference_induction import (
+from icl_scale.induction.reference import (
     copying_inputs,
     reference_copying_loops,
     reference_prefix_loops,
     reference_unembedding,
 )
+from icl_scale.models import Adapter, load_model
+from icl_scale.models.loading import LoadedModel
 
 FUNCTION = "bench.induction.run"
 PARTS = ("loops", "forward")

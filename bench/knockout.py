@@ -10,25 +10,22 @@ import time
 from pathlib import Path
 
 from bench.common import data_dir, run_alternating, stats
-from icl_scale.importance import ffn_knockout
-from icl_scale.knockout import knockout_drops, knockout_scores, restart_mode
+from icl_scale.evaluator import Evaluator, primary_metric
+from icl_scale.knockout import knockout_drops, knockout_mask, knockout_scores, restart_mode
 from icl_scale.models.loading import LoadedModel
-from icl_scale.shard import Evaluator, primary_metric
 from icl_scale.tasks import build_requests, compute_metrics
 
 TIMED = ("per_layer", "restart")
 
 
 def per_layer(lm: LoadedModel, task: str, reqs, batch_size: int) -> dict:
-    """The old stage: ffn_knockout with one Evaluator call (a full score_requests) per knock-out."""
-    ev, metric, docs = Evaluator(lm, task, batch_size), primary_metric(task), {}
-
-    def accuracy(head_mask, ffn_mask):
-        metrics, per_doc = ev(reqs, head_mask, ffn_mask)
-        docs[-1 if ffn_mask is None else int((ffn_mask == 0).nonzero()[0])] = per_doc
-        return metrics[metric]["value"]
-
-    base, drops = ffn_knockout(lm, accuracy)
+    """The old stage: one Evaluator call (a full score_requests) per knock-out."""
+    ev, metric, docs, acc = Evaluator(lm, task, batch_size), primary_metric(task), {}, {}
+    n = lm.adapter.geometry.n_layers
+    for layer in range(-1, n):
+        metrics, docs[layer] = ev(reqs, None, knockout_mask(n, layer))
+        acc[layer] = metrics[metric]["value"]
+    base, drops = knockout_drops(acc, n)
     return {"baseline": base, "drops": drops, "per_doc": docs}
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from bench.common import data_dir, double_copy, run_alternating, stats
 from icl_scale import pruning as P
+from icl_scale.evaluator import masks_per_pass
 from icl_scale.models.loading import LoadedModel
 from icl_scale.scoring import score_masks, score_requests
-from icl_scale.shard import masks_per_pass
 from icl_scale.tasks import build_requests
 
 LEVELS = (10, 20, 30, 40, 50, 60, 70, 80)

@@ -58,7 +58,10 @@ def hydra_job(config_name: str):
     as one `error:` line (exit 2)."""
     import hydra
 
-    from .models.loading import CONF_DIR
+    from .config import CONF_DIR
+    from .schema import register
+
+    register()  # the schemas the configs compose over, and the --help resolver
 
     def wrap(fn):
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)

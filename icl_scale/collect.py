@@ -44,9 +44,6 @@ class Collected:
     mixed: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # one line each (mixed settings, unrecorded settings)
 
-    def by_key(self) -> dict[tuple[str, str, int, int], ShardData]:
-        return {(d.shard.model, d.shard.task, d.shard.shot, d.shard.seed): d for d in self.ok}
-
 
 def shard_name(sh: Shard) -> str:
     return sh.name

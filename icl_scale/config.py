@@ -1,11 +1,16 @@
-"""Configuration glue shared by every entry point and job: plain dicts from Hydra/OmegaConf configs,
-and the process environment a job runs in."""
+"""Configuration glue shared by every entry point and job: where the Hydra configs live, composing
+them over the schema (icl_scale/schema.py) into plain dicts, and the process environment a job runs in."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
+
+# The Hydra configs ship inside the package (icl_scale/conf links to the repository's conf/), so
+# presets resolve the same from a checkout, an editable install or a wheel.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def to_dict(cfg) -> dict:
@@ -31,3 +36,16 @@ def setup_environment(log_level: int | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def compose(config_name: str = "config", overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The resolved plain-dict config of `conf/<config_name>.yaml` with Hydra overrides, exactly as a
+    job with that config sees it (outside a Hydra app: the planner, tests, notebooks)."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from .schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_dict(hcompose(config_name=config_name, overrides=list(overrides)))

@@ -32,14 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, balanced_slices, dp_world
-from .knockout import knockout_drops
 from .models.gates import Gates
 from .models.loading import LoadedModel
+from .schema import options
 from .scoring import Tokenised, pad_right
 from .tasks.base import Request
 
-ABS_MODES = ("per_token", "sum")
-NORMALIZE = ("paper", "all_tokens")
+ABS_MODES = options("importance.abs")
+NORMALIZE = options("importance.normalize")
 
 
 @dataclass
@@ -195,34 +195,3 @@ def _batch_sums(lm: LoadedModel, gates: Gates, chunk, abs_mode: str) -> torch.Te
         heads, ffn = head_c.sum(dim=2).abs().sum(dim=1), ffn_c.sum(dim=2).abs().sum(dim=1)
     counts = torch.tensor([0.0, 0.0] if idle else [float(mask.sum()), float(len(tgt_t))], dtype=torch.float64)
     return torch.cat([heads.double().cpu().flatten(), ffn.double().cpu(), counts])
-
-
-def ffn_knockout(
-    lm: LoadedModel,
-    evaluate: Callable[[torch.Tensor | None, torch.Tensor | None], float],
-    head_mask: torch.Tensor | None = None,
-    done: dict[int, float] | None = None,
-    on_layer: Callable[[int, float], None] | None = None,
-    progress: bool = False,
-) -> tuple[float, torch.Tensor]:
-    """Accuracy drop when FFN l alone is removed, for every layer: (baseline, [L] drops).
-
-    `evaluate(head_mask, ffn_mask) -> accuracy` on the knock-out split, called once per knock-out
-    (each a full evaluation); `done` holds accuracies already measured (resume) keyed by layer, with
-    -1 for the baseline. The shard computes the same numbers with icl_scale.knockout, which restarts
-    every knock-out at its layer instead of rerunning the layers before it."""
-    n = lm.adapter.geometry.n_layers
-    done = dict(done or {})
-    if -1 not in done:
-        done[-1] = evaluate(head_mask, None)
-        if on_layer:
-            on_layer(-1, done[-1])
-    for l in tqdm(range(n), disable=not progress, desc="ffn knock-out", leave=False):
-        if l in done:
-            continue
-        m = torch.ones(n)
-        m[l] = 0
-        done[l] = evaluate(head_mask, m)
-        if on_layer:
-            on_layer(l, done[l])
-    return knockout_drops(done, n)

@@ -52,8 +52,9 @@ slices are gathered at the end; under ZeRO-3 ("full" mode) each knock-out is one
 score_requests.
 
 The hooks here (entries read at a pre-FFN norm's or a block's input, replaced at a block's or the
-final norm's input, the cache lent around each base-model pass) are plain torch forward hooks,
-installed for one run and always removed: models/hooks.py has no pre-FFN norm or base-model point.
+final norm's input, the cache lent around each base-model pass) are points of the one hook system
+(models/hooks.py: "ffn_input", "block", "final_norm", "model", "model_output"), installed for one
+run and always removed.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import balanced_slices, dp_world, gather_objects
+from .models.hooks import Hooks
 from .models.loading import LoadedModel
 from .scoring import (
     ChoiceScore,
@@ -255,19 +257,6 @@ def _full(lm, requests, head_mask, batch_size, state, on_batch, progress) -> Non
 # first module and lends cache layers < s the recorded keys/values for the pass (and takes them back
 # after it, so the scorer's cache handling sees a cache whose layers < s were never run).
 
-@contextmanager
-def _hooks(pre: list[tuple[nn.Module, Callable]], post: list[tuple[nn.Module, Callable]] = ()):
-    """Forward pre-hooks and forward hooks (both with kwargs) for one `with` block."""
-    handles = []
-    try:
-        handles += [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in pre]
-        handles += [m.register_forward_hook(fn, with_kwargs=True) for m, fn in post]
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _hidden(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -281,9 +270,9 @@ def _cache_of(kwargs, output=None):
     return None
 
 
-def _entry_module(lm: LoadedModel, mode: str, layer: int) -> nn.Module:
-    block = lm.adapter.layer(layer)
-    return block.get_submodule(lm.adapter.family.pre_ffn_norm) if mode == "post_attention" else block
+def _entry_point(mode: str) -> str:
+    """The hook point whose input is knock-out l's entry: the pre-FFN norm's or the block's input."""
+    return "ffn_input" if mode == "post_attention" else "block"
 
 
 @contextmanager
@@ -299,7 +288,7 @@ def _record(lm: LoadedModel, mode: str, entries: list[list[torch.Tensor]], kv: l
         kv.append(None if cache is None else [(layer.keys, layer.values) for layer in cache.layers])
 
     n = lm.adapter.geometry.n_layers
-    with _hooks([(lm.model.base_model, start)] + [(_entry_module(lm, mode, l), keep(entries[l])) for l in range(n)]):
+    with Hooks(lm.adapter, [("model", None, start)] + [(_entry_point(mode), l, keep(entries[l])) for l in range(n)]):
         yield
 
 
@@ -324,7 +313,7 @@ def _restart(lm: LoadedModel, start: int, entries: list[torch.Tensor], kv: list)
     """Knock-out runs from decoder block `start` (the final norm when start = L): pass k's first module
     gets entries[k] as input; cache layers < start hold kv[k] during pass k only."""
     n = lm.adapter.geometry.n_layers
-    first = lm.adapter.layer(start) if start < n else lm.adapter.final_norm()
+    first = ("block", start) if start < n else ("final_norm", None)
     k = [0]
 
     def begin(module, args, kwargs):
@@ -348,8 +337,8 @@ def _restart(lm: LoadedModel, start: int, entries: list[torch.Tensor], kv: list)
         new = new.reshape(old.shape)  # OPT's pre-FFN residual is flat
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-    base = lm.model.base_model
-    with _hooks([(base, begin), (first, feed)], [(base, end)]), _layers_from(lm, start):
+    with Hooks(lm.adapter, [("model", None, begin), (*first, feed), ("model_output", None, end)]), \
+            _layers_from(lm, start):
         yield
 
 

@@ -35,8 +35,7 @@ def shard_run_name(task: str, shot: int, seed: int) -> str:
 
 
 def run_group(cfg: dict) -> str | None:
-    wb = cfg.get("wandb") or {}
-    return wb.get("group") or (cfg.get("sweep") or {}).get("name") or cfg["model"]["name"]
+    return cfg["wandb"]["group"] or cfg["sweep"]["name"] or cfg["model"]["name"]
 
 
 def peak_memory_gb() -> float:
@@ -52,12 +51,12 @@ class LiveRun:
 
     def __init__(self, cfg: dict, shard, config_hash: str, resumed: bool):
         self.run: TrackedRun | None = None
-        wb = cfg.get("wandb") or {}
-        if not dist_env().is_main or resolve_mode(wb.get("mode")) == "disabled":
+        wb = cfg["wandb"]
+        if not dist_env().is_main or resolve_mode(wb["mode"]) == "disabled":
             return
         args = dict(name=shard_run_name(shard.task, shard.shot, shard.seed), group=run_group(cfg), job_type="shard",
-                    run_id=shard_run_id(shard.path, config_hash), mode=wb.get("mode"), project=wb.get("project"),
-                    entity=wb.get("entity"), dir=wb.get("dir"))
+                    run_id=shard_run_id(shard.path, config_hash), mode=wb["mode"], project=wb["project"],
+                    entity=wb["entity"], dir=wb["dir"])
         conf = {k: cfg[k] for k in ("model", "task", "shot", "seed", "eval", "importance", "knockout", "pruning")
                 if k in cfg}
         for attempt in range(2):  # a requeued job may start while the killed attempt still holds the id

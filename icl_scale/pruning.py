@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .schema import options
+
 DEFAULT_LEVELS = tuple(range(0, 100, 10))
-COUNTS = ("floor", "round")
+COUNTS = options("pruning.count")
 
 
 def check_levels(levels: Sequence[float], name: str = "pruning.levels") -> list[float]:

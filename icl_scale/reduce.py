@@ -43,11 +43,11 @@ def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
     transfer = res.pop("transfer_rows")
     res.pop("figure_data")
     runs = []
-    if (cfg.get("wandb") or {}).get("mode", "offline") != "disabled":
+    if cfg["wandb"]["mode"] != "disabled":
         wb = cfg["wandb"]
-        group = wb.get("group") or cfg["sweep"].get("name") or model
+        group = wb["group"] or cfg["sweep"]["name"] or model
         # The reducer's own W&B settings apply to every run it logs (not those saved in shards).
-        where = dict(mode=wb.get("mode"), project=wb.get("project"), entity=wb.get("entity"), dir=wb.get("dir"))
+        where = dict(mode=wb["mode"], project=wb["project"], entity=wb["entity"], dir=wb["dir"])
         shard_runs = []
         for d in col.ok:
             name = shard_run_name(d.shard.task, d.shard.shot, d.shard.seed)

@@ -20,9 +20,11 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,24 @@ def _atomic(path: Path, write, every_rank: bool = False) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+
+
+@contextmanager
+def atomic_dir(out: Path):
+    """A folder written whole or not at all: yields a temporary sibling folder, renamed to `out` (which
+    must be absent or empty) when the block ends; removed if it raises."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # mkdtemp and some writers make owner-only files: share them like any file
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
+        os.rename(tmp, out)  # replaces an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -147,6 +167,15 @@ def check_writable(root: Path, setting: str = "store.root") -> Path:
 
 # --- shards ---------------------------------------------------------------------------------------
 
+def clear_checkpoint(folder: Path) -> None:
+    """Remove `folder/checkpoint/` (rank 0's, every rank's own files included)."""
+    d = Path(folder) / "checkpoint"
+    if _WRITER and d.exists():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
 def safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))
 
@@ -218,11 +247,7 @@ class Shard:
                 tmp.unlink(missing_ok=True)
 
     def clear_checkpoint(self) -> None:
-        d = self.path / "checkpoint"
-        if _WRITER and d.exists():  # rank 0's (every rank's own files included)
-            for f in d.iterdir():
-                f.unlink()
-            d.rmdir()
+        clear_checkpoint(self.path)
 
     def importance(self) -> dict[str, torch.Tensor]:
         return read_tensors(self.file("importance.safetensors"))

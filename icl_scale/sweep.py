@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def shard_cfgs(cfg: dict) -> list[dict]:
 
 def transfer_cfgs(cfg: dict) -> list[dict]:
     """One transfer job per shard of the sweep with sweep.transfer=true (none otherwise)."""
-    return shard_cfgs(cfg) if cfg["sweep"].get("transfer") else []
+    return shard_cfgs(cfg) if cfg["sweep"]["transfer"] else []
 
 
 def shard_label(c: dict) -> str:
@@ -83,7 +82,7 @@ def shard_state(c: dict) -> str:
 def induction_done(cfg: dict) -> bool:
     """The model's induction scores are in the store and read back (icl_scale.collect)."""
     scores, problem = read_induction(cfg["store"]["root"], cfg["model"]["name"])
-    return scores is not None and problem is None and not cfg["store"].get("force")
+    return scores is not None and problem is None and not cfg["store"]["force"]
 
 
 # --- the jobs (callables submitit pickles and runs on the compute node) ---------------------------
@@ -142,8 +141,8 @@ def _job_env() -> None:
 
 def tasks_per_node(la: dict) -> int:
     """Ranks of a shard job: `launcher.tasks_per_node`, by default one per GPU (1 without GPUs)."""
-    n = la.get("tasks_per_node")
-    return int(n) if n else max(1, int(la.get("gpus_per_node") or 0))
+    n = la["tasks_per_node"]
+    return int(n) if n else max(1, int(la["gpus_per_node"]))
 
 
 def job_resources(cfg: dict, nodes: list) -> dict:
@@ -154,7 +153,7 @@ def job_resources(cfg: dict, nodes: list) -> dict:
     from .plan import PlanError, host_bytes_per_rank
 
     la = cfg["launcher"]
-    gpus, tasks = int(la["gpus_per_node"] or 0), tasks_per_node(la)
+    gpus, tasks = int(la["gpus_per_node"]), tasks_per_node(la)
     usable = [n for n in nodes if n.gpus >= gpus] or nodes
     cpus, mem = la["cpus_per_task"], la["mem_gb"]
     if cpus == "auto":
@@ -208,13 +207,13 @@ def slurm_resources(cfg: dict) -> dict:
 
 def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submitit.Executor:
     la = cfg["launcher"]
-    name = la.get("name")
+    name = la["name"]
     if name not in LAUNCHERS:
         raise ValueError(f"launcher={name!r} is unknown; use launcher=local or launcher=slurm")
     folder = Path(la["folder"]) / "%j"  # submitit's pickles and logs: outside the results store
     if name == "local":
         ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=int(la.get("timeout_min", 120)))
+        ex.update_parameters(timeout_min=int(la["timeout_min"]))
         return ex
     from .slurm_env import slurm_status
 
@@ -224,9 +223,9 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
                          f"`bash slurm/start.sh` (or `make slurm-start`), or use launcher=local")
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
     params = {
-        "timeout_min": int(la.get("timeout_min", 240)),
+        "timeout_min": int(la["timeout_min"]),
         "slurm_job_name": f"icl_{job}",
-        "slurm_array_parallelism": int(la.get("array_parallelism", 32)),
+        "slurm_array_parallelism": int(la["array_parallelism"]),
     }
     if job != "reduce":  # the reducer needs no GPU
         res = slurm_resources(cfg)
@@ -240,12 +239,12 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
             params["cpus_per_task"] = int(res["cpus_per_task"])
         if res["mem_gb"]:
             params["mem_gb"] = int(res["mem_gb"])
-    if la.get("partition"):
+    if la["partition"]:
         params["slurm_partition"] = la["partition"]
-    extra = dict(la.get("additional") or {})
-    if la.get("account"):
+    extra = dict(la["additional"] or {})
+    if la["account"]:
         extra["account"] = la["account"]
-    if la.get("qos"):
+    if la["qos"]:
         extra["qos"] = la["qos"]
     if dependency:
         extra["dependency"] = dependency
@@ -374,10 +373,3 @@ def _wait_quietly(job) -> None:
     except Exception as e:  # noqa: BLE001 - submitit wraps the job's own exception
         log.warning("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1] if str(e).strip() else e)
 
-
-def wait_for(jobs, poll: float = 1.0, timeout: float | None = None) -> None:
-    t0 = time.time()
-    while not all(j.done() for j in jobs):
-        if timeout and time.time() - t0 > timeout:
-            raise TimeoutError(f"jobs not done after {timeout} s: {[j.job_id for j in jobs if not j.done()]}")
-        time.sleep(poll)

@@ -24,10 +24,20 @@ import torch
 
 from . import pruning as P
 from .collect import load_shard
+from .evaluator import Evaluator, mask_key, primary_metric
 from .models.loading import LoadedModel, load_model
 from .rankings import aggregate
-from .shard import Evaluator, _mask_key, primary_metric
-from .store import Shard, StoreError, config_hash, read_json, read_tensors, write_json, write_tensors
+from .runs import ResumableRun, start_ranks
+from .store import (
+    Shard,
+    StoreError,
+    clear_checkpoint,
+    config_hash,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 from .tasks import build_requests
 from .validation import check_config, check_data, check_transfer
 
@@ -75,14 +85,14 @@ def transfer_rankings(target: str, in_aggregate: list[Source], rankings_from: li
     return out
 
 
-class TransferRun:
-    """One target's transfer curves; resumable (transfer/progress.json, per level)."""
+class TransferRun(ResumableRun):
+    """One target's transfer curves; resumable per level (the skeleton of icl_scale/runs.py, its
+    checkpoint in <shard>/transfer/checkpoint/)."""
 
     def __init__(self, cfg: dict, lm: LoadedModel | None = None):
         self.cfg, self.lm = cfg, lm
         self.task, self.shot = cfg["task"], int(cfg["shot"])
-        self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot, int(cfg.get("seed", 0)))
-        self.dir = self.shard.path / "transfer"
+        self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot, int(cfg["seed"]))
         self.metric = primary_metric(self.task)
         tc = cfg["transfer"]
         wanted = list(dict.fromkeys([*tc["sources"], *tc["rankings_from"]]))
@@ -93,10 +103,10 @@ class TransferRun:
                                           tc["rankings_from"], self.sources)
         self.levels = P.check_levels(cfg["pruning"]["levels"])
         self.data = check_data(cfg)
-        self.hash = config_hash(self.settings())
+        super().__init__(self.shard.path / "transfer", config_hash(self.settings()))
 
     def eval_settings(self) -> dict:
-        return {k: self.cfg["eval"].get(k) for k in ("split", "limit")}
+        return {k: self.cfg["eval"][k] for k in ("split", "limit")}
 
     def settings(self) -> dict:
         """What the results depend on: the eval docs, the levels and each source's shard."""
@@ -106,52 +116,54 @@ class TransferRun:
                 "count": c["pruning"]["count"], "rankings": {k: v["sources"] for k, v in self.rankings.items()},
                 "sources": {s.task: s.config_hash for s in self.sources if s.heads is not None}}
 
+    def stages(self):
+        return [("curves", self.curves)]
+
     def run(self) -> dict:
         if not self.rankings:
             raise ValueError(f"transfer for {self.shard.name}: no usable source shard "
                              f"({'; '.join(self.problems)})")
         for p in self.problems:
             log.warning("transfer for %s: leaving out %s", self.shard.name, p)
-        done = self._read(self.dir / "curves.json")
+        done = self._read(self.folder / "curves.json")
         if done.get("config_hash") == self.hash:
             return {**done, "status": "skipped"}
         t0 = time.time()
+        start_ranks()  # several ranks split the evaluations; only rank 0 writes
         self.lm = self.lm or load_model(self.cfg["model"])
-        ev = self.cfg["eval"]
-        reqs = build_requests(self.task, split=ev.get("split"), shot=self.shot, seed=self.shard.seed,
-                              limit=ev.get("limit"), data_dir=(self.cfg.get("data") or {}).get("dir"))
-        evaluate = Evaluator(self.lm, self.task, int(ev.get("batch_size", 8)), bool(self.cfg.get("progress")),
-                             ev.get("physical_below"), ev.get("masks_per_pass", "auto"))
-        known = self.own_curve_results()
-        saved = self._read(self.progress_file)
-        self.progress = saved.get("curves", {}) if saved.get("config_hash") == self.hash else {}
-        write_tensors(self.dir / "rankings.safetensors", {k: v["ranking"] for k, v in self.rankings.items()})
+        ev, c = self.cfg["eval"], self.cfg
+        self.reqs = build_requests(self.task, split=ev["split"], shot=self.shot, seed=self.shard.seed,
+                                   limit=ev["limit"], data_dir=c["data"]["dir"])
+        self.evaluate = Evaluator(self.lm, self.task, int(ev["batch_size"]), bool(c["progress"]),
+                                  ev["physical_below"], ev["masks_per_pass"])
+        self.known = self.own_curve_results()
+        self.open_checkpoint()
+        write_tensors(self.folder / "rankings.safetensors", {k: v["ranking"] for k, v in self.rankings.items()})
+        self.run_stages()
+        return self.finish(time.time() - t0, self.evaluate.n_scored)
+
+    def curves(self) -> None:
         for name, r in self.rankings.items():
-            self.curve(name, r["ranking"], reqs, evaluate, known)
-        return self.finish(time.time() - t0, evaluate.n_scored)
+            self.curve(name, r["ranking"])
 
-    @property
-    def progress_file(self):
-        return self.dir / "checkpoint" / "progress.json"
-
-    def curve(self, name: str, ranking: torch.Tensor, reqs, evaluate: Evaluator, known: dict) -> None:
-        saved = self.progress.setdefault(name, {})
+    def curve(self, name: str, ranking: torch.Tensor) -> None:
+        saved = self.state("curves").setdefault(name, {})
         count, done = self.cfg["pruning"]["count"], {float(k): v for k, v in saved.items()}
         ahead = [(m, None) for m in (P.prune_mask(ranking, p, count=count) for p in sorted(self.levels)
-                                     if p not in done) if _mask_key(m) not in known]  # in P.curve's order
+                                     if p not in done) if mask_key(m) not in self.known]  # in P.curve's order
 
         def score(mask):
-            key = _mask_key(mask)
-            if key in known:  # B's own heads curve already scored this mask
-                return {"metrics": known[key], "reused": "heads curve"}
-            evaluate.prefetch(reqs, ahead, desc=f"transfer {name}")  # several masks in shared passes
-            metrics, _ = evaluate(reqs, mask, None, desc=f"transfer {name}")
+            key = mask_key(mask)
+            if key in self.known:  # B's own heads curve already scored this mask
+                return {"metrics": self.known[key], "reused": "heads curve"}
+            self.evaluate.prefetch(self.reqs, ahead, desc=f"transfer {name}")  # several masks in shared passes
+            metrics, _ = self.evaluate(self.reqs, mask, None, desc=f"transfer {name}")
             return {"metrics": metrics}
 
         def on_level(p, mask, res):
-            write_tensors(self.dir / f"masks/{name}_{p:g}.safetensors", {"mask": mask.float()})
+            write_tensors(self.folder / f"masks/{name}_{p:g}.safetensors", {"mask": mask.float()})
             saved[f"{p:g}"] = {"level": p, "value": res["metrics"][self.metric]["value"], **res}
-            write_json(self.progress_file, {"config_hash": self.hash, "curves": self.progress})
+            self.save()
 
         P.curve(ranking, self.cfg["pruning"]["levels"], score, done=done, on_level=on_level, count=count)
 
@@ -163,14 +175,14 @@ class TransferRun:
             if not m or m.get("status") != "complete":
                 return {}
             cfg = m.get("config") or {}
-            if cfg.get("eval") != self.eval_settings() or cfg.get("data") != self.data:
+            if cfg.get("eval") != self.eval_settings() or cfg.get("data") != self.data:  # (a manifest: read)
                 return {}
             d = load_shard(self.shard, m)
             out = {}
             for row in d.curves["heads"]:
                 f = self.shard.file(f"masks/heads_{row['level']:g}.safetensors")
                 if f.exists():
-                    out[_mask_key(read_tensors(f)["mask"])] = row["metrics"]
+                    out[mask_key(read_tensors(f)["mask"])] = row["metrics"]
             return out
         except (StoreError, KeyError):
             return {}
@@ -191,10 +203,10 @@ class TransferRun:
                             for k, v in self.rankings.items()},
                "left_out": self.problems,
                "curves": {name: sorted(levels.values(), key=lambda r: r["level"])
-                          for name, levels in self.progress.items()},
+                          for name, levels in self.state("curves").items()},
                "seconds": round(seconds, 2), "evaluations": evaluations}
-        write_json(self.dir / "curves.json", out)
-        self.progress_file.unlink(missing_ok=True)
+        write_json(self.folder / "curves.json", out)
+        clear_checkpoint(self.folder)
         return {**out, "status": "complete"}
 
 

@@ -14,21 +14,21 @@ from numbers import Integral, Real
 from typing import Any
 
 from . import pruning as P
-from .importance import ABS_MODES, NORMALIZE
+from .schema import check_section
+from .settings import ConfigError, Spec, check_value
 from .tasks import get_task, load_split
 from .tasks.data import resolve_source, splits_present
 from .tasks.fewshot import demo_pool
 
-WANDB_MODES = ("offline", "online", "disabled")
-FFN_RANKINGS = ("knockout", "gradient")
-KNOCKOUT_SPLITS = ("heldout", "paper")
 COMPARE = ("induction", "random")
-IMPORTANCE_DOCS = ("training_docs", "all_train")
-ATTENTION = ("sdpa", "eager")  # the attention implementations the gates and probes are tested on
 
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message names it and the fix."""
+# Settings whose check is more than type, range and option (their own code below); every other
+# setting a shard reads is checked from its declaration in icl_scale/schema.py.
+SPECIAL = ("eval.physical_below", "eval.masks_per_pass", "knockout.limit", "pruning.levels",
+           "pruning.combined_levels", "pruning.compare")
+# What a shard reads, in the order it is checked.
+SHARD_SETTINGS = ("shot", "seed", "eval.", "importance.", "knockout.", "pruning.", "store.force", "progress",
+                  "wandb.mode")
 
 
 def get(cfg: dict, key: str) -> Any:
@@ -40,96 +40,66 @@ def get(cfg: dict, key: str) -> Any:
 
 def integer(cfg: dict, key: str, lo: int | None = None, none_ok: bool = False) -> int | None:
     """An int setting (not a bool, not 1.5, not "abc"), at least `lo`."""
-    v = get(cfg, key)
-    if v is None and none_ok:
-        return None
-    if isinstance(v, bool) or not isinstance(v, Integral):
-        extra = " or null" if none_ok else ""
-        raise ConfigError(f"{key}={v!r} must be a whole number{extra}, e.g. {key}={max(lo or 0, 1)}")
-    if lo is not None and v < lo:
-        raise ConfigError(f"{key}={v} must be >= {lo}")
-    return int(v)
-
-
-def choice(cfg: dict, key: str, options: tuple[str, ...]) -> str:
-    v = get(cfg, key)
-    if v not in options:
-        raise ConfigError(f"{key}={v!r} is not an option; use one of {', '.join(options)}")
-    return v
+    check_value(key, get(cfg, key), Spec(int, none_ok=none_ok, lo=lo))
+    return get(cfg, key)
 
 
 def boolean(cfg: dict, key: str) -> bool:
-    v = get(cfg, key)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key}={v!r} must be true or false")
-    return v
+    check_value(key, get(cfg, key), Spec(bool))
+    return get(cfg, key)
 
 
 def check_config(cfg: dict) -> None:
-    """Every setting a shard reads: types, ranges, option names, and combinations that would
-    quietly measure the wrong thing."""
+    """Every setting a shard reads: types, ranges, option names (from the schema), and combinations
+    that would quietly measure the wrong thing."""
     get_task(cfg["task"])  # unknown task: one line listing the valid ones
-    integer(cfg, "shot", lo=0)
-    integer(cfg, "seed", lo=0)
-    _check_eval(cfg)
-    integer(cfg, "importance.n_examples", lo=1)
-    integer(cfg, "importance.batch_size", lo=1)
-    integer(cfg, "importance.checkpoint_every", lo=1)
-    choice(cfg, "importance.abs", ABS_MODES)
-    choice(cfg, "importance.normalize", NORMALIZE)
-    choice(cfg, "importance.docs", IMPORTANCE_DOCS)
-    boolean(cfg, "importance.normalize_layers")
-    if choice(cfg, "knockout.split", KNOCKOUT_SPLITS) == "heldout":
+    for prefix in SHARD_SETTINGS:
+        check_section(cfg, prefix, skip=SPECIAL)
+        if prefix == "eval.":
+            _check_eval(cfg)
+    if get(cfg, "knockout.split") == "heldout":
         integer(cfg, "knockout.limit", lo=1)
     _check_pruning(cfg)
-    boolean(cfg, "store.force")
-    boolean(cfg, "progress")
-    choice(cfg, "wandb.mode", WANDB_MODES)
-    check_model(cfg.get("model") or {})
+    check_model(cfg["model"])
 
 
 def check_model(spec: dict) -> None:
     """The cheap part of loading: a local checkpoint folder's files, a hub id, the device and dtype
     (nothing is read from the hub and no weights load)."""
-    from .models.loading import SOURCES, hub_id, local_checkpoint, resolve_device, resolve_dtype
+    from .models.loading import SOURCES, hub_id, local_checkpoint, model_spec, resolve_device, resolve_dtype
 
-    source = spec.get("source")
+    spec = model_spec(spec)
+    source = spec["source"]
     if source not in SOURCES:
         raise ConfigError(f"model.source={source!r} is not an option; use one of {', '.join(SOURCES)}")
-    integer({"model": spec}, "model.max_length", lo=2, none_ok=True)
-    choice({"model": spec}, "model.attn_implementation", ATTENTION)
-    if source == "random" and not spec.get("family"):
+    check_section({"model": spec}, "model.", skip=("model.source",))
+    if source == "random" and not spec["family"]:
         raise ConfigError("model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
     if source == "local":
         local_checkpoint(spec)
     elif source == "hub":
         hub_id(spec)
-    resolve_dtype(spec.get("dtype", "auto"), resolve_device(spec.get("device")))
-    _check_deepspeed(spec.get("deepspeed") or {})
+    resolve_dtype(spec["dtype"], resolve_device(spec["device"]))
+    _check_deepspeed(spec["deepspeed"])
 
 
 def _check_deepspeed(ds: dict) -> None:
     """ZeRO-3 settings, before any model loads: the offload choice, and DeepSpeed being installed."""
     import importlib.util
 
-    if not ds.get("enabled"):
+    if not ds["enabled"]:
         return
-    if ds.get("offload_param", "none") not in ("none", "cpu"):
-        raise ConfigError(f"model.deepspeed.offload_param={ds.get('offload_param')!r} is not an option; "
-                          f"use none or cpu")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("model.deepspeed.enabled=true needs DeepSpeed: pip install deepspeed, or set "
                           "model.deepspeed.enabled=false")
 
 
 def _check_eval(cfg: dict) -> None:
-    integer(cfg, "eval.limit", lo=1, none_ok=True)
-    integer(cfg, "eval.batch_size", lo=1)
     below = get(cfg, "eval.physical_below")
     if below is not None and (isinstance(below, bool) or not isinstance(below, Real) or not below > 0):
         raise ConfigError(f"eval.physical_below={below!r} must be a number > 0 (the compute fraction at or "
                           "under which a mask is scored on a physically pruned copy, e.g. 0.9) or null (always gate)")
-    per_pass = (cfg.get("eval") or {}).get("masks_per_pass", "auto")  # absent: auto; null is an error
+    per_pass = get(cfg, "eval.masks_per_pass")
     if per_pass != "auto" and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
         raise ConfigError(f"eval.masks_per_pass={per_pass!r} must be auto or an integer >= 1 (how many masks "
                           "share one batched forward; 1 = one mask per pass)")
@@ -150,17 +120,12 @@ def _check_pruning(cfg: dict) -> None:
         if bad:
             raise ConfigError(f"{key} contains {bad[0]!r}; every level is a percentage in 0..100")
         P.check_levels(levels, key)
-    choice(cfg, "pruning.ffn_ranking", FFN_RANKINGS)
-    boolean(cfg, "pruning.rescore_each_level")
-    choice(cfg, "pruning.count", P.COUNTS)
     compare = get(cfg, "pruning.compare") or []
     if not isinstance(compare, list):
         raise ConfigError(f"pruning.compare={compare!r} must be a list, e.g. pruning.compare=[{compare}]")
     bad = sorted(set(compare) - set(COMPARE))
     if bad:
         raise ConfigError(f"pruning.compare has {bad}; use a list of induction and/or random")
-    integer(cfg, "pruning.random_seeds", lo=0)
-    boolean(cfg, "pruning.save_samples")
 
 
 # --- the data a shard will read -----------------------------------------------------------------
@@ -248,23 +213,7 @@ def check_sweep(cfg: dict) -> None:
         fix = ",".join(str(s) for s in sorted(set(seeds)))
         raise ConfigError(f"sweep.seeds={seeds} lists {dup} more than once; list each seed once, e.g. "
                           f"sweep.seeds=[{fix}]")
-    boolean(cfg, "sweep.induction")
-    if boolean(cfg, "sweep.transfer"):
+    check_section(cfg, "sweep.", skip=("sweep.tasks", "sweep.shots", "sweep.seeds"))
+    if get(cfg, "sweep.transfer"):
         check_transfer(cfg)
-    integer(cfg, "launcher.timeout_min", lo=1)
-    integer(cfg, "launcher.array_parallelism", lo=1)
-    check_resources(cfg)
-
-
-def check_resources(cfg: dict) -> None:
-    """A shard job's request: GPUs and tasks per node, CPUs per task and memory (`auto`: derived from the
-    partition's nodes and the plan at submission, icl_scale.sweep.job_resources)."""
-    integer(cfg, "launcher.gpus_per_node", lo=0, none_ok=True)
-    integer(cfg, "launcher.tasks_per_node", lo=1, none_ok=True)
-    for key, what in (("launcher.cpus_per_task", "the node's CPUs / tasks per node"),
-                      ("launcher.mem_gb", "the plan's host memory per job")):
-        v = get(cfg, key)
-        if v is None or v == "auto":
-            continue
-        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
-            raise ConfigError(f"{key}={v!r} must be a whole number >= 1, auto ({what}) or null (not requested)")
+    check_section(cfg, "launcher.", skip=("launcher.name",))

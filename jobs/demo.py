@@ -61,7 +61,7 @@ def data_sources(c: dict) -> dict[str, str]:
     from icl_scale.tasks.data import resolve_source
 
     out = {}
-    data_dir = (c.get("data") or {}).get("dir")
+    data_dir = c["data"]["dir"]
     for task in c["sweep"]["tasks"]:
         t = get_task(task)
         srcs = [resolve_source(t, split, data_dir) for split in ("train", t.eval_split)]

@@ -25,31 +25,31 @@ from icl_scale.cli import hydra_job  # noqa: E402
 def main(c: dict) -> None:
     import time
 
+    from icl_scale.evaluator import Evaluator, primary_metric
     from icl_scale.models import load_model
     from icl_scale.models.gates import check_model_masks, read_mask_file
-    from icl_scale.shard import Evaluator, primary_metric
     from icl_scale.store import check_writable, write_json, write_jsonl
     from icl_scale.tasks import build_requests
 
-    if not c.get("out_dir"):
+    if not c["out_dir"]:
         raise ValueError("out_dir is required: add out_dir=<folder> to the command")
     # The files' contents are checked before anything is written or loaded; their shapes once the model is.
     masks = {key: read_mask_file(c[key], key) for key in ("head_mask", "ffn_mask") if c.get(key)}
     out = check_writable(Path(c["out_dir"]))
     ev = c["eval"]
-    reqs = build_requests(c["task"], split=ev.get("split"), shot=int(c["shot"]), seed=int(c.get("seed", 0)),
-                          limit=ev.get("limit"), data_dir=(c.get("data") or {}).get("dir"))
+    reqs = build_requests(c["task"], split=ev["split"], shot=int(c["shot"]), seed=int(c["seed"]),
+                          limit=ev["limit"], data_dir=c["data"]["dir"])
     lm = load_model(c["model"])
     check_model_masks(masks, lm.adapter.geometry, lambda key: f"{key}={c[key]} ({lm.name})")
     t0 = time.time()
-    metrics, per_doc = Evaluator(lm, c["task"], int(ev.get("batch_size", 8)), bool(c.get("progress")))(
+    metrics, per_doc = Evaluator(lm, c["task"], int(ev["batch_size"]), bool(c["progress"]))(
         reqs, masks.get("head_mask"), masks.get("ffn_mask"))
     dt = time.time() - t0
     rows = [{"request": r.to_json(), **d} for r, d in zip(reqs, per_doc)]
     write_jsonl(out / "samples.jsonl", rows)
     write_json(out / "metrics.json", {"model": lm.name, "task": c["task"], "shot": c["shot"], "n": len(reqs),
                                       "metrics": metrics, "seconds": round(dt, 2),
-                                      "head_mask": c.get("head_mask"), "ffn_mask": c.get("ffn_mask")})
+                                      "head_mask": c["head_mask"], "ffn_mask": c["ffn_mask"]})
     m = primary_metric(c["task"])
     v = metrics[m]
     print(f"{lm.name} {c['task']} {c['shot']}-shot: {m}={v['value']:.4f} "

@@ -4,7 +4,7 @@
     python jobs/induction.py model=smollm2-135m induction.n_seeds=100 store.root=store
 
 writes <store.root>/<model.name>/induction/{scores.safetensors, scores.json, *.png}. Settings:
-the `induction:` block of conf/config.yaml (conf/induction.yaml composes it).
+the `induction:` block of the config (icl_scale/schema.py InductionConfig; conf/induction.yaml composes it).
 """
 
 import json
@@ -13,18 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-
-from icl_scale.cli import one_line_errors, quiet_libraries, to_dict  # noqa: E402
+from icl_scale.cli import hydra_job  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="induction")
-@one_line_errors
-def main(cfg) -> None:
-    quiet_libraries()
+@hydra_job("induction")
+def main(c: dict) -> None:
     from icl_scale.induction import run_job
 
-    print(json.dumps(run_job(to_dict(cfg))))
+    print(json.dumps(run_job(c)))
 
 
 if __name__ == "__main__":

@@ -105,13 +105,9 @@ def smollm():
 
 def compose(*overrides: str) -> dict:
     """The resolved job config, exactly as jobs/*.py would see it with these overrides."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from icl_scale.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config("config", overrides)
 
 
 def tiny_shard_cfg(root, task="copa", shot=1, model="tiny-opt", *extra):

@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, get_model
+from icl_scale.models import load_model
+from icl_scale.models.loading import preset
+
+from conftest import REPO, data_dir, get_model
 
 if str(REPO) not in sys.path:  # bench/ is not part of the installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
@@ -70,7 +73,7 @@ def test_importance_structure_and_agreement(tiny, mirror):
 
 
 def test_induction_section(tiny):
-    """The original loops (tests/reference_induction.py) against ours, on the tiny model's first seed."""
+    """The original loops (icl_scale/induction/reference.py) against ours, on the tiny model's first seed."""
     res = induction.section(tiny, quick=True)
     assert "error" not in res, res.get("error")
     assert res["function"] == "bench.induction.run" and res["kwargs"]["loop_seeds"] == (0,)
@@ -136,3 +139,29 @@ def test_no_data_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     assert bench_run.main(["--only", "importance", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def four_layers(name: str):
+    """The tiny preset with 4 layers (2 would leave nothing between the first and the last knock-out)."""
+    spec = preset(name)
+    spec["config"] = {**(spec["config"] or {}), "num_hidden_layers": 4}
+    return load_model(spec)
+
+
+# --- the knock-out section ----------------------------------------------------------------------------------
+
+def test_knockout_section(tmp_path):
+    """bench/run.py --only knockout on a tiny model: the section, its agreement checks, results.md."""
+    from bench import knockout as bench_ko
+
+    lm, out = four_layers("tiny-llama"), tmp_path / "res"
+    cfg = {"ko_docs": 4, "ko_batch_size": 2, "repeats": 1}
+    res = bench_run.run(["knockout"], quick=True, model=lm, out=out, cfg=cfg, data=data_dir(), log=lambda *a: None)
+    sec = res["knockout"]
+    assert sec["settings"]["docs"] == 4 and sec["settings"]["mode"] == "post_attention"
+    assert sec["agreement"]["max_abs_dlogprob"] <= 1e-4 and sec["agreement"]["same_predictions"]
+    assert sec["agreement"]["same_drops"] and all(sec["targets"][k] for k in ("agree<=1e-4", "same_drops"))
+    assert len(sec["drops"]) == 4 and sec["block_passes"]["ratio"] == pytest.approx(20 / 10)
+    assert set(sec["time"]) == set(bench_ko.TIMED) and sec["speedup"] > 0 and sec["cpu_speedup"] > 0
+    assert "knockout" in json.loads(out.with_suffix(".json").read_text())
+    assert "## FFN knock-out" in out.with_suffix(".md").read_text()

@@ -19,6 +19,7 @@ from icl_scale.distributed import balanced_slices
 from icl_scale.store import read_tensors
 
 from conftest import REPO, assert_same_store, data_dir
+from fault_injection import hold_env
 
 SHARD = ["task=copa", "shot=1", "eval.limit=13", "importance.n_examples=9", "importance.batch_size=2",
          "knockout.limit=6", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
@@ -75,6 +76,7 @@ def reference(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # torchrun ranks
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 @pytest.mark.parametrize("zero", [False, True], ids=["replicas", "zero3"])
 def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero):
@@ -86,6 +88,7 @@ def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero)
     assert manifest["status"] == "complete" and manifest["ranks"] == 2
 
 
+@pytest.mark.slow  # torchrun ranks
 def test_shared_passes_under_zero3_on_two_ranks_equal_one_mask_per_pass_in_one_process(tmp_path):
     """Several masks per batched forward (eval.masks_per_pass) under ZeRO-3 on 2 ranks: the ranks'
     passes stay in call-lockstep (the placeholder calls select a mask too) and the store equals one
@@ -100,10 +103,11 @@ def test_shared_passes_under_zero3_on_two_ranks_equal_one_mask_per_pass_in_one_p
     assert manifest["evaluations_shared_pass"] >= 2 and manifest["ranks"] == 2
 
 
+@pytest.mark.slow  # torchrun ranks
 def test_two_ranks_killed_mid_importance_resume_to_the_same_store(reference, tmp_path):
     hold = tmp_path / "hold"
     hold.touch()
-    env = {**ENV, "ICL_SCALE_HOLD_AFTER": f"importance@4:{hold}"}
+    env = hold_env("importance@4", hold, ENV)
     p = score(tmp_path, "tiny-opt", ranks=2, env=env, wait=False)
     ckpt = shard_dir(tmp_path, "tiny-opt") / "checkpoint" / "importance_state.safetensors"
     t0 = time.time()
@@ -120,6 +124,7 @@ def test_two_ranks_killed_mid_importance_resume_to_the_same_store(reference, tmp
     assert_same_store(shard_dir(reference, "tiny-opt"), shard_dir(tmp_path, "tiny-opt"))
 
 
+@pytest.mark.slow  # torchrun ranks
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_induction_scores_under_zero3_on_two_ranks_equal_one_process(tmp_path, model):
     """The copying score reads weights outside a forward pass (the OV circuit): under ZeRO-3 they are
@@ -171,3 +176,34 @@ def test_bad_zero3_settings_fail_before_loading(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs DeepSpeed: pip install deepspeed"):
         run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "model.deepspeed.enabled=true"))
     assert not (tmp_path / "tiny-opt").exists()  # nothing written
+
+
+def run_job(script: str, root: Path, *args: str, ranks: int = 1) -> str:
+    launcher = TORCHRUN if ranks == 2 else [sys.executable]
+    p = subprocess.run([*launcher, str(REPO / "jobs" / script), "model=tiny-opt", f"store.root={root}", *args],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_transfer_on_two_ranks_writes_what_one_process_writes(tmp_path):
+    """The transfer run shares the shard's run skeleton (icl_scale/runs.py): its ranks join one
+    process group, split the evaluations, and only rank 0 writes."""
+    shard_args = [a for a in SHARD if not a.startswith("task=")]
+    for task in ("copa", "rte"):
+        run_job("score.py", tmp_path / "one", f"task={task}", *shard_args)
+    import shutil
+
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    transfer = [*shard_args, "task=rte", "transfer.sources=[copa,rte]", "transfer.rankings_from=[copa]"]
+    out1 = run_job("transfer.py", tmp_path / "one", *transfer)
+    out2 = run_job("transfer.py", tmp_path / "two", *transfer, ranks=2)
+    assert out2.count("aggregate:") == 2 * out1.count("aggregate:") > 0  # both ranks ran it
+    a, b = (root / "tiny-opt" / "rte" / "1shot" / "seed0" / "transfer" for root in (tmp_path / "one", tmp_path / "two"))
+    ca, cb = (json.loads((d / "curves.json").read_text()) for d in (a, b))
+    assert ca["curves"].keys() == cb["curves"].keys() == {"aggregate", "aggregate_without_rte", "from_copa"}
+    for name in ca["curves"]:
+        assert [r["value"] for r in ca["curves"][name]] == [r["value"] for r in cb["curves"][name]], name
+    assert sorted(p.name for p in (a / "masks").iterdir()) == sorted(p.name for p in (b / "masks").iterdir())
+    assert not (b / "checkpoint").exists() and not list(b.rglob(".*.tmp"))

@@ -13,10 +13,11 @@ import torch
 import yaml
 from scipy import stats
 
+from icl_scale.config import CONF_DIR
 from icl_scale.importance import gradient_importance, importance_inputs
 from icl_scale.induction import CopyingOptions, copying_options_from
 from icl_scale.models import load_model
-from icl_scale.models.loading import CONF_DIR, _doc_start_ids, preset
+from icl_scale.models.loading import _doc_start_ids, preset
 from icl_scale.pruning import curve, n_removed, prune_mask
 from icl_scale.rankings import aggregate, argsort_spearman, spearman
 from icl_scale.scoring import Tokenised

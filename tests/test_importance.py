@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from icl_scale.importance import ffn_knockout, gradient_importance, importance_inputs
+from icl_scale.evaluator import Evaluator
+from icl_scale.importance import gradient_importance, importance_inputs
 from icl_scale.models import Gates
 from icl_scale.pruning import check_levels, curve, n_removed, prune_mask
-from icl_scale.shard import Evaluator
 from icl_scale.tasks import build_requests
 
 from conftest import get_model
+from reference_knockout import ffn_knockout
 
 
 def reference_importance(lm, requests, abs_mode, normalize="paper"):

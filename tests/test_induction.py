@@ -27,11 +27,11 @@ from icl_scale.induction import (
     token_pool,
 )
 from icl_scale.induction.job import CONFIG_KEYS
+from icl_scale.induction.reference import reference_copying, reference_prefix_matching
 from icl_scale.models import Adapter, Gates, UnsupportedArchitecture, load_model
 from icl_scale.pruning import random_ranking
 
 from conftest import compose
-from reference_induction import reference_copying, reference_prefix_matching
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,13 +279,9 @@ def test_job_writes_store(tmp_path):
 
 
 def _compose_induction(*overrides: str) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from icl_scale.config import compose
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="induction", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose("induction", overrides)
 
 
 def test_job_config_is_the_shared_config(monkeypatch):

@@ -3,21 +3,21 @@ per-choice log-likelihoods, predictions, drops; with a head mask; on OPT and Lla
 restart modes; the model is left unchanged; the stage resumes per batch inside a shard."""
 
 import dataclasses
-import sys
 
 import pytest
 import torch
 
 import icl_scale.knockout as ko
-from icl_scale.importance import ffn_knockout
+from icl_scale.evaluator import Evaluator
 from icl_scale.models import load_model
 from icl_scale.models.loading import preset
 from icl_scale.scoring import score_requests
-from icl_scale.shard import Evaluator, run_shard
+from icl_scale.shard import run_shard
 from icl_scale.store import Shard, read_tensors
 from icl_scale.tasks import build_requests, compute_metrics
 
-from conftest import REPO, data_dir, get_model, tiny_shard_cfg
+from conftest import data_dir, get_model, tiny_shard_cfg
+from reference_knockout import ffn_knockout
 
 N_LAYERS = 4
 _models: dict = {}
@@ -115,7 +115,7 @@ def test_other_families(name, reqs):
 
 
 def test_drops_equal_ffn_knockout(reqs):
-    """The shard's numbers: baseline and drops as importance.ffn_knockout gives them through the Evaluator."""
+    """The shard's numbers: baseline and drops as the reference (one evaluation per knock-out) gives them."""
     lm = deep("tiny-llama")
     ev = Evaluator(lm, "copa", 4)
     base, drops = ffn_knockout(lm, lambda hm, fm: ev(reqs, hm, fm)[0]["acc"]["value"])
@@ -234,27 +234,3 @@ def test_shard_resumes_mid_knockout_to_identical_files(tmp_path, monkeypatch):
     assert res["status"] == "complete" and res["evaluations"] == 5
     assert n_chunks >= 3 and len(calls) == n_chunks - 2
     assert _snapshot(sh.path) == _snapshot(Shard(tmp_path / "a", "tiny-opt", "copa", 1).path)
-
-
-# --- the benchmark ----------------------------------------------------------------------------------
-
-def test_bench_section(tmp_path):
-    """bench/run.py --only knockout on a tiny model: the section, its agreement checks, results.md."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import json
-
-    from bench import knockout as bench_ko
-    from bench import run as bench_run
-
-    lm, out = deep("tiny-llama"), tmp_path / "res"
-    cfg = {"ko_docs": 4, "ko_batch_size": 2, "repeats": 1}
-    res = bench_run.run(["knockout"], quick=True, model=lm, out=out, cfg=cfg, data=data_dir(), log=lambda *a: None)
-    sec = res["knockout"]
-    assert sec["settings"]["docs"] == 4 and sec["settings"]["mode"] == "post_attention"
-    assert sec["agreement"]["max_abs_dlogprob"] <= 1e-4 and sec["agreement"]["same_predictions"]
-    assert sec["agreement"]["same_drops"] and all(sec["targets"][k] for k in ("agree<=1e-4", "same_drops"))
-    assert len(sec["drops"]) == N_LAYERS and sec["block_passes"]["ratio"] == pytest.approx(20 / 10)
-    assert set(sec["time"]) == set(bench_ko.TIMED) and sec["speedup"] > 0 and sec["cpu_speedup"] > 0
-    assert "knockout" in json.loads(out.with_suffix(".json").read_text())
-    assert "## FFN knock-out" in out.with_suffix(".md").read_text()

@@ -14,10 +14,11 @@ PKG = REPO / "icl_scale"
 
 # Lower layers never import higher ones; a module may import its own layer (no cycles, checked below).
 LAYERS = [
-    {"config", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
+    {"config", "settings", "schema", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
-    {"scoring", "importance", "knockout", "validation", "live", "plan"},
-    {"induction", "shard", "collect", "report", "transfer", "paper", "plots"},
+    {"scoring", "importance", "knockout", "validation", "live", "plan", "plan_machine", "plan_data"},
+    {"evaluator", "runs"},
+    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots"},
     {"reduce", "sweep"},
     {"cli"},
 ]
@@ -124,3 +125,40 @@ def test_every_experiment_preset_composes_and_validates(experiment):
     cfg = compose(f"experiment={experiment}")
     cfgs = shard_cfgs(cfg)
     assert len(cfgs) == len(cfg["sweep"]["tasks"]) * len(cfg["sweep"]["shots"])
+
+
+MAX_MODULE_LINES = 400  # a module that grows past this has more than one job: split it
+
+
+def test_no_module_over_the_line_limit():
+    big = [f"{p.relative_to(REPO)} ({n} lines)" for p in sorted(PKG.rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not big, big
+
+
+def _private_imports(path: Path) -> list[str]:
+    """`from <another module> import _name`: a private name used across modules."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("icl_scale")):
+            out += [f"{path.relative_to(REPO)}:{node.lineno} imports {a.name} from {'.' * node.level}{node.module}"
+                    for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_no_private_names_imported_across_modules():
+    bad = [line for p in sorted(PKG.rglob("*.py")) for line in _private_imports(p)]
+    assert not bad, bad
+
+
+def test_bench_and_tests_do_not_import_each_other():
+    bad = []
+    for tree, other in (("bench", "tests"), ("tests", "bench")):
+        for p in sorted((REPO / tree).rglob("*.py")):
+            if tree == "tests" and p.name == "test_bench.py":
+                continue  # the benchmarks' own tests import what they test
+            for node in ast.walk(ast.parse(p.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                         [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                bad += [f"{p.relative_to(REPO)} imports {n}" for n in names if n.split(".")[0] == other]
+    assert not bad, bad

@@ -6,34 +6,27 @@ import json
 
 import pytest
 
-import icl_scale.shard as shard_mod
 from icl_scale.live import shard_run_id
 from icl_scale.reduce import run_reduce
 from icl_scale.shard import run_shard
 from icl_scale.store import Shard
 
 from conftest import get_model, tiny_shard_cfg
+from fault_injection import crash_after
 from wandb_offline import find_offline_runs, read_offline_run
 
 
 def test_live_run_logs_while_it_works_and_keeps_one_id_after_a_requeue(tmp_path, monkeypatch):
     cfg = tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "wandb.mode=offline", f"wandb.dir={tmp_path}",
                          "sweep.name=live")
-    real = shard_mod.after_stage
-
-    def preempt_after_knockout(name, resumed):
-        real(name, resumed)
-        if name == "knockout" and not resumed:
-            raise RuntimeError("preempted after the knock-out stage")
-
-    monkeypatch.setattr(shard_mod, "after_stage", preempt_after_knockout)
-    with pytest.raises(RuntimeError, match="preempted"):
+    crash_after(monkeypatch, "knockout", only_fresh=True)  # preempted after the knock-out stage
+    with pytest.raises(RuntimeError, match="injected failure"):
         run_shard(cfg, lm=get_model("tiny-opt"))
     first = [read_offline_run(d) for d in find_offline_runs(tmp_path)]
     assert len(first) == 1
     r1 = first[0]
     assert r1["exit_code"] != 0 and r1["summary"]["status"] == "failed"
-    assert r1["summary"]["error"] == "RuntimeError: preempted after the knock-out stage"
+    assert r1["summary"]["error"] == "RuntimeError: injected failure after stage knockout"
     stages = [row["stage"] for row in r1["history"] if "stage" in row]
     assert stages[0] == "importance" and "knockout" in stages and "curves" not in stages
     imp = [row for row in r1["history"] if "importance/done" in row]

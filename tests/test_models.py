@@ -223,10 +223,15 @@ def test_hooks_are_removed_on_errors():
 
 def test_bad_hooks_are_one_line_errors():
     lm = get_model("tiny-llama")
-    with pytest.raises(HookError, match="unknown hook point 'mlp'; use one of block, heads, ffn, attention"):
+    with pytest.raises(HookError, match="unknown hook point 'mlp'; use one of block, heads, ffn, ffn_input, "
+                                        "attention, model, model_output, final_norm"):
         Hooks(lm.adapter, [("mlp", 0, print)])
     with pytest.raises(HookError, match="layer 2, but the model has layers 0..1"):
         Hooks(lm.adapter, [("heads", 2, print)])
+    with pytest.raises(HookError, match="'model' is model-wide: give layer None, not 0"):
+        Hooks(lm.adapter, [("model", 0, print)])
+    with pytest.raises(HookError, match="'ffn_input' on layer None"):
+        Hooks(lm.adapter, [("ffn_input", None, print)])
     nested = Hooks(lm.adapter, [("attention", 1, print)])
     with Hooks(lm.adapter, [("attention", 0, lambda v: None)]), pytest.raises(HookError, match="already installed"):
         nested.__enter__()

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from icl_scale.evaluator import masks_per_pass
 from icl_scale.models.gates import MaskError, RowGates
 from icl_scale.scoring import Tokenised, score_masks, score_requests
-from icl_scale.shard import masks_per_pass, run_shard
+from icl_scale.shard import run_shard
 from icl_scale.tasks import build_requests
 
 from conftest import TINY, assert_same_store, data_dir, get_model, tiny_shard_cfg

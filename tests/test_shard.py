@@ -7,23 +7,13 @@ import pytest
 import torch
 
 import icl_scale.shard as shard_mod
-from icl_scale.shard import Evaluator, run_shard
+from icl_scale.evaluator import Evaluator
+from icl_scale.shard import run_shard
 from icl_scale.store import Shard, StoreError, read_tensors, write_json
 from icl_scale.tasks import build_requests
 
 from conftest import get_model, tiny_shard_cfg
-
-
-def crash_after(monkeypatch, stage):
-    """Make the shard runner raise right after `stage` finishes (a crash at a known point)."""
-    real = shard_mod.after_stage
-
-    def hook(name, resumed):
-        real(name, resumed)
-        if name == stage:
-            raise RuntimeError(f"injected failure after stage {stage}")
-
-    monkeypatch.setattr(shard_mod, "after_stage", hook)
+from fault_injection import crash_after
 
 
 def _files(root):

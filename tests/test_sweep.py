@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from icl_scale.report import collect
-from icl_scale.shard import HOLD_ENV
 from icl_scale.slurm_env import SKIP_REASON, slurm_status
 from icl_scale.store import Shard, read_tensors
 from icl_scale.sweep import submit
 
 from conftest import REPO, compose, data_dir
+from fault_injection import hold_env
 from wandb_offline import find_offline_runs, read_offline_run
 
 SMALL = ["model=tiny-opt", "eval.limit=12", "importance.n_examples=8", "importance.batch_size=4",
@@ -149,7 +149,8 @@ def test_requeued_shard_resumes_to_identical_store(cluster, slurm_store, tmp_pat
     # does not hold.
     hold = tmp_path / "hold"
     hold.touch()
-    monkeypatch.setenv(HOLD_ENV, f"importance:{hold}")
+    for k, v in hold_env("importance", hold).items():  # the Slurm job inherits this environment
+        monkeypatch.setenv(k, v)
     cfg = compose(*slurm_args(tmp_path / "store"), "sweep.tasks=[rte]", "sweep.shots=[1]", "sweep.induction=false")
     sub = submit(cfg, wait=False)
     (job,) = sub.shard_jobs

@@ -10,7 +10,6 @@ GPT-NeoX (Pythia).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -180,9 +179,6 @@ class Adapter:
         """Index of the KV head each query head reads (GQA: consecutive groups)."""
         g = self.geometry
         return torch.arange(g.n_heads) // g.group_size
-
-    def final_norm_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.final_norm()
 
     def describe(self) -> dict:
         g = self.geometry

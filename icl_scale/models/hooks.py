@@ -1,8 +1,9 @@
 """The one hook system: named hook points on the modules an adapter locates, installed for one
 `with` block and always removed on exit (also when the block raises).
 
-Head/FFN gates (models/gates.py, which importance and pruning use) and the induction probes
-(icl_scale/induction/probes.py) are built on it; nothing else in icl_scale patches a model.
+Head/FFN gates (models/gates.py, which importance and pruning use), the induction probes
+(icl_scale/induction/probes.py) and the restarted FFN knock-outs (icl_scale/knockout.py) are built on
+it; nothing else in icl_scale patches a model.
 
     with Hooks(adapter, [("heads", 3, pre_hook), ("attention", 3, look)]):
         model(ids)
@@ -15,6 +16,8 @@ Hook points, per layer l:
   concatenated head outputs [..., heads * head_dim]. Same signature as "block".
 * "ffn": forward hook on the module whose output is layer l's FFN contribution to the residual
   stream. fn(module, args, output) -> None, or the replacement output.
+* "ffn_input": forward pre-hook on layer l's pre-FFN norm, whose input is the block's
+  post-attention residual stream. Same signature as "block".
 * "attention": inside layer l's attention computation, after RoPE and before the output
   projection. fn(view: AttentionView) -> None. transformers 5.x computes attention in a function
   it looks up by name (config._attn_implementation) in its AttentionInterface registry, so while
@@ -22,6 +25,12 @@ Hook points, per layer l:
   (sdpa or eager) that hands the layer's queries, keys, values, head outputs and attention
   probabilities (or their log-sum-exp) to the hook; the implementation is restored on exit.
   Layers without an attention hook run the original function unchanged.
+
+Model-wide hook points (layer None):
+
+* "model": forward pre-hook on the base model (the decoder stack without the LM head), same
+  signature as "block"; "model_output": its forward hook, fn(module, args, kwargs, output);
+* "final_norm": forward pre-hook on the final norm, same signature as "block".
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture
 
-HOOK_POINTS = ("block", "heads", "ffn", "attention")
+LAYER_POINTS = ("block", "heads", "ffn", "ffn_input", "attention")
+MODEL_POINTS = ("model", "model_output", "final_norm")
+HOOK_POINTS = LAYER_POINTS + MODEL_POINTS
 _WRAPPER = "icl_scale_hooks"  # registered attention functions are named icl_scale_hooks_<sdpa|eager>
 
 
@@ -77,7 +88,10 @@ class Hooks:
         for point, layer, _ in self.hooks:
             if point not in HOOK_POINTS:
                 raise HookError(f"unknown hook point {point!r}; use one of {', '.join(HOOK_POINTS)}")
-            if not 0 <= layer < n:
+            if point in MODEL_POINTS:
+                if layer is not None:
+                    raise HookError(f"hook {point!r} is model-wide: give layer None, not {layer}")
+            elif layer is None or not 0 <= layer < n:
                 raise HookError(f"hook {point!r} on layer {layer}, but the model has layers 0..{n - 1}")
         self._handles: list = []
         self._attention: list[nn.Module] = []
@@ -103,9 +117,19 @@ class Hooks:
                 self._handles.append(ad.o_proj(layer).register_forward_pre_hook(fn, with_kwargs=True))
             elif point == "ffn":
                 self._handles.append(ad.ffn(layer).register_forward_hook(fn))
+            elif point in ("ffn_input", "model", "final_norm"):
+                self._handles.append(self._module(point, layer).register_forward_pre_hook(fn, with_kwargs=True))
+            elif point == "model_output":
+                self._handles.append(ad.model.base_model.register_forward_hook(fn, with_kwargs=True))
         attention = [(layer, fn) for point, layer, fn in self.hooks if point == "attention"]
         if attention:
             self._install_attention(attention)
+
+    def _module(self, point: str, layer: int | None) -> nn.Module:
+        ad = self.adapter
+        if point == "ffn_input":
+            return ad.layer(layer).get_submodule(ad.family.pre_ffn_norm)
+        return ad.model.base_model if point == "model" else ad.final_norm()
 
     def _install_attention(self, attention: list[tuple[int, Callable]]) -> None:
         model = self.adapter.model
@@ -203,4 +227,4 @@ def _hooked_attention(module, query, key, value, attention_mask, scaling=None, d
     return result
 
 
-__all__ = ["HOOK_POINTS", "AttentionView", "HookError", "Hooks"]
+__all__ = ["HOOK_POINTS", "LAYER_POINTS", "MODEL_POINTS", "AttentionView", "HookError", "Hooks"]

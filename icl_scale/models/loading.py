@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..config import to_dict
+from ..config import CONF_DIR, to_dict
 from .adapters import Adapter
 
 log = logging.getLogger(__name__)
@@ -185,20 +185,44 @@ def random_config(family: str, vocab_size: int, **overrides):
 
 # --- entry point ------------------------------------------------------------------------------------
 
-# The Hydra configs ship inside the package (icl_scale/conf links to the repository's conf/), so
-# presets resolve the same from a checkout, an editable install or a wheel.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
 def preset(name: str) -> dict:
-    """Read a preset from conf/model/<name>.yaml (no Hydra needed)."""
-    import yaml
+    """A preset from conf/model/<name>.yaml over the schema's model defaults, as a job composing
+    `model=<name>` sees it; no Hydra app needed."""
+    from omegaconf import OmegaConf
 
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ModelConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(known)}")
-    return yaml.safe_load(path.read_text())
+    return model_spec(OmegaConf.load(path))
+
+
+def _plain(x):
+    """Nested mappings (a DictConfig, a dict subclass) as plain dicts, which OmegaConf merges."""
+    from collections.abc import Mapping
+
+    from omegaconf import DictConfig
+
+    if isinstance(x, DictConfig):
+        return x
+    return {k: _plain(v) for k, v in x.items()} if isinstance(x, Mapping) else x
+
+
+def model_spec(spec) -> dict:
+    """A model spec (a dict or DictConfig, possibly partial) over the schema's model defaults
+    (icl_scale/schema.py ModelConfig) as a plain dict; a key the schema does not declare is an error."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from ..schema import ModelConfig
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), _plain(spec))
+    except ConfigKeyError as e:
+        key = getattr(e, "key", None) or _first_line(e)
+        raise ModelConfigError(f"model.{key} is not a model setting; the settings are listed by "
+                               "`python jobs/score.py --help` (model.*)") from None
+    return to_dict(merged)
 
 
 def _doc_start_ids(tokenizer, setting) -> list[int]:
@@ -295,7 +319,7 @@ def load_tokenizer(spec: dict):
 
     src = spec["source"]
     if src == "random":  # tests: borrow the embedded model's real BPE tokenizer
-        return load_tokenizer(preset(spec.get("tokenizer", "smollm2-135m")))
+        return load_tokenizer(preset(spec["tokenizer"]))
     if src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         return AutoTokenizer.from_pretrained(str(path))
@@ -379,45 +403,43 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
     """Load a model from a spec dict / DictConfig (see conf/model/*.yaml) or a preset name."""
     from transformers import AutoModelForCausalLM
 
-    if isinstance(spec, str):
-        spec = preset(spec)
-    spec = to_dict(spec)
-    src = spec.get("source")
+    spec = preset(spec) if isinstance(spec, str) else model_spec(spec)
+    src = spec["source"]
     if src not in SOURCES:
         raise ModelConfigError(f"model.source={src!r}; use one of {', '.join(SOURCES)}")
-    dev = resolve_device(device or spec.get("device"))
-    dtype = resolve_dtype(spec.get("dtype", "auto"), dev)
+    dev = resolve_device(device or spec["device"])
+    dtype = resolve_dtype(spec["dtype"], dev)
     tokenizer = load_tokenizer(spec)
-    attn = spec.get("attn_implementation", "sdpa")
+    attn = spec["attn_implementation"]
 
     if src == "random":
-        torch.manual_seed(int(spec.get("seed", 0)))
-        cfg = random_config(spec["family"], len(tokenizer), **spec.get("config", {}))
+        torch.manual_seed(int(spec["seed"] or 0))  # (null: seed 0)
+        cfg = random_config(spec["family"], len(tokenizer), **(spec["config"] or {}))
         cfg._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    elif (ds := spec.get("deepspeed") or {}).get("enabled") and (folder := _partitionable(spec)):
-        model = _load_partitioned(spec, folder, dtype, attn, ds.get("offload_param", "none"))
+    elif spec["deepspeed"]["enabled"] and (folder := _partitionable(spec)):
+        model = _load_partitioned(spec, folder, dtype, attn, spec["deepspeed"]["offload_param"])
     elif src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
     else:
         model = _from_pretrained(spec, dtype, attn)
     adapter = Adapter(model)  # raises on unsupported architectures before we spend more time
-    ds = spec.get("deepspeed") or {}
-    if not ds.get("enabled"):
+    ds = spec["deepspeed"]
+    if not ds["enabled"]:
         model.to(dev)  # under ZeRO-3 the engine places the partitions itself
     model.eval()
     model.requires_grad_(False)  # nothing in icl_scale needs parameter gradients
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    max_len = int(spec.get("max_length") or getattr(model.config, "max_position_embeddings", 2048))
+    max_len = int(spec["max_length"] or getattr(model.config, "max_position_embeddings", 2048))
     lm = LoadedModel(
         name=spec["name"], model=model, tokenizer=tokenizer, adapter=adapter,
-        doc_start_ids=_doc_start_ids(tokenizer, spec.get("doc_start", "none")), max_length=max_len,
+        doc_start_ids=_doc_start_ids(tokenizer, spec["doc_start"]), max_length=max_len,
         device=dev, dtype=dtype, spec=spec,
     )
-    if ds.get("enabled"):
-        partition_zero3(lm, ds.get("offload_param", "none"))
+    if ds["enabled"]:
+        partition_zero3(lm, ds["offload_param"])
     return lm
 
 

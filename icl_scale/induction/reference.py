@@ -3,10 +3,9 @@
 A faithful re-implementation of llm-interpret's lm_eval/prefix_matching_copying.py (the paper's
 code): eager attention with `output_attentions`, `.item()` accumulation, every head's output
 through the full-vocabulary unembedding (+ softmax), per-layer / per-head / per-token Python loops,
-generic over the supported families. Nothing in `icl_scale/` uses them: they are the ground truth
-of tests/test_induction.py (`from reference_induction import ...`, tests/ is on pytest's path) and
-the baseline of the induction benchmark (bench/induction.py, `from tests.reference_induction
-import ...` with the repository root on sys.path). This file is their one home.
+generic over the supported families. The pipeline never runs them: they are the definition the
+vectorised scores are checked against, by the tests (tests/test_induction.py) and by `make bench`
+(bench/induction.py, whose baseline they are). This file is their one home.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from icl_scale.induction import CopyingOptions
-from icl_scale.models import Adapter
+from ..models import Adapter
+from .options import CopyingOptions
 
 
 def reference_prefix_loops(attentions, n: int) -> torch.Tensor:

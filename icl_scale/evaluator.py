@@ -1,0 +1,130 @@
+"""Scoring a request list under (head, FFN) masks, memoised by the masks' contents: what the
+curves, the heads x FFN grid, the knock-out stage and the transfer curves share.
+
+`Evaluator(requests, head_mask, ffn_mask)` returns the task metrics and per-doc rows; a mask is
+scored gated (models/gates.py), on a physically pruned copy when that is cheaper
+(models/physical.py), or together with the next masks in shared passes (`prefetch`,
+scoring.score_masks).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .models.loading import LoadedModel
+from .models.physical import cheaper_pruned, prune_physically
+from .scoring import score_masks, score_requests
+from .tasks import compute_metrics, get_task
+
+
+def mask_key(mask: torch.Tensor | None) -> bytes | None:
+    """All-ones masks are no mask: the 0% levels and every curve's unpruned point share one key."""
+    if mask is None or bool((mask == 1).all()):
+        return None
+    return mask.detach().to(torch.float32).cpu().numpy().tobytes()
+
+
+def primary_metric(task: str) -> str:
+    """The metric curves and rankings use (the first of the task's metrics)."""
+    return get_task(task).metrics[0]
+
+
+def masks_per_pass(setting, batch_size: int, requests) -> int:
+    """How many masks share one pass (`eval.masks_per_pass`): an int, or "auto": as many copies of the
+    request list as fill one pass of `batch_size` prefixes (its distinct contexts), so 1 whenever the
+    list fills a pass by itself. Below a full pass, a pass of more rows is cheaper per row (one read
+    of every weight, one parameter gather under ZeRO-3, one unembedding call for all its rows;
+    bench/masks.py: 1.2-1.4x on a CPU). With full passes, sharing only packs equal-length copies
+    into fewer continuation passes (~1.1x on a CPU): auto leaves those lists as they were."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, batch_size // max(1, len({tuple(r.contexts) for r in requests})))
+
+
+@dataclass
+class Evaluator:
+    """Scores a request list under (head, FFN) masks and computes the task metrics.
+
+    Evaluations are memoised by the masks' contents: the curves share their unpruned point, the
+    heads x FFN grid's edges are the single-kind curves, and different rankings often give the same
+    mask at a level, so a shard never evaluates one mask twice (a third of the evaluations in the
+    demo). Results are deep-copied out, so callers may change them. `prefetch` scores several
+    masks in shared passes ahead of their calls."""
+
+    lm: LoadedModel
+    task: str
+    batch_size: int
+    progress: bool = False
+    physical_below: float | None = None  # eval.physical_below: see score()
+    masks_per_pass: int | str = 1  # eval.masks_per_pass: see prefetch()
+
+    def __post_init__(self):
+        self.memo: dict[tuple, tuple] = {}
+        self.n_scored = self.n_physical = self.n_shared = 0
+
+    def key(self, requests, head_mask=None, ffn_mask=None) -> tuple:
+        return (id(requests), len(requests), mask_key(head_mask), mask_key(ffn_mask))
+
+    def remember(self, requests, head_mask, ffn_mask, scores) -> tuple[dict, list[dict]]:
+        """Metrics and per-doc rows of `scores` (score_requests' shape) under these masks, memoised
+        (also for scores computed elsewhere, e.g. the knock-out stage's restarted passes)."""
+        key = self.key(requests, head_mask, ffn_mask)
+        if key not in self.memo:
+            metrics, per_doc = compute_metrics(self.task, requests, [[c.logprob for c in row] for row in scores])
+            for row, sc in zip(per_doc, scores):
+                row["logprobs"] = [c.logprob for c in sc]
+                row["n_tokens"] = [c.n_tokens for c in sc]
+            self.memo[key] = (requests, metrics, per_doc)  # holding `requests` keeps its id unique
+            self.n_scored += 1
+        return self.memo[key][1:]
+
+    def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
+        if self.key(requests, head_mask, ffn_mask) not in self.memo:
+            self.remember(requests, head_mask, ffn_mask, self.score(requests, head_mask, ffn_mask, desc))
+        return copy.deepcopy(self.memo[self.key(requests, head_mask, ffn_mask)][1:])
+
+    def on_pruned_copy(self, head_mask, ffn_mask) -> bool:
+        return self.physical_below is not None and cheaper_pruned(self.lm, _keep(head_mask), _keep(ffn_mask),
+                                                                   self.physical_below)
+
+    def score(self, requests, head_mask, ffn_mask, desc):
+        """Gated, or on a physically pruned copy that computes only the kept heads and FFNs when its
+        blocks cost at most `physical_below` of the full model's (models/physical.cheaper_pruned;
+        None: always gated). Both give the same numbers up to float rounding."""
+        if not self.on_pruned_copy(head_mask, ffn_mask):
+            return score_requests(self.lm, requests, head_mask, ffn_mask, batch_size=self.batch_size,
+                                  progress=self.progress, desc=desc)
+        self.n_physical += 1
+        return score_requests(prune_physically(self.lm, _keep(head_mask), _keep(ffn_mask)), requests,
+                              batch_size=self.batch_size, progress=self.progress, desc=f"{desc} (pruned copy)")
+
+    def prefetch(self, requests, masks, desc="eval") -> None:
+        """Before each call of a run of calls on `masks` ([(head_mask, ffn_mask)], all of them, in the
+        order they are asked for): the first `masks_per_pass` that are neither memoised nor cheaper on
+        a pruned copy, scored together in shared passes (scoring.score_masks) and memoised. The masks
+        already asked for are memoised, so the group starts at the one needed now, and a job that
+        stops loses at most the group being scored. Nothing when fewer than two would share."""
+        k = masks_per_pass(self.masks_per_pass, self.batch_size, requests)
+        group, seen = [], set()
+        for hm, fm in masks:
+            key = self.key(requests, hm, fm)
+            if len(group) == k:
+                break
+            if key in self.memo or key in seen or self.on_pruned_copy(hm, fm):
+                continue
+            seen.add(key)
+            group.append((hm, fm))
+        if len(group) < 2:
+            return
+        scores = score_masks(self.lm, requests, group, batch_size=self.batch_size, progress=self.progress,
+                             desc=f"{desc} ({len(group)} masks per pass)")
+        for (hm, fm), sc in zip(group, scores):
+            self.remember(requests, hm, fm, sc)
+        self.n_shared += len(group)
+
+
+def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask_key(mask) is None else mask
