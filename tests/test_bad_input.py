@@ -862,12 +862,10 @@ error("launcher", "launcher.array_parallelism=x", "`launcher.array_parallelism=x
       "launcher.array_parallelism='x' must be a whole number, e.g. launcher.array_parallelism=1")
 error("launcher", "launcher.cpus_per_task=0", "`launcher=slurm launcher.cpus_per_task=0`",
       lambda env: env.sweep("launcher=slurm", "launcher.cpus_per_task=0"), ConfigError,
-      "launcher.cpus_per_task=0 must be a whole number >= 1, auto (the node's CPUs / tasks per node) or null "
-      "(not requested)")
+      "launcher.cpus_per_task=0 must be >= 1")
 error("launcher", "launcher.mem_gb=lots", "`launcher=slurm launcher.mem_gb=lots`",
       lambda env: env.sweep("launcher=slurm", "launcher.mem_gb=lots"),
-      ConfigError, "launcher.mem_gb='lots' must be a whole number >= 1, auto (the plan's host memory per job) or null "
-      "(not requested)")
+      ConfigError, "launcher.mem_gb='lots' must be auto or an integer or null, e.g. launcher.mem_gb=1")
 error("launcher", "launcher.gpus_per_node=-1", "`launcher=slurm launcher.gpus_per_node=-1`",
       lambda env: env.sweep("launcher=slurm", "launcher.gpus_per_node=-1"), ConfigError,
       "launcher.gpus_per_node=-1 must be >= 0")

@@ -85,9 +85,8 @@ def test_each_rank_holds_its_partition_of_the_checkpoint(checkpoint, tmp_path, d
 def test_shard_under_zero3_from_a_sharded_checkpoint_equals_one_plain_process(checkpoint, tmp_path):
     """The whole shard (importance, knock-out, curves) from partitioned loading on 2 ranks, against one
     process that loads the checkpoint with from_pretrained."""
-    model = ["model=local", f"model.path={checkpoint}", "model.name=sharded", "model.doc_start=none",
-             "model.dtype=float32"]
-    score(tmp_path / "one", model[0], *model[1:])
-    out = score(tmp_path / "two", model[0], *model[1:], "model.deepspeed.enabled=true", ranks=2)
+    model = [f"model.path={checkpoint}", "model.name=sharded", "model.doc_start=none", "model.dtype=float32"]
+    score(tmp_path / "one", "local", *model)
+    out = score(tmp_path / "two", "local", *model, "model.deepspeed.enabled=true", ranks=2)
     assert "partitioned loading" in out  # the log line of models/partitioned.py: not the whole-model path
     assert_same_store(shard_dir(tmp_path / "one", "sharded"), shard_dir(tmp_path / "two", "sharded"))
