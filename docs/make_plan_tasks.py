@@ -41,6 +41,7 @@ SHOTS = (0, 1, 5)
 def main() -> int:
     import yaml
 
+    from icl_scale.config import compose
     from icl_scale.models.loading import load_tokenizer, preset
     from icl_scale.plan import count_from_data
 
@@ -49,7 +50,7 @@ def main() -> int:
         print("error: set ICL_SCALE_DATA_DIR to a mirror <dir>/<task>/<split>.jsonl", file=sys.stderr)
         return 2
     tok = load_tokenizer(preset("smollm2-135m"))
-    sample = int(yaml.safe_load((REPO / "conf" / "plan.yaml").read_text())["token_sample"])
+    sample = int(compose("plan")["token_sample"])
     tasks = {}
     for task, (n_eval, n_train, source) in FULL.items():
         tokens = {}
