@@ -9,8 +9,10 @@
    the same docs; seed 0 is the shard's), for the baseline over 3 seeds;
 3. the cross-task transfer curves at 1 shot (jobs/transfer.py), the induction scores
    (jobs/induction.py) and the reducer (jobs/reduce.py: figures + report.md);
-4. docs/case_study/: summary.json (baselines over seeds), the reducer's report.md and figures
-   (from <store>/<model>/summary).
+4. docs/case_study/: summary.json (baselines over seeds), the reducer's report.md, claims.json and
+   claims.md (each of the paper's claims with this model's number, its paired 95% interval over docs
+   and a verdict; the random-pruning baseline of `pruning.compare=[random]`) and figures (from
+   <store>/<model>/summary).
 
 `--collect-only` skips 1-3. Each step is an ordinary entry point with Hydra overrides, so any one
 can be rerun by hand: the commands are printed as they run.
@@ -18,7 +20,6 @@ can be rerun by hand: the commands are printed as they run.
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import subprocess
@@ -73,44 +74,6 @@ def baseline(store: Path, task: str, shot: int, seed: int) -> dict:
     return {"metric": key, "value": m[key]["value"], "ci95": m[key]["ci95"], "n": m[key]["n"]}
 
 
-def correct(store: Path, task: str, shot: int, name: str) -> list[int]:
-    f = store / MODEL / task / f"{shot}shot" / "seed0" / "samples" / f"{name}.jsonl"
-    return [int(json.loads(line)["correct"]) for line in f.read_text().splitlines()]
-
-
-def paired_drop(before: list[int], after: list[int], n_boot: int = 4000) -> dict:
-    """Accuracy drop (points) over the same docs, with a paired bootstrap 95% interval."""
-    rng = random.Random(0)
-    d = [b - a for b, a in zip(before, after)]
-    boots = sorted(100 * statistics.mean(rng.choices(d, k=len(d))) for _ in range(n_boot))
-    return {"drop_points": 100 * statistics.mean(d), "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot)]],
-            "n_docs": len(d)}
-
-
-def claims(store: Path) -> list[dict]:
-    """Accuracy drops over the four tasks' eval docs pooled (40 each), per shot: pruning heads or
-    FFNs (paired bootstrap over docs) and the heads x FFN cell 70% + 20% (no per-doc samples are
-    kept for grid cells: the interval treats the two accuracies as independent)."""
-    rows = []
-    for shot in SHOTS:
-        for kind, level in [("heads", 30), ("heads", 50), ("heads", 70), ("ffn", 10), ("ffn", 20), ("ffn", 30)]:
-            before = [c for t in TASKS for c in correct(store, t, shot, f"{kind}_0")]
-            after = [c for t in TASKS for c in correct(store, t, shot, f"{kind}_{level}")]
-            rows.append({"shot": shot, "pruned": f"{level}% {kind}", **paired_drop(before, after)})
-        p0, p1, n = [], [], 0
-        for t in TASKS:
-            cv = json.loads((store / MODEL / t / f"{shot}shot" / "seed0" / "curves.json").read_text())
-            cell = next(c for c in cv["combined"] if (c["head_level"], c["ffn_level"]) == (70, 20))
-            p0.append(cv["heads"][0]["value"])
-            p1.append(cell["value"])
-            n += cell["metrics"][cv["metric"]]["n"]
-        a, b = statistics.mean(p0), statistics.mean(p1)
-        half = 196 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
-        rows.append({"shot": shot, "pruned": "70% heads + 20% ffn", "drop_points": 100 * (a - b),
-                     "ci95": [100 * (a - b) - half, 100 * (a - b) + half], "n_docs": n})
-    return rows
-
-
 def collect(store: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -121,10 +84,13 @@ def collect(store: Path, out: Path) -> None:
             rows.append({"task": task, "shot": shot, "seeds": seeds, "mean": statistics.mean(vals),
                          "sd_over_seeds": statistics.stdev(vals) if len(vals) > 1 else 0.0})
     (out / "summary.json").write_text(json.dumps({"model": MODEL, "store": "experiment=case_study",
-                                                  "baselines": rows, "claims": claims(store)}, indent=2) + "\n")
+                                                  "baselines": rows}, indent=2) + "\n")
     figs = store / MODEL / "summary"
     report = (figs / "report.md").read_text()
-    shutil.copy2(figs / "report.md", out / "report.md")
+    # The reducer's claims table (icl_scale/claims.py: paired bootstrap over docs, the random
+    # baseline, the induction null) and its report, as written: the case study quotes these files.
+    for name in ("report.md", "claims.json", "claims.md"):
+        shutil.copy2(figs / name, out / name)
     for f in sorted(figs.glob("*.png")):  # the figures report.md shows, and the importance heatmaps
         if f.name in report or f.name == "fig3_importance.png":
             shutil.copy2(f, out / f.name)

@@ -176,16 +176,23 @@ def check_curves(c: Any, sh: Shard) -> None:
     _check_rows(c, "heads", metric, ("level",), f)
     _check_rows(c, "ffn", metric, ("level",), f)
     _check_rows(c, "combined", metric, ("head_level", "ffn_level"), f, required=False)
-    by = c.get("heads_by", {})
+    for component in ("heads", "ffn"):
+        _check_by(c, component, metric, f)
+
+
+def _check_by(c: dict, component: str, metric: str, f) -> None:
+    """heads_by / ffn_by: the other rankings' curves (induction, random seeds)."""
+    by = c.get(f"{component}_by", {})
     if not isinstance(by, dict):
-        _fail(f, f"heads_by is {_kind(by)}, expected an object of curves")
+        _fail(f, f"{component}_by is {_kind(by)}, expected an object of curves")
     random_levels = None
     for name, rows in by.items():
-        rows = _check_rows(c, name, metric, ("level",), f, with_metrics=False, where=f"heads_by.{name}", rows=rows)
-        if name.startswith("heads_random"):  # averaged point by point: the same levels in each
+        rows = _check_rows(c, name, metric, ("level",), f, with_metrics=False, where=f"{component}_by.{name}",
+                           rows=rows)
+        if name.startswith(f"{component}_random"):  # averaged point by point: the same levels in each
             levels = [r["level"] for r in rows]
             if random_levels is not None and levels != random_levels:
-                _fail(f, f"heads_by.{name} has levels {levels} but the other random curves {random_levels}")
+                _fail(f, f"{component}_by.{name} has levels {levels} but the other random curves {random_levels}")
             random_levels = levels
 
 

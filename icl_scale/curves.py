@@ -34,9 +34,11 @@ class CurvesStage:
         compare = list(pr["compare"])
         if "induction" in compare:
             self.curve("heads_by_induction", self.induction_ranking(), "heads")
-        if "random" in compare:
+        if "random" in compare:  # chance: the same counts of heads, and of FFNs, removed at random
             for k in range(int(pr["random_seeds"])):
                 self.curve(f"heads_random{k}", P.random_ranking(heads.shape, k), "heads")
+            for k in range(int(pr["random_seeds"])):
+                self.curve(f"ffn_random{k}", P.random_ranking(self.ffn_rank.shape, k), "ffn")
         self.combined_grid()
 
     def curve(self, kind: str, ranking: torch.Tensor, component: str, rescore_each_level: bool = False) -> None:
@@ -103,7 +105,9 @@ class CurvesStage:
         masks = [(hm, fm) for *_, hm, fm in todo]
         for key, ph, pf, hm, fm in todo:
             self.evaluate.prefetch(self.requests.eval, masks, desc="combined")
-            metrics, _ = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
+            metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")
+            if self.cfg["pruning"]["save_samples"]:  # per-doc rows for the paired intervals (icl_scale.paired)
+                write_jsonl(self.shard.file(f"samples/combined_{key}.jsonl"), per_doc)
             grid[key] = {"head_level": ph, "ffn_level": pf, "metrics": metrics}
             self.save()
             self.live.log(**{"grid/head_level": ph, "grid/ffn_level": pf, "grid/value": metrics[self.metric]["value"]})

@@ -7,14 +7,20 @@ from pathlib import Path
 
 from .store import write_bytes
 
+# One style for every figure (the reducer's, the induction job's, the case study's).
+STYLE = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+         "legend.fontsize": 7, "figure.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3,
+         "image.cmap": "viridis", "lines.markersize": 3, "savefig.dpi": 110}
+
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (jobs run on headless nodes)."""
+    """matplotlib.pyplot on the Agg backend (jobs run on headless nodes), in the project's STYLE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(STYLE)
     return plt
 
 

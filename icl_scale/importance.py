@@ -40,6 +40,7 @@ from .tasks.base import Request
 
 ABS_MODES = options("importance.abs")
 NORMALIZE = options("importance.normalize")
+CONTINUATIONS = options("importance.continuation")
 
 
 @dataclass
@@ -95,10 +96,16 @@ class ImportanceState:
         return {"heads": heads, "ffn": ffn}
 
 
-def importance_inputs(lm: LoadedModel, requests: Sequence[Request]) -> list[tuple[list[int], list[int]]]:
-    """(input ids, gold continuation ids) per example: the same tokenisation as the scorer."""
+def importance_inputs(lm: LoadedModel, requests: Sequence[Request],
+                      continuation: str = "paper") -> list[tuple[list[int], list[int]]]:
+    """(input ids, gold continuation ids) per example, context and continuation tokenised apart as the
+    scorer does. `continuation`: `paper`, the task's `doc_to_cont` as the original's
+    `utils.get_input_from_ctx_cont` gets it (the bare choice for the multiple-choice tasks); `scoring`:
+    the gold continuation as scored (" " + choice)."""
+    if continuation not in CONTINUATIONS:
+        raise ValueError(f"importance.continuation={continuation!r}; use one of {', '.join(CONTINUATIONS)}")
     tk = Tokenised(lm, requests)
-    return [tk.pair(*r.pair(r.gold_index())) for r in requests]
+    return [tk.pair(*r.importance_pair(continuation)) for r in requests]
 
 
 def importance_batch(lm: LoadedModel, chunk: Sequence[tuple[list[int], list[int]]]):
@@ -128,12 +135,13 @@ def gradient_importance(
     state: ImportanceState | None = None,
     on_batch: Callable[[ImportanceState], None] | None = None,
     progress: bool = False,
+    continuation: str = "paper",
 ) -> ImportanceState:
     """Accumulate gradient importance over `requests` (resuming from `state.n_examples`).
 
     `head_mask`/`ffn_mask` (fixed 0/1) apply while scoring: used by iterative pruning, where a
     removed component's importance is then exactly 0. `on_batch(state)` runs after every batch
-    (checkpointing).
+    (checkpointing). `continuation` picks the loss's gold continuation (`importance_inputs`).
 
     With data-parallel ranks (icl_scale.distributed) a step is `batch_size` examples per rank, each
     rank takes a token-balanced share and the step's sums are all-reduced: every rank's state (and
@@ -141,7 +149,7 @@ def gradient_importance(
     if abs_mode not in ABS_MODES:
         raise ValueError(f"importance.abs={abs_mode!r}; use one of {', '.join(ABS_MODES)}")
     state = state or ImportanceState.zeros(lm)
-    examples = importance_inputs(lm, requests)
+    examples = importance_inputs(lm, requests, continuation)
     rank, world = dp_world()
     lockstep = world > 1 and lm.engine is not None  # ZeRO-3: every rank runs every step
     step = batch_size * world  # a step: `batch_size` examples per rank

@@ -102,13 +102,29 @@ def curve_points(ds: list[ShardData], kind: str) -> list[dict]:
     return out
 
 
+def random_band(ds: list[ShardData], kind: str) -> list[dict]:
+    """The random-pruning baseline of a (task, shot) (`pruning.compare=[random]`): per level the mean,
+    min and max over every random seed's curve of every demonstration seed; [] without one."""
+    curves = [rows for d in ds for name, rows in (d.curves.get(f"{kind}_by") or {}).items()
+              if name.startswith(f"{kind}_random")]
+    if not curves:
+        return []
+    levels = sorted(set.intersection(*({r["level"] for r in rows} for rows in curves)))
+    out = []
+    for p in levels:
+        v = [next(r["value"] for r in rows if r["level"] == p) for rows in curves]
+        out.append({"level": p, "mean": float(np.mean(v)), "min": float(min(v)), "max": float(max(v)),
+                    "n_curves": len(v)})
+    return out
+
+
 def fig56_curves(col: Collected, kind: str) -> dict:
     """{"cells": [{task, shot, metric, points}], "mean": [{shot, tasks, points: [{level, value, min, max}]}]}:
     `kind` is heads (Fig. 5) or ffn (Fig. 6); the mean is over tasks at the levels all of them have."""
     out: dict = {"kind": kind, "cells": [], "mean": []}
     for (task, shot), ds in cells(col).items():
         out["cells"].append({"task": task, "shot": shot, "metric": ds[0].curves["metric"],
-                             "points": curve_points(ds, kind)})
+                             "points": curve_points(ds, kind), "random": random_band(ds, kind)})
     for shot in shots(col):
         mine = [c for c in out["cells"] if c["shot"] == shot and c["points"]]
         if not mine:

@@ -34,7 +34,7 @@ class Arch:
 
     @classmethod
     def from_spec(cls, spec: dict) -> Arch:
-        a = {k: v for k, v in (spec.get("arch") or {}).items() if v is not None}  # null: not set (the schema)
+        a = {k: v for k, v in (spec["arch"] or {}).items() if v is not None}  # (null: not given)
         if not a:
             raise PlanError(f"model preset {spec.get('name')!r} has no architecture numbers: add a model.arch block "
                             f"(family, layers, hidden, heads, kv_heads, ffn, vocab, max_positions, tied) to its yaml")

@@ -26,11 +26,17 @@ def panels(n: int, max_cols: int = 4, size: tuple[float, float] = (3.6, 2.9)):
 
 
 def _heatmap(ax, m, title: str, xlabel: str = "head", ylabel: str = "layer", **kw):
+    """A layers x heads (or levels) heatmap: layer 0 at the bottom, integer ticks, no grid lines."""
+    from matplotlib.ticker import MaxNLocator
+
     a = np.asarray(m, dtype=float)
-    im = ax.imshow(a, aspect="auto", origin="lower", **kw)
+    im = ax.imshow(a, aspect="auto", origin="lower", interpolation="nearest", **kw)
     ax.set_title(title, fontsize=8)
     ax.set_xlabel(xlabel, fontsize=7)
     ax.set_ylabel(ylabel, fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(False)
     return im
 
 
@@ -44,7 +50,8 @@ def fig3_importance(data: dict, path: Path) -> Path | None:
     fig, axes = panels(len(items), max_cols=6, size=(2.4, 3.2))
     for ax, (title, m) in zip(axes, items):
         a = np.asarray(m, dtype=float)
-        _heatmap(ax, a / max(float(a.max()), 1e-20), title, cmap="magma")
+        im = _heatmap(ax, a / max(float(a.max()), 1e-20), title, cmap="magma", vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="importance / max")
     fig.suptitle("Head importance (Fig. 3; each panel scaled to its max)")
     fig.tight_layout()
     return _save(fig, path)
@@ -70,6 +77,16 @@ def fig4_knockout(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _random_band(ax, cell: dict) -> None:
+    """The random-pruning baseline of a cell: its mean dashed, min-max over the random curves shaded."""
+    band = cell.get("random") or []
+    if band:
+        x = [b["level"] for b in band]
+        ax.fill_between(x, [b["min"] for b in band], [b["max"] for b in band], color="0.5", alpha=0.2, lw=0)
+        ax.plot(x, [b["mean"] for b in band], "--", color="0.4", lw=0.9,
+                label=f"random, {cell['shot']}-shot (n={band[0]['n_curves']})")
+
+
 def fig56_curves(data: dict, path: Path) -> Path | None:
     """Pruning curves: one panel per task (a line per shot, the 95% doc interval shaded, seed
     intervals as error bars when there are several seeds), then one panel of the mean over tasks."""
@@ -81,6 +98,7 @@ def fig56_curves(data: dict, path: Path) -> Path | None:
     for ax, task in zip(axes, tasks):
         mine = [c for c in data["cells"] if c["task"] == task]
         for c in mine:
+            _random_band(ax, c)
             x = [p["level"] for p in c["points"]]
             y = [p["value"] for p in c["points"]]
             line, = ax.plot(x, y, marker="o", ms=3, label=f"{c['shot']}-shot")
@@ -157,6 +175,22 @@ def fig8_matrix(cmp: dict, which: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _transfer_style(name: str) -> str:
+    if name == "own":
+        return "o-"
+    if name.startswith("aggregate"):
+        return "s--"
+    return "^-" if name.startswith("high_") else "v-" if name.startswith("low_") else ".:"
+
+
+def _transfer_label(name: str) -> str:
+    """aggregate_without_X -> "aggregate w/o X"; high_X / low_X -> "X (high-correlated)"."""
+    for role in ("high", "low"):
+        if name.startswith(role + "_"):
+            return f"{name[len(role) + 1:]} ({role}-correlated)"
+    return name.replace("aggregate_without_", "aggregate w/o ").replace("from_", "")
+
+
 def fig9_transfer(rows: list[dict], path: Path) -> Path | None:
     """Each target's accuracy as heads are pruned by its own ranking, the aggregate, the aggregate
     without it and other tasks' rankings (one panel per target shard)."""
@@ -168,9 +202,8 @@ def fig9_transfer(rows: list[dict], path: Path) -> Path | None:
         mine = [r for r in rows if (r["task"], r["shot"], r["seed"]) == (task, shot, seed)]
         for name in dict.fromkeys(r["ranking"] for r in mine):
             pts = sorted((r for r in mine if r["ranking"] == name), key=lambda r: r["level"])
-            style = "o-" if name == "own" else "s--" if name.startswith("aggregate") else ".:"
-            ax.plot([r["level"] for r in pts], [r["value"] for r in pts], style, ms=3,
-                    label=name.replace("aggregate_without_", "aggregate w/o "))
+            ax.plot([r["level"] for r in pts], [r["value"] for r in pts], _transfer_style(name), ms=3,
+                    label=_transfer_label(name))
         ax.set_title(f"{task} {shot}-shot seed {seed}", fontsize=9)
         ax.set_xlabel("% heads pruned")
         ax.set_ylabel(mine[0]["metric"])

@@ -70,7 +70,8 @@ def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
             t1 = res["cross_shot"]
             for name, rows in (("summary", res["summary"]), ("seeds", res["seeds"]), ("transfer", transfer),
                                ("cross_shot", t1["per_task"] + [{"task": "mean", **r} for r in t1["mean_over_tasks"]]),
-                               ("induction_retained", [_flat(r) for r in res["induction_relation"]])):
+                               ("induction_retained", [_flat(r) for r in res["induction_relation"]]),
+                               ("claims", res["claims"])):
                 if rows:
                     cols = list(dict.fromkeys(k for r in rows for k in r))
                     run.log_table(name, cols, [[_cell(r.get(c)) for c in cols] for r in rows])

@@ -16,7 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from . import paper
+from . import claims as C
+from . import paired, paper
 from . import plots as P
 from .collect import Collected, collect, read_induction
 from .store import write_bytes, write_json
@@ -55,9 +56,14 @@ def summary_table(col: Collected) -> list[dict]:
             row[f"heads_{p:g}"] = v
         for p, v in sorted(ffn.items()):
             row[f"ffn_{p:g}"] = v
-        # Highest level up to which every head-pruning level stays within 1 point of unpruned.
-        row["heads_prunable_1pt"] = paper.prunable_within(c["heads"])
-        row["ffn_prunable_1pt"] = paper.prunable_within(c["ffn"])
+        # Highest level up to which every pruning level stays within 1 point of unpruned (a point
+        # estimate), with its doc count and the paired interval there (icl_scale.paired).
+        for kind in ("heads", "ffn"):
+            p = paired.prunable(d, kind)
+            row[f"{kind}_prunable_1pt"] = p["level"]
+            row.update({f"{kind}_prunable_n": p["n"], f"{kind}_prunable_diff": p["diff"],
+                        f"{kind}_prunable_ci_lo": p["ci95"][0], f"{kind}_prunable_ci_hi": p["ci95"][1],
+                        f"{kind}_prunable": p["text"]})
         rows.append(row)
     return sorted(rows, key=lambda r: (r["task"], r["shot"], r["seed"]))
 
@@ -201,7 +207,10 @@ def reduce_store(root: Path | str, model: str, expected: list[tuple] | None = No
         "figures": draw(col, data, transfer, induction, out) if figures else {}, "files": files,
     }
     result["not_drawn"] = not_drawn(result, col, transfer)
-    for name, text in (("figures.json", dumps(data)), ("report.md", report_md(result, data, transfer))):
+    result["claims"] = C.claims_table(col, data, induction, transfer)
+    claims_text = "\n".join(C.claims_md(result["claims"])) + "\n"
+    for name, text in (("figures.json", dumps(data)), ("report.md", report_md(result, data, transfer)),
+                       ("claims.json", dumps(result["claims"])), ("claims.md", claims_text)):
         write_bytes(out / name, text.encode())
         files[name] = str(out / name)
     write_json(out / "summary.json", result)
@@ -307,6 +316,19 @@ def _md_retained(rows: list[dict]) -> list[str]:
             *_table(["ranking", "shot", "prefix matching kept", "copying kept", "rho prefix", "rho copying"], table)]
 
 
+def _md_claims(rows: list[dict]) -> list[str]:
+    return ["## The paper's claims on this model (claims.json)", "",
+            "Accuracy claims: pruned - unpruned on the same docs, mean over (task, shot, seed), 95% paired "
+            "bootstrap interval over docs; supported = the interval lies inside the range that agrees with "
+            "the paper, contradicted = outside it, not distinguishable = both.", "", *C.claims_md(rows), ""]
+
+
+def _md_prunable(summary: list[dict]) -> list[str]:
+    rows = [[r["task"], r["shot"], r["seed"], r["unpruned"], r["heads_prunable"], r["ffn_prunable"]] for r in summary]
+    return ["## Prunable within 1 point (per shard)", "",
+            *_table(["task", "shot", "seed", "unpruned", "heads", "FFNs"], rows)]
+
+
 def report_md(result: dict, data: dict, transfer: list[dict]) -> str:
     """report.md: what was aggregated and what not, then one section per figure with its numbers."""
     lines = [f"# {result['model']}: the paper's figures from the store", "",
@@ -316,7 +338,7 @@ def report_md(result: dict, data: dict, transfer: list[dict]) -> str:
                                           for p in result["problems"]), ""]
     if result["not_drawn"]:
         lines += [*(f"- not drawn: {w}" for w in result["not_drawn"]), ""]
-    lines += _md_seeds(result)
+    lines += _md_claims(result["claims"]) + _md_prunable(result["summary"]) + _md_seeds(result)
     lines += _md_curves("Fig. 5: pruning heads", data["fig5_heads"], "fig5_curves_heads.png")
     lines += _md_curves("Fig. 6: pruning FFNs", data["fig6_ffn"], "fig6_curves_ffn.png")
     lines += _md_knockout(data["fig4_knockout"]) + _md_grid(data["fig7_grid"])

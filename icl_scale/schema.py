@@ -60,6 +60,9 @@ class ImportanceConfig:
                        options=("per_token", "sum"), hashed=True)
     normalize_layers: Any = setting(False, bool, "Michel et al. per-layer L2 normalisation of head scores",
                                     hashed=True)
+    continuation: Any = setting("paper", str, "gold continuation of the loss. paper: the task's doc_to_cont as the "
+                                "original forms it (the bare choice for arc/hellaswag/piqa/openbookqa); scoring: "
+                                "the scored \" \" + choice", options=("paper", "scoring"), hashed=True)
     checkpoint_every: Any = setting(8, int, "batches between progress checkpoints", lo=1)
 
 
@@ -93,6 +96,9 @@ class PruningConfig:
 class TransferConfig:
     sources: Any = setting("${sweep.tasks}", list, "tasks whose mean head importance is the aggregate ranking")
     rankings_from: Any = setting([], list, "tasks whose own ranking also prunes this task, e.g. [copa,piqa]")
+    high_low: Any = setting(None, dict, "{shot: {task: {high: A, low: B}}}: also prune `task` by A's and B's "
+                            "rankings (Fig. 9's high/low-correlated tasks; experiment=paper has the paper's); "
+                            "null: none")
 
 
 @dataclass
@@ -143,6 +149,9 @@ class InductionConfig:
     copying: Any = section(CopyingConfig, "copying score options (docs/induction.md)")
     top_k: Any = setting(10, int, "top heads listed in scores.json")
     progress: Any = setting(True, bool, "progress bars")
+    dtype: Any = setting(None, str, "null: model.dtype; else the induction job's own (experiment=paper: float32, "
+                         "as the original's prefix_matching_copying.py)",
+                         options=("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -174,7 +183,7 @@ class ModelConfig:
     """A model preset (conf/model/*.yaml); which keys matter depends on `source`."""
 
     name: Any = setting("???", str, "the model's name in the store", hashed=True)
-    source: Any = setting("hub", str, "hub | local | gguf_wheel | random", hashed=True)
+    source: Any = setting(None, str, "hub | local | gguf_wheel | random", hashed=True)
     id: Any = setting(None, str, "hub id (source=hub)", hashed=True)
     path: Any = setting(None, str, "checkpoint folder (source=local)", hashed=True)
     revision: Any = setting(None, str, "hub revision", hashed=True)

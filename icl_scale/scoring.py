@@ -59,7 +59,8 @@ class Tokenised:
 
     def __init__(self, lm: LoadedModel, requests: Sequence[Request]):
         tok = lm.tokenizer
-        strings = sorted({s for r in requests for s in (*r.contexts, *r.continuations)})
+        strings = sorted({s for r in requests for s in (*r.contexts, *r.continuations, r.importance_continuation)
+                          if s is not None})
         enc = tok(strings, add_special_tokens=False)["input_ids"] if strings else []
         self.ids = dict(zip(strings, enc))
         self.start = list(lm.doc_start_ids)
@@ -233,20 +234,31 @@ def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
     return last, cache, mask, ctx_len
 
 
-def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
+def _tail_rows(tk: Tokenised, requests, chunk) -> list[tuple]:
+    """One row per choice of a group of units: (unit, request, choice, continuation tokens, suffix tokens)."""
+    return [(u, i, j, tk.continuation(requests[i].pair(j)[1]), suf)
+            for u, (_, ijs) in enumerate(chunk) for i, j, suf in ijs]
+
+
+def _tail_groups(rows: list[tuple], cost: float, regroup: bool) -> list[list[int]]:
+    """The continuation passes of a group of units' rows (`regroup`: the cache can be split, see
+    `regroupable`; else one pass), from the tokens alone."""
+    return _length_groups([len(r[4]) + len(r[3]) - 1 for r in rows], cost if regroup else float("inf"))
+
+
+def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, lock=None,
                  select=None) -> list[tuple[int, int, ChoiceScore]]:
     """Score every row of a group of units: one prefix pass, then the tails in passes of similar length,
     then one unembedding of every scored position (on a CPU each unembedding call reads the whole
     [vocab, d] matrix and a GEMM of few rows is inefficient: one call instead of 1 + passes saves
-    ~25 ms per call on SmolLM2 with 1 thread). `sync` (ZeRO-3 with data-parallel ranks, `Lockstep`):
-    as many calls as every other rank. `select(request indices)` (several masks, `_mask_gates`): called
-    with the request of every batch row before each pass."""
+    ~25 ms per call on SmolLM2 with 1 thread). `lock` (ZeRO-3 with data-parallel ranks): (Lockstep,
+    continuation passes of this step in the schedule); placeholder passes make up the difference, before
+    the unembedding. `select(request indices)` (several masks, `_mask_gates`): called with the request
+    of every batch row before each pass."""
     if select:
         select([ijs[0][0] for _, ijs in chunk])
     last, cache, mask, ctx_len = _prefix_pass(base, [u[0] for u in chunk], pad, dev)
-    # One row per choice: (unit, request, choice, continuation tokens, suffix tokens).
-    rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]), suf)
-            for u, (_, ijs) in enumerate(chunk) for i, j, suf in ijs]
+    rows = _tail_rows(tk, requests, chunk)
     unit_idx = torch.tensor([r[0] for r in rows], device=dev)
     hidden, targets, owner = [], [], []  # every scored position: its hidden state, target, row
     direct = [k for k, r in enumerate(rows) if not r[4]]  # token 0 predicted by the prefix's last position
@@ -255,7 +267,10 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
         hidden.append(last[unit_idx[d_idx]])
         targets.append(torch.tensor([rows[k][3][0] for k in direct], device=dev))
         owner.append(d_idx)
-    groups = _length_groups([len(r[4]) + len(r[3]) - 1 for r in rows], cost if regroupable(cache) else float("inf"))
+    groups = _tail_groups(rows, cost, lock[0].regroup if lock else regroupable(cache))
+    if len(groups) > 1 and not regroupable(cache):
+        raise RuntimeError(f"{type(cache).__name__} cannot be split into continuation passes (the pass "
+                           "schedule assumed it could): a model whose cache layers are not plain DynamicLayers")
     saved = [(layer.keys, layer.values) for layer in cache.layers] if len(groups) > 1 else None
     for g in groups:
         if saved:  # every group starts from the prefix-only cache
@@ -268,8 +283,8 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
         hidden.append(h)
         targets.append(tgt)
         owner.append(g_idx[row])
-    for _ in range(sync.agree(len(groups)) - len(groups) if sync else 0):
-        sync.idle_base()
+    if lock:
+        lock[0].idle_base(lock[1] - len(groups))
     lp = _logprob_of(torch.cat(hidden), torch.cat(targets), unembed)
     total = torch.zeros(len(rows), device=dev, dtype=lp.dtype).index_add_(0, torch.cat(owner), lp)
     return [(i, j, ChoiceScore(t, len(toks))) for (_, i, j, toks, _), t in zip(rows, total.tolist())]
@@ -297,42 +312,77 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
     return out  # type: ignore[return-value]
 
 
+@dataclass
+class Work:
+    """One process's forward passes over its requests under `n_masks` masks, from the tokens alone:
+    the work units, the pairs left to the naive path, the prefix passes (unit indices) and the
+    continuation passes after each. Request k * n + i of the units is request i under mask k."""
+
+    units: list
+    overflow: list[tuple[int, int]]
+    prefixes: list[list[int]]
+    tails: list[int]
+    naive: int  # full-model calls of the naive path (one per choice of an over-length request, per mask)
+
+
+def plan_work(tk: Tokenised, requests: Sequence[Request], n_masks: int, batch_size: int, cost: float,
+              regroup: bool) -> Work:
+    """The passes `_score_local` makes for `requests` (`regroup`: see `regroupable`)."""
+    n = len(requests)
+    units, overflow = _plan(tk, requests)
+    units = [(p, [(k * n + i, j, suf) for i, j, suf in ijs]) for k in range(n_masks) for p, ijs in units]
+    copies = list(requests) * n_masks
+    # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
+    # peaks early); padding costs as much as real tokens on a CPU.
+    prefixes = _length_groups([len(u[0]) for u in units], cost, max_size=batch_size)
+    tails = [len(_tail_groups(_tail_rows(tk, copies, [units[k] for k in g]), cost, regroup)) for g in prefixes]
+    naive = sum(requests[i].n_choices for i in {i for i, _ in overflow}) * n_masks
+    return Work(units, overflow, prefixes, tails, naive)
+
+
 class Lockstep:
     """ZeRO-3 with data-parallel ranks: every rank must make the same sequence of module calls,
-    whatever its share of the work. Before each data-dependent number of calls the ranks agree on
-    the largest (`agree`); a rank with fewer runs placeholder calls on one pad token (`idle_*`).
-    None of this is needed (or used) without ZeRO-3: then each rank runs only its own work."""
+    whatever its share of the work. The sequence is a schedule every rank computes from the shard's
+    inputs before any work (`schedule`: every rank's `plan_work`, each step the most passes any rank
+    makes); a rank with fewer runs placeholder calls on one pad token (`idle_*`) where it has nothing.
+    Nothing is agreed while the ranks work, so no rank can wait in an all-reduce while another is in a
+    parameter gather. None of this is needed (or used) without ZeRO-3: each rank runs its own work."""
 
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, works: Sequence[Work], regroup: bool):
         self.lm, self.base, self.unembed = lm, lm.model.base_model, lm.model.get_output_embeddings()
         self.pad = torch.tensor([[lm.tokenizer.pad_token_id]], device=lm.device)
+        self.regroup = regroup
+        steps = max(len(w.prefixes) for w in works)
+        self.tails = [max((w.tails[s] for w in works if s < len(w.tails)), default=0) for s in range(steps)]
+        self.naive = max(w.naive for w in works)
         self.select = None  # several masks (RowGates): placeholder calls run under mask 0
 
-    @staticmethod
-    def agree(n: int) -> int:
-        from .distributed import max_over_ranks
-
-        return max_over_ranks(n)
-
-    def idle_base(self) -> None:
-        if self.select:
-            self.select([0])
-        self.base(input_ids=self.pad)
+    def idle_base(self, n: int = 1) -> None:
+        for _ in range(n):
+            if self.select:
+                self.select([0])
+            self.base(input_ids=self.pad)
 
     def idle_unembed(self) -> None:
         self.unembed(torch.zeros(1, self.lm.model.config.hidden_size, device=self.lm.device,
                                  dtype=self.lm.dtype))
 
-    def idle_model(self) -> None:
-        self.lm.model(input_ids=self.pad)
+    def idle_model(self, n: int) -> None:
+        for _ in range(n):
+            self.lm.model(input_ids=self.pad)
 
-    def idle_units(self) -> None:
-        """The calls of one `_score_units` that has no units: prefix pass, as many continuation
-        passes as the busiest rank makes, and the unembedding."""
-        self.idle_base()
-        for _ in range(self.agree(0)):
-            self.idle_base()
+    def idle_units(self, step: int) -> None:
+        """The calls of `_score_units` at schedule step `step` for a rank with no units there:
+        prefix pass, the step's continuation passes, and the unembedding."""
+        self.idle_base(1 + self.tails[step])
         self.idle_unembed()
+
+
+def cache_regroupable(lm: LoadedModel) -> bool:
+    """`regroupable` for the cache this model builds, known before any forward (from its config)."""
+    from transformers import DynamicCache
+
+    return regroupable(DynamicCache(config=lm.model.config))
 
 
 def request_cost(tk: Tokenised, r: Request) -> int:
@@ -364,10 +414,15 @@ def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tu
 
     rank, world = dp_world()
     if world == 1:
-        return _score_local(lm, requests, masks, batch_size, progress, desc, None)
+        return _score_local(lm, requests, masks, batch_size, progress, desc)
     tk = Tokenised(lm, requests)
-    mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
-    sync = Lockstep(lm) if lm.engine is not None else None
+    slices = balanced_slices([request_cost(tk, r) for r in requests], world)
+    mine = slices[rank]
+    sync = None
+    if lm.engine is not None:  # ZeRO-3: the schedule of every rank's passes, before any work
+        cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
+        works = [plan_work(tk, [requests[i] for i in s], len(masks), batch_size, cost, regroup) for s in slices]
+        sync = Lockstep(lm, works, regroup)
     local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     mine_rows = [[[(c.logprob, c.n_tokens) for c in row] for row in res] for res in local]
@@ -398,48 +453,44 @@ def _mask_gates(lm: LoadedModel, masks: Sequence[tuple], n: int):
 
 
 def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int,
-                 progress: bool, desc: str, sync: Lockstep | None,
+                 progress: bool, desc: str, sync: Lockstep | None = None,
                  tk: Tokenised | None = None) -> list[list[list[ChoiceScore]]]:
-    """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks;
-    `tk`: the tokens of a superset of `requests`, when the caller has them). Request k * n + i of the
-    passes is request i under mask k."""
+    """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks, on
+    its schedule; `tk`: the tokens of a superset of `requests`, when the caller has them)."""
     tk = tk or Tokenised(lm, requests)
-    n, n_masks = len(requests), len(masks)
-    out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
-    units, overflow = _plan(tk, requests)
-    units = [(p, [(k * n + i, j, suf) for i, j, suf in ijs]) for k in range(n_masks) for p, ijs in units]
-    copies = list(requests) * n_masks
-    base = lm.model.base_model
-    unembed = lm.model.get_output_embeddings()
-    pad = lm.tokenizer.pad_token_id
+    n = len(requests)
     dev = lm.device
     cost = pass_cost_tokens(dev)
+    work = plan_work(tk, requests, len(masks), batch_size, cost, sync.regroup if sync else cache_regroupable(lm))
+    out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
+    copies = list(requests) * len(masks)
+    base, unembed, pad = lm.model.base_model, lm.model.get_output_embeddings(), lm.tokenizer.pad_token_id
     gates, select = _mask_gates(lm, masks, n)
     if sync:
         sync.select = select
     with gates:
-        bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
-        # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
-        # peaks early); padding costs as much as real tokens on a CPU.
-        groups = _length_groups([len(u[0]) for u in units], cost, max_size=batch_size)
-        for step in range(sync.agree(len(groups)) if sync else len(groups)):
-            if step >= len(groups):
-                sync.idle_units()
+        bar = tqdm(total=len(work.units), disable=not progress, desc=desc, unit="ctx", leave=False)
+        for step in range(len(sync.tails) if sync else len(work.prefixes)):
+            if step >= len(work.prefixes):
+                sync.idle_units(step)
                 continue
-            g = groups[step]
-            for i, j, sc in _score_units(base, unembed, tk, copies, [units[k] for k in g], pad, dev, cost, sync,
-                                         select):
+            g = work.prefixes[step]
+            lock = (sync, sync.tails[step]) if sync else None
+            for i, j, sc in _score_units(base, unembed, tk, copies, [work.units[k] for k in g], pad, dev, cost,
+                                         lock, select):
                 out[i // n][i % n][j] = sc
             bar.update(len(g))
         bar.close()
-    # Left-truncated pairs: the exact naive path (one pair per forward), per mask.
-    idx = sorted({i for i, _ in overflow})
+    _score_overflow(lm, requests, masks, work, out)
+    if sync:
+        sync.idle_model(sync.naive - work.naive)
+    return out
+
+
+def _score_overflow(lm: LoadedModel, requests, masks, work: Work, out) -> None:
+    """Left-truncated pairs: the exact naive path (one pair per forward), per mask, into `out`."""
+    idx = sorted({i for i, _ in work.overflow})
     for res, (head_mask, ffn_mask) in zip(out, masks) if idx else ():
         nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], head_mask, ffn_mask, batch_size=1)))
-        for i, j in overflow:
+        for i, j in work.overflow:
             res[i][j] = nv[i][j]
-    if sync:
-        n_naive = sum(requests[i].n_choices for i in idx) * n_masks
-        for _ in range(sync.agree(n_naive) - n_naive):
-            sync.idle_model()
-    return out

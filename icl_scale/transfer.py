@@ -5,7 +5,9 @@ are scored under head-pruning masks from
 
 * `aggregate`: the mean head importance over the source tasks (the paper's aggregate ranking);
 * `aggregate_without_<B>`: the same mean without B (does the ranking transfer to an unseen task?);
-* `from_<A>` for each A in `transfer.rankings_from`: task A's own ranking.
+* `from_<A>` for each A in `transfer.rankings_from`: task A's own ranking;
+* `high_<A>` / `low_<A>`: the rankings of the tasks `transfer.high_low` names for this shot and target,
+  the paper's high- and low-correlated tasks (scripts/plotting/crosstask_accuracy.py, Fig. 9).
 
 Every source is the shard of the same model, shot and demonstration seed. A source whose shard is
 missing, incomplete or unreadable is named in the result and left out; the rest still runs.
@@ -67,10 +69,17 @@ def read_source(root, model: str, task: str, shot: int, seed: int) -> Source:
     return Source(task, sh, d.importance["heads"].float(), m.get("config_hash"))
 
 
+def high_low_for(high_low: dict, shot: int, task: str) -> dict[str, str]:
+    """{"high": A, "low": B} that `transfer.high_low` names for (shot, target task); {} when none."""
+    by_task = (high_low or {}).get(shot) or (high_low or {}).get(str(shot)) or {}
+    return dict(by_task.get(task) or {})
+
+
 def transfer_rankings(target: str, in_aggregate: list[Source], rankings_from: list[str],
-                      sources: list[Source]) -> dict[str, dict]:
+                      sources: list[Source], correlated: dict[str, str] | None = None) -> dict[str, dict]:
     """{name: {"ranking": [L, H], "sources": [tasks]}} from the usable sources: the aggregate over
-    `in_aggregate`, the same without the target, and each task of `rankings_from` on its own."""
+    `in_aggregate`, the same without the target, each task of `rankings_from` on its own, and the
+    high- and low-correlated tasks' (`correlated`: {"high": A, "low": B})."""
     agg = {s.task: s.heads for s in in_aggregate if s.heads is not None}
     out: dict[str, dict] = {}
     if agg:
@@ -82,6 +91,9 @@ def transfer_rankings(target: str, in_aggregate: list[Source], rankings_from: li
     for a in rankings_from:
         if a in own:
             out[f"from_{a}"] = {"ranking": own[a], "sources": [a]}
+    for role, a in (correlated or {}).items():
+        if a in own:  # a copy: safetensors refuses two names for one tensor (A may be in rankings_from too)
+            out[f"{role}_{a}"] = {"ranking": own[a].clone(), "sources": [a]}
     return out
 
 
@@ -95,12 +107,13 @@ class TransferRun(ResumableRun):
         self.shard = Shard(cfg["store"]["root"], cfg["model"]["name"], self.task, self.shot, int(cfg["seed"]))
         self.metric = primary_metric(self.task)
         tc = cfg["transfer"]
-        wanted = list(dict.fromkeys([*tc["sources"], *tc["rankings_from"]]))
+        correlated = high_low_for(tc["high_low"], self.shot, self.task)
+        wanted = list(dict.fromkeys([*tc["sources"], *tc["rankings_from"], *correlated.values()]))
         self.sources = [read_source(cfg["store"]["root"], cfg["model"]["name"], t, self.shot, self.shard.seed)
                         for t in wanted]
         self.problems = [s.problem for s in self.sources if s.problem]
         self.rankings = transfer_rankings(self.task, [s for s in self.sources if s.task in tc["sources"]],
-                                          tc["rankings_from"], self.sources)
+                                          tc["rankings_from"], self.sources, correlated)
         self.levels = P.check_levels(cfg["pruning"]["levels"])
         self.data = check_data(cfg)
         super().__init__(self.shard.path / "transfer", config_hash(self.settings()))

@@ -190,6 +190,30 @@ def check_transfer(cfg: dict) -> None:
     if not get(cfg, "transfer.sources") and not get(cfg, "transfer.rankings_from"):
         raise ConfigError("transfer.sources and transfer.rankings_from are both empty: there is no ranking to "
                           "transfer; e.g. transfer.sources=[copa,rte]")
+    _check_high_low(get(cfg, "transfer.high_low"))
+
+
+def _check_high_low(high_low) -> None:
+    """transfer.high_low: null, or {shot: {task: {high: task, low: task}}} with known tasks, shots >= 0."""
+    fix = "e.g. transfer.high_low={1:{copa:{high:wsc,low:record}}}"
+    if high_low is None:
+        return
+    if not isinstance(high_low, dict):
+        raise ConfigError(f"transfer.high_low={high_low!r} must be a mapping {{shot: {{task: {{high: task, "
+                          f"low: task}}}}}}, {fix}")
+    for shot, by_task in high_low.items():
+        if isinstance(shot, bool) or not str(shot).isdigit() or not isinstance(by_task, dict):
+            raise ConfigError(f"transfer.high_low.{shot}: keys are shots (whole numbers >= 0) mapping tasks to "
+                              f"{{high: task, low: task}}, {fix}")
+        for task, roles in by_task.items():
+            where = f"transfer.high_low.{shot}.{task}"
+            if not isinstance(roles, dict) or not roles or set(roles) - {"high", "low"}:
+                raise ConfigError(f"{where}={roles!r} must be {{high: task, low: task}} (either or both), {fix}")
+            for t in (task, *roles.values()):
+                try:
+                    get_task(t)
+                except ValueError as e:
+                    raise ConfigError(f"{where}: {e}") from None
 
 
 def check_sweep(cfg: dict) -> None:

@@ -96,8 +96,8 @@ def main(c: dict) -> None:
         print_problems(res["problems"])
         print_warnings(res.get("warnings", []))
         for row in json_summary(summary):
-            print(f"  {row['task']:>10} {row['shot']}-shot: unpruned {row['metric']} {row['unpruned']:.3f}; "
-                  f"heads prunable within 1 point: {row['heads_prunable_1pt']:.0f}%")
+            print(f"  {row['task']:>10} {row['shot']}-shot: unpruned {row['metric']} {row['unpruned']:.3f} "
+                  f"(n={row['n_eval']}); heads prunable within 1 point: {row['heads_prunable']}")
     print(f"demo done in {time.time() - t0:.0f} s; figures and report.md in {summary} "
           f"(W&B offline runs in {root}/wandb)")
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from icl_scale.cli import _user_errors
 from icl_scale.induction import InductionConfigError, copying_options_from
+from icl_scale.induction.job import induction_settings
 from icl_scale.models import Gates, MaskError, ModelConfigError, load_model, preset
 from icl_scale.models.gates import read_mask_file
 from icl_scale.plan import PlanError
@@ -38,7 +39,7 @@ from icl_scale.tasks import TaskDataError, build_requests
 from icl_scale.tracking import TrackingError
 from icl_scale.validation import ConfigError
 
-from conftest import REPO, data_dir, get_model, tiny_shard_cfg
+from conftest import REPO, compose, data_dir, get_model, tiny_shard_cfg
 
 MODEL = "tiny-opt"  # 2 layers x 4 heads
 COMPLETE = ("copa/1shot/seed0", "copa/0shot/seed0")  # the complete shards every case starts from
@@ -184,6 +185,8 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
     ("pruning.count=ceil", ConfigError, "pruning.count='ceil' is not an option; use one of floor, round"),
     ("importance.normalize=none", ConfigError,
      "importance.normalize='none' is not an option; use one of paper, all_tokens"),
+    ("importance.continuation=bare", ConfigError,
+     "importance.continuation='bare' is not an option; use one of paper, scoring"),
     ("importance.docs=every", ConfigError,
      "importance.docs='every' is not an option; use one of training_docs, all_train"),
     ("pruning.save_samples=no", ConfigError, "pruning.save_samples='no' must be true or false"),
@@ -575,7 +578,7 @@ error("launcher", "launcher.folder-under-a-file", "`launcher.folder=<a regular f
       StoreError,
       "launcher.folder=…/lf/sub is not writable (Not a directory); set launcher.folder to a writable folder")
 error("model", "random-without-family", "`model.source=random` without `model.family`",
-      lambda env: env.shard("model.source=random", "~model.family"), ConfigError,
+      lambda env: env.shard("model.source=random", "model.family=null"), ConfigError,
       "model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
 error("store", "store.root-is-a-file", "`store.root=<a regular file>`", lambda env: _under_a_file(env, ""),
       StoreError, "store.root=…/a-file is not writable (File exists); set store.root to a writable folder")
@@ -850,9 +853,23 @@ error("launcher", "transfer.sources=[copa,nope]", "`sweep.transfer=true transfer
 error("launcher", "transfer.rankings_from=[copa,copa]", "`sweep.transfer=true transfer.rankings_from=[copa,copa]`",
       lambda env: env.sweep("sweep.transfer=true", "transfer.rankings_from=[copa,copa]"), ConfigError,
       "transfer.rankings_from lists ['copa'] more than once; list each task once")
+error("launcher", "transfer.high_low-role", "`sweep.transfer=true transfer.high_low={1:{copa:{middle:rte}}}`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.high_low={1:{copa:{middle:rte}}}"), ConfigError,
+      "transfer.high_low.1.copa={'middle': 'rte'} must be {high: task, low: task} (either or both), e.g. "
+      "transfer.high_low={1:{copa:{high:wsc,low:record}}}")
+error("launcher", "transfer.high_low-task", "`sweep.transfer=true transfer.high_low={1:{copa:{high:nope}}}`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.high_low={1:{copa:{high:nope}}}"), ConfigError,
+      "transfer.high_low.1.copa: unknown task 'nope'; valid tasks: …")
+error("launcher", "transfer.high_low-shot", "`sweep.transfer=true transfer.high_low={x:{copa:{high:rte}}}`",
+      lambda env: env.sweep("sweep.transfer=true", "transfer.high_low={x:{copa:{high:rte}}}"), ConfigError,
+      "transfer.high_low.x: keys are shots (whole numbers >= 0) mapping tasks to {high: task, low: task}, e.g. "
+      "transfer.high_low={1:{copa:{high:wsc,low:record}}}")
 error("config", "induction.copying.preset=nope", "`induction.copying.preset=nope`",
       lambda env: copying_options_from({"preset": "nope"}), InductionConfigError,
       "induction.copying.preset='nope'; use one of paper, head_output, custom")
+error("config", "induction.dtype=half", "`induction.dtype=half`",
+      lambda env: induction_settings(compose("induction.dtype=half")), InductionConfigError,
+      "induction.dtype='half' is not an option; use null (model.dtype), auto, float32, bfloat16 or float16")
 error("launcher", "sweep.induction=maybe", "`sweep.induction=maybe`", lambda env: env.sweep("sweep.induction=maybe"),
       ConfigError, "sweep.induction='maybe' must be true or false")
 error("launcher", "launcher.timeout_min=0", "`launcher.timeout_min=0`",

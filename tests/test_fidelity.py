@@ -104,6 +104,51 @@ def test_importance_default_is_the_originals_calculate_importance(opt_lm):
     assert not torch.allclose(alt[-1], got[-1])
 
 
+# The original's doc_to_cont per task: its `get_dataloader` passes `self.doc_to_cont` (arc.py,
+# hellaswag.py, piqa.py, openbookqa.py: `doc['choices'][doc['gold']]`, no leading space) or
+# `self.doc_to_target` (every other task), to `utils.create_dataloader`.
+BARE_CHOICE = {"arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa"}
+ALL_TASKS = ["hellaswag", "piqa", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "boolq", "cb",
+             "copa", "wic", "wsc", "multirc", "rte", "record"]
+
+
+def original_doc_to_cont(task, row):
+    t = get_task(task)
+    if task in BARE_CHOICE:
+        d = t.convert(row)  # the original's _process_doc: {"query", "choices", "gold"}
+        return d["choices"][d["gold"]]
+    return t.doc_to_target(row)
+
+
+def get_input_from_ctx_cont(ctx, continuation, tokenizer):
+    """`lm_eval/utils.py::get_input_from_ctx_cont`, without the padding to 2,048: (ids, len ctx, len cont)."""
+    ctx_enc = [tokenizer.eos_token_id] if ctx == "" else tokenizer.encode(ctx, add_special_tokens=False)
+    continuation_enc = tokenizer.encode(continuation, add_special_tokens=False)
+    return ctx_enc + continuation_enc, len(ctx_enc), len(continuation_enc)
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_importance_input_is_get_input_from_ctx_cont(task, opt_lm):
+    """The default importance input (`importance.continuation=paper`) is the original's, token for
+    token: fewshot_context(doc, k) and the task's doc_to_cont, tokenised apart and concatenated.
+    `scoring` is the gold pair as scored; the two differ exactly for the bare-choice tasks."""
+    t, tok = get_task(task), opt_lm.tokenizer
+    rows = load_split(t, "train", data_dir())
+    reqs = build_requests(task, split="train", shot=1, limit=4, data_dir=data_dir())
+    paper, scoring = importance_inputs(opt_lm, reqs), importance_inputs(opt_lm, reqs, "scoring")
+    for r, got, alt in zip(reqs, paper, scoring):
+        demos = [rows[j] for j in demo_ids(task, r.doc_id, split="train", shot=1, data_dir=data_dir())]
+        cont = original_doc_to_cont(task, rows[r.doc_id])
+        ids, _, n_cont = get_input_from_ctx_cont(t.fewshot_context(rows[r.doc_id], demos), cont, tok)
+        ids = ids[-(opt_lm.max_length + 1):]  # ours cuts long inputs from the left (docs/fidelity.md)
+        assert got == (ids[:-1], ids[-n_cont:])  # the last token is only a target
+        assert (alt == got) == (task not in BARE_CHOICE)
+        if task in BARE_CHOICE:
+            assert not cont.startswith(" ") and r.pair(r.gold_index())[1] == " " + cont
+    with pytest.raises(ValueError, match="importance.continuation='bare'"):
+        importance_inputs(opt_lm, reqs, "bare")
+
+
 @pytest.mark.parametrize("task", ["copa", "winogrande", "multirc", "record", "wsc"])
 def test_importance_pair_is_fewshot_context_and_doc_to_target(task):
     """The original's importance example (`utils.create_dataloader`) is (fewshot_context(doc),
@@ -114,6 +159,7 @@ def test_importance_pair_is_fewshot_context_and_doc_to_target(task):
     for r in build_requests(task, split="train", shot=1, limit=6, data_dir=data_dir()):
         demos = [rows[j] for j in demo_ids(task, r.doc_id, split="train", shot=1, data_dir=data_dir())]
         assert r.pair(r.gold_index()) == (t.fewshot_context(rows[r.doc_id], demos), t.doc_to_target(rows[r.doc_id]))
+        assert r.importance_pair() == r.pair(r.gold_index())  # doc_to_cont is doc_to_target here
 
 
 # --- 2. the paper's rank statistic --------------------------------------------------------------
@@ -233,7 +279,7 @@ def test_config_has_rescore_each_level_off_and_no_iterative_key():
     assert cfg["pruning"]["levels"] == list(range(0, 100, 10))
     assert cfg["importance"]["normalize"] == "paper" and cfg["importance"]["docs"] == "training_docs"
     assert cfg["importance"]["n_examples"] == 2500 and cfg["importance"]["abs"] == "per_token"
-    assert cfg["importance"]["normalize_layers"] is False
+    assert cfg["importance"]["normalize_layers"] is False and cfg["importance"]["continuation"] == "paper"
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):
@@ -339,3 +385,19 @@ def test_knockout_default_is_the_eval_split(tmp_path, opt_lm):
     reqs = _render(tmp_path / "b", opt_lm, "copa", "knockout.split=heldout", "importance.n_examples=1000")
     assert [r.doc_id for r in reqs.knockout] == list(range(n_train - 6, n_train))
     assert [r.doc_id for r in reqs.importance] == list(range(n_train - 6))
+
+
+# --- 8. the paper preset: induction in float32, evaluation and importance in float16 ------------------
+
+def test_paper_preset_runs_induction_in_float32():
+    """`lm_eval/prefix_matching_copying.py` loads OPT with no torch_dtype (float32); `lm_eval/models/opt.py`
+    (importance, evaluation) with torch_dtype=torch.float16."""
+    from icl_scale.induction.job import induction_model_spec, induction_settings
+
+    cfg = compose("experiment=paper")
+    assert cfg["model"]["dtype"] == "float16" and cfg["induction"]["dtype"] == "float32"
+    spec = induction_model_spec(cfg, induction_settings(cfg))
+    assert spec["dtype"] == "float32" and {k: v for k, v in spec.items() if k != "dtype"} == {
+        k: v for k, v in cfg["model"].items() if k != "dtype"}
+    plain = compose()  # null: the model's own dtype
+    assert induction_model_spec(plain, induction_settings(plain)) == plain["model"]

@@ -18,7 +18,7 @@ LAYERS = [
     {"models", "tasks"},
     {"scoring", "importance", "knockout", "validation", "live", "plan", "plan_machine", "plan_data"},
     {"evaluator", "runs"},
-    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots"},
+    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
     {"reduce", "sweep"},
     {"cli"},
 ]

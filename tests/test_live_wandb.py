@@ -56,3 +56,12 @@ def test_live_run_logs_while_it_works_and_keeps_one_id_after_a_requeue(tmp_path,
     reducer = next(r for r in runs if r["job_type"] == "reduce")
     assert [row[3] for row in reducer["tables"]["shard_runs"]["data"]] == list(shard_ids)
     assert red["n_complete"] == 1
+    # "Prunable" in W&B carries its doc count and paired interval, or says the sample cannot tell.
+    summ = reducer["tables"]["summary"]
+    (row,) = summ["data"]
+    text = row[summ["columns"].index("heads_prunable")]
+    assert text == red["summary"][0]["heads_prunable"]
+    assert row[summ["columns"].index("heads_prunable_n")] == red["summary"][0]["n_eval"]
+    assert text.startswith(f"too few docs to tell (n={red['summary'][0]['n_eval']}: one doc is")
+    claims = reducer["tables"]["claims"]
+    assert [r[claims["columns"].index("claim")] for r in claims["data"]] == [c["claim"] for c in red["claims"]]

@@ -181,3 +181,30 @@ def test_report_names_what_is_missing_and_renders_the_rest(synth, tmp_path):
     assert f"| mean (2 tasks) | 0-1 | {t1['argsort_spearman']:.3f} | {t1['spearman']:.3f} |" in md
     assert "## Fig. 7: heads x FFNs pruned, mean over 2 tasks, 1-shot" in md
     assert (tmp_path / "out" / "figures.json").is_file()
+
+
+def test_random_band_beside_each_curve_and_heatmaps_with_colour_bars(tmp_path, monkeypatch):
+    """pruning.compare=[random]: each curve panel shades the random curves' min-max and draws their mean;
+    the importance heatmaps have a colour bar and integer head/layer ticks."""
+    sh = make_shard(tmp_path, "copa", 1, 0, [0.6, 0.6, 0.5, 0.4], [0.6] * 4, IMP[("copa", 1, 0)])
+    c = sh.curves()
+    rand = {"heads_random0": [0.6, 0.5, 0.4, 0.3], "heads_random1": [0.6, 0.4, 0.4, 0.2]}
+    c["heads_by"] = {k: [{"level": p, "value": v} for p, v in zip(LEVELS, vs)] for k, vs in rand.items()}
+    write_json(sh.file("curves.json"), c)
+    data = paper.fig56_curves(collect(tmp_path, MODEL), "heads")
+    band = data["cells"][0]["random"]
+    assert [b["mean"] for b in band] == pytest.approx([0.6, 0.45, 0.4, 0.25])
+    assert [(b["min"], b["max"]) for b in band] == [(0.6, 0.6), (0.4, 0.5), (0.4, 0.4), (0.2, 0.3)]
+    assert paper.fig56_curves(collect(tmp_path, MODEL), "ffn")["cells"][0]["random"] == []  # none for FFNs here
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    plots.fig56_curves(data, tmp_path / "x.png")
+    ax = next(a for a in figs[0].axes if a.get_title() == "copa")
+    assert "random, 1-shot (n=2)" in [line.get_label() for line in ax.get_lines()]
+    assert len(ax.collections) >= 2  # the doc interval and the random band
+    plots.fig3_importance(paper.fig3_importance(collect(tmp_path, MODEL)), tmp_path / "y.png")
+    panel = next(a for a in figs[1].axes if a.get_title().startswith("copa"))
+    assert any(a.get_ylabel() == "importance / max" for a in figs[1].axes)  # its colour bar
+    figs[1].canvas.draw()
+    assert all(float(t).is_integer() for t in panel.get_xticks()) and all(
+        float(t).is_integer() for t in panel.get_yticks())

@@ -94,7 +94,7 @@ def test_passes_gathers_flops_and_hours_by_hand():
     a = P.Arch.from_spec(cfg["model"])
     assert P.evaluations(cfg) == 1 + 2 * 1 + 1  # unpruned, heads 50, FFN 50, the grid's (50, 50)
     assert P.doc_counts(cfg, COUNTS) == (10, 5, 4)
-    s = P.pass_schedule(cfg, COUNTS, ranks=2, layers=2)
+    s = P.pass_schedule(cfg, COUNTS, 2, 2)  # 2 ranks, 2 layers
     # eval: ceil(10 / (4 x 2)) = 2 batches x 4 evaluations x 2 passes (context, continuations)
     assert s["eval_passes"] == 2 * 4 * 2
     assert s["importance_passes"] == 2 * 1  # ceil(5 / (3 x 2)) = 1 step: forward + backward

@@ -16,8 +16,8 @@ from icl_scale.collect import collect
 from icl_scale.rankings import aggregate, argsort_spearman, spearman
 from icl_scale.shard import run_shard
 from icl_scale.store import Shard, list_shards, read_tensors
-from icl_scale.sweep import submit
-from icl_scale.transfer import run_transfer
+from icl_scale.sweep import submit, transfer_cfgs
+from icl_scale.transfer import high_low_for, run_transfer
 
 from conftest import REPO, compose, data_dir, get_model, tiny_shard_cfg
 
@@ -163,7 +163,8 @@ def test_transfer_equals_evaluating_with_the_source_mask(sweep_store, tmp_path):
 @pytest.mark.slow  # a local sweep (submitit processes)
 def test_a_missing_source_is_named_and_the_rest_runs(sweep_store):
     root, cfg, _ = sweep_store
-    c = {**cfg, "task": "copa", "shot": 1, "transfer": {"sources": ["copa", "rte", "boolq"], "rankings_from": []}}
+    c = {**cfg, "task": "copa", "shot": 1, "transfer": {"sources": ["copa", "rte", "boolq"], "rankings_from": [],
+                                                              "high_low": None}}
     res = run_transfer(c, lm=get_model(MODEL))
     assert res["status"] == "complete"
     assert res["left_out"] == [f"{MODEL}/boolq/1shot/seed0: missing (run its shard first)"]
@@ -183,3 +184,40 @@ def test_the_reducer_reads_the_transfer_curves(sweep_store, tmp_path):
     assert rte[("aggregate", 50.0)] == next(r["value"] for r in t["curves"]["aggregate"] if r["level"] == 50)
     assert rte[("own", 0.0)] == Shard(root, MODEL, "rte", 1).curves()["heads"][0]["value"]
     assert res["induction_relation"] == []  # no induction scores in this store: no retained-capacity rows
+
+
+# The paper's high/low-correlated tasks for Fig. 9: scripts/plotting/crosstask_accuracy.py's cross_task_map.
+CROSS_TASK_MAP = {0: {"copa": {"high": "winogrande", "low": "record"}, "winogrande": {"high": "copa", "low": "record"},
+                      "record": {"high": "rte", "low": "openbookqa"}},
+                  1: {"copa": {"high": "wsc", "low": "record"}, "winogrande": {"high": "copa", "low": "record"},
+                      "record": {"high": "hellaswag", "low": "wic"}},
+                  5: {"copa": {"high": "wsc", "low": "record"}, "winogrande": {"high": "boolq", "low": "record"},
+                      "record": {"high": "hellaswag", "low": "wic"}}}
+
+
+def test_the_paper_preset_runs_fig9_transfer():
+    """experiment=paper: transfer after the shards, with the paper's high/low-correlated rankings."""
+    cfg = compose("experiment=paper")
+    assert cfg["sweep"]["transfer"] is True and cfg["transfer"]["high_low"] == CROSS_TASK_MAP
+    assert set(cfg["transfer"]["sources"]) == set(cfg["sweep"]["tasks"])  # the aggregate of all 14 tasks
+    assert len(transfer_cfgs(cfg)) == len(cfg["sweep"]["tasks"]) * len(cfg["sweep"]["shots"])
+    assert high_low_for(cfg["transfer"]["high_low"], 1, "copa") == {"high": "wsc", "low": "record"}
+    assert high_low_for(cfg["transfer"]["high_low"], 1, "rte") == {}
+
+
+@pytest.mark.slow  # a local sweep (submitit processes)
+def test_the_reducer_draws_fig9_with_high_and_low_rankings(sweep_store, tmp_path):
+    root, cfg, _ = sweep_store
+    root2 = tmp_path / "store"
+    shutil.copytree(root, root2)
+    c = {**cfg, "store": {**cfg["store"], "root": str(root2)}, "task": "rte", "shot": 1,
+         "transfer": {**cfg["transfer"], "high_low": {1: {"rte": {"high": "copa", "low": "rte"}}}}}
+    res = run_transfer(c, lm=get_model(MODEL))
+    ranks = read_tensors(Shard(root2, MODEL, "rte", 1).path / "transfer" / "rankings.safetensors")
+    imp = {t: Shard(root2, MODEL, t, 1).importance()["heads"] for t in ("copa", "rte")}
+    assert torch.equal(ranks["high_copa"], imp["copa"]) and torch.equal(ranks["low_rte"], imp["rte"])
+    assert {"high_copa", "low_rte"} <= set(res["curves"])
+    out = report.reduce_store(root2, MODEL, out_dir=tmp_path / "s")
+    assert "fig9_transfer.png" in out["figures"]
+    drawn = {r["ranking"] for r in report.transfer_table(collect(root2, MODEL)) if r["task"] == "rte"}
+    assert {"own", "aggregate", "high_copa", "low_rte"} <= drawn

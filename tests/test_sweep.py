@@ -208,5 +208,8 @@ def test_demo_entry_point_on_a_tiny_model(tmp_path):
     assert summary["n_complete"] == 4 and summary["has_induction"]
     expected = {(t, s) for t in ("copa", "arc_easy") for s in (0, 1)}
     assert {(r["task"], r["shot"]) for r in summary["summary"]} == expected
+    for r in summary["summary"]:  # the demo's few docs cannot resolve 1 point, and its summary says so
+        assert f"(n={r['n_eval']}); heads prunable within 1 point: {r['heads_prunable']}" in p.stdout
+        assert r["heads_prunable"].startswith(f"too few docs to tell (n={r['n_eval']}: one doc is")
     assert f"figures and report.md in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
     assert (tmp_path / "tiny-opt" / "summary" / "fig5_curves_heads.png").exists()

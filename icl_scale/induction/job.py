@@ -15,7 +15,8 @@ from .scores import InductionResult, induction_scores
 
 # The `induction:` block of conf/config.yaml, the one place these are set (no defaults here).
 CONFIG_KEYS = ("n_seeds", "seed", "exclude_frac", "bos", "scores", "original_indexing", "copying", "top_k",
-               "progress")
+               "progress", "dtype")
+DTYPES = (None, "auto", "float32", "bfloat16", "float16")  # induction.dtype; null: model.dtype
 
 
 def heatmap(scores: torch.Tensor, title: str, path: Path, cmap: str = "viridis") -> None:
@@ -64,7 +65,20 @@ def induction_settings(cfg) -> dict:
             (f"the induction config lacks {', '.join('induction.' + k for k in missing)}" if missing else
              f"the induction config has unknown keys {', '.join('induction.' + k for k in unknown)}")
             + f"; conf/config.yaml's induction block defines {', '.join(CONFIG_KEYS)}")
+    if ind["dtype"] not in DTYPES:
+        raise InductionConfigError(f"induction.dtype={ind['dtype']!r} is not an option; use null (model.dtype), "
+                                   "auto, float32, bfloat16 or float16")
     return ind
+
+
+def induction_model_spec(cfg, ind: dict) -> dict:
+    """cfg.model with `induction.dtype` in place of model.dtype when it is set (the paper's
+    prefix_matching_copying.py loads the model in float32, its evaluation in float16)."""
+    from omegaconf import OmegaConf
+
+    spec = cfg["model"]
+    spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
+    return spec if ind["dtype"] is None else {**spec, "dtype": ind["dtype"]}
 
 
 def weights_read(lm) -> list:
@@ -87,7 +101,7 @@ def run_job(cfg) -> dict:
 
     ind = induction_settings(cfg)
     store.set_writer(dist_env().is_main)  # several ranks (ZeRO-3) compute the same scores; rank 0 writes
-    lm = load_model(cfg["model"])
+    lm = load_model(induction_model_spec(cfg, ind))
     with gathered(weights_read(lm)):  # ZeRO-3: full tensors of what the scores read directly
         result = induction_scores(
             lm, bos=ind["bos"], n_seeds=int(ind["n_seeds"]), seed=int(ind["seed"]),

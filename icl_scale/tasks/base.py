@@ -30,6 +30,9 @@ class Request:
     answers: list[str] = field(default_factory=list)  # ReCoRD: gold answer strings for EM/F1
     # ReCoRD: entity of each choice; multiple-choice tasks: bare choice text (acc_norm divides by its length)
     choice_texts: list[str] = field(default_factory=list)
+    # The gold continuation of the importance loss as the paper's code forms it (its `doc_to_cont`,
+    # no leading space for the multiple-choice tasks); None: the gold scoring continuation.
+    importance_continuation: str | None = None
 
     @property
     def n_choices(self) -> int:
@@ -38,6 +41,14 @@ class Request:
     def pair(self, i: int) -> tuple[str, str]:
         ctx = self.contexts[i] if len(self.contexts) > 1 else self.contexts[0]
         cont = self.continuations[i] if len(self.continuations) > 1 else self.continuations[0]
+        return ctx, cont
+
+    def importance_pair(self, form: str = "paper") -> tuple[str, str]:
+        """(context, continuation) of the importance loss. `paper`: the gold context and the task's
+        `doc_to_cont` (the original's `get_dataloader`); `scoring`: the gold pair as scored."""
+        ctx, cont = self.pair(self.gold_index())
+        if form == "paper" and self.importance_continuation is not None:
+            cont = self.importance_continuation
         return ctx, cont
 
     def gold_index(self) -> int:

@@ -157,6 +157,21 @@ def compute_metrics(
     return _aggregate(t, per_doc), per_doc
 
 
+def unit_scores(task: str | Task, per_doc: Sequence[dict]) -> dict[str, float]:
+    """{unit: 0/1} of the task's primary metric, one unit per doc (MultiRC: per question, right only
+    if all its answers are; ReCoRD: exact match): the units whose mean is the metric, so pruned and
+    unpruned runs on the same docs can be paired (icl_scale.paired)."""
+    t = get_task(task)
+    primary = t.metrics[0]
+    if t.name == "multirc":
+        groups: dict[str, bool] = {}
+        for r in per_doc:
+            groups[str(r["group"])] = groups.get(str(r["group"]), True) and bool(r["correct"])
+        return {k: float(v) for k, v in groups.items()}
+    key = {"acc": "correct", "em": "em"}[primary]
+    return {str(r["doc"]): float(r[key] == 1 if key == "em" else bool(r[key])) for r in per_doc}
+
+
 def _aggregate(t: Task, per_doc: list[dict]) -> dict:
     out = {}
     for m in t.metrics:

@@ -98,6 +98,11 @@ class Task:
         """(continuations, gold, choice_texts) for the shared-context case."""
         raise NotImplementedError
 
+    def doc_to_cont(self, doc: dict) -> str:
+        """The gold continuation of the paper's importance loss: what its task's `get_dataloader`
+        passes to `utils.create_dataloader` (doc_to_target, except where the task defines doc_to_cont)."""
+        return self.doc_to_target(doc)
+
     # --- few-shot hooks ------------------------------------------------------------------------
     def demo_filter(self, doc: dict) -> bool:
         """Whether a demo-split row may serve as a demonstration (WSC: positives only)."""
@@ -130,6 +135,7 @@ class Task:
             group=self.group(doc),
             answers=self._answers(doc),
             choice_texts=choice_texts,
+            importance_continuation=self.doc_to_cont(doc),
         )
 
     def _answers(self, doc: dict) -> list[str]:
@@ -156,6 +162,12 @@ class MultipleChoiceTask(Task):
     def doc_to_target(self, doc: dict) -> str:
         d = self.convert(doc)
         return " " + d["choices"][d["gold"]]
+
+    def doc_to_cont(self, doc: dict) -> str:
+        # The original's arc.py, hellaswag.py, piqa.py, openbookqa.py: doc['choices'][doc['gold']],
+        # the bare choice with no leading space, tokenised apart from the context.
+        d = self.convert(doc)
+        return d["choices"][d["gold"]]
 
     def _choices(self, doc):
         d = self.convert(doc)
@@ -312,6 +324,7 @@ class Winogrande(Task):
             gold={"1": 0, "2": 1}[doc["answer"]],
             task=self.name,
             choice_texts=options,
+            importance_continuation=self.doc_to_cont(doc),
         )
 
 
