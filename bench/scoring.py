@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.common import data_dir, geomean, run_alternating, stats
 from icl_scale.models.loading import LoadedModel
-from icl_scale.scoring import Tokenised, _plan, score_naive, score_requests
+from icl_scale.scoring import Tokenised, plan_units, score_naive, score_requests
 from icl_scale.tasks import build_requests
 
 LMEVAL_VERSION = "0.4.13"
@@ -97,7 +97,7 @@ def model_tokens(lm: LoadedModel, requests, hflm=None) -> dict[str, int]:
     the naive inputs of pairs too long for max_length."""
     tk = Tokenised(lm, requests)
     out = {"naive": sum(len(tk.pair(*r.pair(j))[0]) for r in requests for j in range(r.n_choices))}
-    units, overflow = _plan(tk, requests)
+    units, overflow = plan_units(tk, requests)
     ours = sum(len(prefix) for prefix, _ in units)
     ours += sum(len(suffix) + len(tk.continuation(requests[i].pair(j)[1])) - 1
                 for _, rows in units for i, j, suffix in rows)

@@ -69,11 +69,29 @@ def hydra_job(config_name: str):
         @functools.wraps(fn)
         def main(cfg):
             setup_environment()
-            return fn(resolve(cfg))
+            return on_ranks(fn, resolve(cfg))
 
         return main
 
     return wrap
+
+
+def on_ranks(fn, c: dict):
+    """fn(c); with several ranks, a failure here is announced to the other ranks, which stop at once
+    (icl_scale.distributed.FailureWatch), and a finished rank waits for the others."""
+    from .distributed import announce_failure, finish_ranks
+
+    try:
+        out = fn(c)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            announce_failure(e)
+        raise
+    except BaseException as e:
+        announce_failure(e)
+        raise
+    finish_ranks()
+    return out
 
 
 def quiet_libraries() -> None:

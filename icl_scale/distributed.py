@@ -9,8 +9,9 @@ have, and only rank 0 writes to the store.
 Big models run under DeepSpeed ZeRO-3 across the GPUs of a job (icl_scale/models/zero.py). Every
 rank holds a slice of the parameters and gathers the rest layer by layer during each forward, so
 all ranks must make the same sequence of module calls; their inputs may differ. Under ZeRO-3 the
-scorer and the importance pass therefore agree on the number of calls of each step (`max_over_ranks`)
-and a rank with less work runs placeholder calls (one pad token, weight zero).
+scorer follows a schedule every rank computes from the shard's inputs before any work
+(scoring.Lockstep), the importance pass runs every step on every rank, and a rank with less work runs
+placeholder calls (one pad token, weight zero). A rank that fails ends the job (`FailureWatch`).
 
 `set_data_parallel(False)` makes every rank do all the work on identical inputs instead
 (lockstep, the earlier behaviour; kept for the benchmark that compares the two).
@@ -65,15 +66,15 @@ def init_process_group(backend: str | None = None) -> DistEnv:
     os.environ.setdefault("RANK", str(de.rank))
     os.environ.setdefault("LOCAL_RANK", str(de.local_rank))
     os.environ.setdefault("WORLD_SIZE", str(de.world_size))
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = _first_node()
-    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+    os.environ["MASTER_ADDR"] = master_addr()
+    os.environ["MASTER_PORT"] = str(master_port())
     if not td.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(de.local_rank)
         td.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size,
                               timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
+    start_failure_watch()
     return de
 
 
@@ -99,18 +100,52 @@ def check_gpus(de: DistEnv) -> None:
                            f"(launcher.tasks_per_node={gpus}, or torchrun --nproc_per_node {gpus})")
 
 
-def _first_node() -> str:
-    """The job's first host (Slurm), else this machine."""
-    nodes = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodes:
+class RendezvousError(ValueError):
+    """The ranks of a multi-node job cannot agree on a master address: one line naming the fix."""
+
+
+def _nodes() -> int:
+    """Nodes of the Slurm job (SLURM_JOB_NUM_NODES, else SLURM_NNODES); 1 outside Slurm."""
+    return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+
+
+def master_addr() -> str:
+    """Where rank 0 listens: MASTER_ADDR when the launcher set it (torchrun does), else the Slurm job's
+    first host, expanded from SLURM_JOB_NODELIST by submitit's own parser (the one its
+    helpers.TorchDistributedEnvironment uses), else this machine. A single-node job may fall back to
+    127.0.0.1 (all its ranks are here); a multi-node job whose first host is unknown or does not
+    resolve stops with RendezvousError instead of splitting into groups that each wait for the others."""
+    import socket
+
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    multi = _nodes() > 1
+    if not nodelist:
+        if multi:
+            raise RendezvousError(f"a {_nodes()}-node Slurm job without SLURM_JOB_NODELIST: set MASTER_ADDR to "
+                                  "the first node's address (export MASTER_ADDR=... before srun)")
         return "127.0.0.1"
-    import subprocess
+    from submitit.slurm.slurm import SlurmJobEnvironment
 
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=10)
-        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else "127.0.0.1"
-    except (OSError, subprocess.TimeoutExpired):
+        first = SlurmJobEnvironment().hostnames[0]
+    except Exception as e:  # noqa: BLE001 - submitit's parser raises plain exceptions on bad lists
+        raise RendezvousError(f"SLURM_JOB_NODELIST={nodelist!r} cannot be read ({e}); set MASTER_ADDR to the "
+                              "first node's address") from None
+    try:
+        socket.getaddrinfo(first, None)
+    except OSError as e:
+        if multi:
+            raise RendezvousError(f"the job's first node {first!r} (SLURM_JOB_NODELIST={nodelist}) does not resolve "
+                                  f"on this node ({e.strerror or e}); set MASTER_ADDR to its address") from None
         return "127.0.0.1"
+    return first
+
+
+def master_port() -> int:
+    """MASTER_PORT when set, else one port per Slurm job (the same on every rank of it)."""
+    return int(os.environ.get("MASTER_PORT") or 29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000)
 
 
 def barrier() -> None:
@@ -189,3 +224,125 @@ def gather_objects(obj) -> list:
     out = [None] * td.get_world_size()
     td.all_gather_object(out, obj)
     return out
+
+
+# --- a failing rank ends the job -------------------------------------------------------------------
+#
+# Under ZeRO-3 a rank that raises leaves the others inside a parameter gather or an all-reduce, which
+# only the collective timeout would end (and NCCL never notices a dead peer by itself). So the first
+# rank that fails writes its rank and exception to the job's rendezvous store (`announce_failure`),
+# and a thread on every rank (`FailureWatch`, started with the process group) polls the store: a rank
+# that sees another's failure logs it and exits at once. The failing rank itself exits normally, or
+# after FAILED_EXIT_S if something in its own shutdown waits on the others.
+
+FAILURE_KEY = "icl_scale/failure"
+WATCH_POLL_S = 1.0
+FAILED_EXIT_S = 60.0
+_WATCH = None
+_FIRST: dict | None = None  # the job's first failure, once this rank has announced its own
+
+
+def _store_client():
+    """A client of the job's rendezvous store (torchrun's agent, or rank 0 under Slurm)."""
+    import torch.distributed as td
+
+    return td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                       timeout=timedelta(seconds=30))
+
+
+def failure_text(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _exit_now(message: str) -> None:
+    """Log `message` and end this process at once (no collectives, no atexit handlers that wait)."""
+    import logging
+    import sys
+
+    logging.getLogger(__name__).error(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os._exit(1)
+
+
+class FailureWatch:
+    """A daemon thread that ends this rank as soon as another rank has announced a failure (or the
+    job's store is gone while this rank still works). `stop()` when the job's work is done."""
+
+    def __init__(self, rank: int, world: int):
+        import threading
+
+        self.rank, self.world = rank, world
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="icl_scale-failure-watch", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _run(self) -> None:
+        import json
+
+        try:
+            store = _store_client()
+        except Exception:  # noqa: BLE001 - no store to watch (never fatal by itself)
+            return
+        while not self.stopped.wait(WATCH_POLL_S):
+            try:
+                found = store.check([FAILURE_KEY])
+                rec = json.loads(store.get(FAILURE_KEY)) if found else None
+            except Exception as e:  # noqa: BLE001 - the store's host has exited
+                if self.stopped.wait(2 * WATCH_POLL_S):
+                    return
+                _exit_now(f"rank {self.rank}/{self.world} stops: the job's rendezvous store is gone "
+                          f"({failure_text(e)}); another rank has exited")
+            if rec and rec["rank"] != self.rank and not self.stopped.is_set():
+                _exit_now(f"rank {self.rank}/{self.world} stops: rank {rec['rank']} failed: {rec['error']}")
+
+
+def start_failure_watch() -> None:
+    """Watch the other ranks of this job for failures (several ranks only; once per process)."""
+    global _WATCH
+    de = dist_env()
+    if de.world_size > 1 and _WATCH is None:
+        _WATCH = FailureWatch(de.rank, de.world_size)
+
+
+def announce_failure(e: BaseException) -> dict | None:
+    """Publish this rank's failure unless another rank's came first; returns the first failure
+    ({rank, world, error}) or None (one process, or no store). The others stop (`FailureWatch`); this
+    process is ended after FAILED_EXIT_S if its own shutdown hangs."""
+    import json
+    import threading
+
+    import torch.distributed as td
+
+    global _FIRST
+    if _WATCH is None or not td.is_initialized():
+        return None
+    if _FIRST is not None:
+        return _FIRST
+    mine = {"rank": _WATCH.rank, "world": _WATCH.world, "error": failure_text(e)}
+    try:
+        first = json.loads(_store_client().compare_set(FAILURE_KEY, "", json.dumps(mine)))
+    except Exception:  # noqa: BLE001 - the store is gone: this failure is still this rank's to report
+        first = mine
+    if first["rank"] == mine["rank"]:
+        import logging
+
+        logging.getLogger(__name__).error("rank %d/%d failed: %s", mine["rank"], mine["world"], mine["error"])
+    _WATCH.stop()
+    t = threading.Timer(FAILED_EXIT_S, os._exit, (1,))
+    t.daemon = True
+    t.start()
+    _FIRST = first
+    return first
+
+
+def finish_ranks() -> None:
+    """The job's work is done on this rank: wait for the others, then stop watching them."""
+    if _WATCH is not None:
+        barrier()
+        _WATCH.stop()

@@ -3,7 +3,7 @@ with every knock-out restarted where it first differs from the unpruned model in
 the embeddings.
 
 Removing FFN l leaves everything before it unchanged. So per batch (one prefix pass of
-scoring.score_requests with its continuation passes on the prefixes' KV cache, scoring._score_units):
+scoring.score_requests with its continuation passes on the prefixes' KV cache, scoring.score_units):
 
 1. the unpruned run of the batch (under the head mask, if any) scores it and keeps, at every
    base-model pass, each layer l's "entry", the tensor where knock-out l first differs from it (at
@@ -27,7 +27,7 @@ Cost: knock-out l runs L - l - 1 blocks ("block": L - l) instead of L, on averag
 ((L + 1) / 2), plus the embedding and the unembedding at the scored positions, which every knock-out
 still needs. Half the block passes of one full evaluation per knock-out, but on SmolLM2-135M (30
 layers, 49k vocabulary) with COPA 1-shot's short contexts one knock-out's unembedding (one call per
-prefix pass's units, scoring._score_units; ~100 rows, where the CPU GEMM is still far from its peak)
+prefix pass's units, scoring.score_units; ~100 rows, where the CPU GEMM is still far from its peak)
 costs about 3 blocks, so the stage is ~1.8x faster, not 2x (bench/README.md, "Knock-out section");
 longer contexts bring it closer to 2x. Batching the unembedding of all knock-outs into one GEMM would
 remove most of the rest, but a GEMM's rows depend on its row count (MKL: up to 11 rows with 2
@@ -75,15 +75,15 @@ from .models.loading import LoadedModel
 from .scoring import (
     ChoiceScore,
     Tokenised,
-    _gates,
-    _length_groups,
-    _plan,
-    _score_units,
+    gates_for,
+    length_groups,
     pass_cost_tokens,
+    plan_units,
     regroupable,
     request_cost,
     score_naive,
     score_requests,
+    score_units,
 )
 from .tasks.base import Request
 
@@ -253,7 +253,7 @@ def _full(lm, requests, head_mask, batch_size, state, on_batch, progress) -> Non
 
 # --- restarted knock-outs ---------------------------------------------------------------------------
 #
-# A batch is one prefix pass of score_requests with its continuation passes (scoring._score_units).
+# A batch is one prefix pass of score_requests with its continuation passes (scoring.score_units).
 # The unpruned run of a batch records, at every base-model pass k, each layer's entry and the KV cache
 # it starts from; knock-out l's run of the same batch, pass for pass, feeds entry l of pass k to its
 # first module and lends cache layers < s the recorded keys/values for the pass (and takes them back
@@ -346,7 +346,7 @@ def _restart(lm: LoadedModel, start: int, entries: list[torch.Tensor], kv: list)
 
 def _score_chunk(lm: LoadedModel, tk: Tokenised, requests, chunk) -> list[tuple[int, int, ChoiceScore]]:
     base, dev = lm.model.base_model, lm.device
-    return _score_units(base, lm.model.get_output_embeddings(), tk, requests, chunk, lm.tokenizer.pad_token_id, dev,
+    return score_units(base, lm.model.get_output_embeddings(), tk, requests, chunk, lm.tokenizer.pad_token_id, dev,
                         pass_cost_tokens(dev))
 
 
@@ -361,7 +361,7 @@ def _knock_chunk(lm: LoadedModel, tk, requests, chunk, head_mask, mode: str, tod
                   torch.tensor([sc.logprob for _, _, sc in res], dtype=torch.float64),
                   torch.tensor([sc.n_tokens for _, _, sc in res]))
 
-    with _gates(lm, head_mask, None), _record(lm, mode, entries, kv):
+    with gates_for(lm, head_mask, None), _record(lm, mode, entries, kv):
         put(0, _score_chunk(lm, tk, requests, chunk))
     for row in todo:
         if row == 0:
@@ -369,7 +369,7 @@ def _knock_chunk(lm: LoadedModel, tk, requests, chunk, head_mask, mode: str, tod
         layer = row - 1
         start = layer + 1 if mode == "post_attention" else layer  # post_attention never runs FFN l
         ffn_mask = knockout_mask(n, layer) if mode == "block" else None
-        with _gates(lm, head_mask, ffn_mask), _restart(lm, start, entries[layer], kv):
+        with gates_for(lm, head_mask, ffn_mask), _restart(lm, start, entries[layer], kv):
             put(row, _score_chunk(lm, tk, requests, chunk))
 
 
@@ -377,9 +377,9 @@ def _knock_chunk(lm: LoadedModel, tk, requests, chunk, head_mask, mode: str, tod
 def _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk=None) -> None:
     n = lm.adapter.geometry.n_layers
     tk = tk or Tokenised(lm, requests)  # the caller's tokens of a superset, or these requests
-    units, overflow = _plan(tk, requests)
+    units, overflow = plan_units(tk, requests)
     offsets = _offsets(requests)
-    chunks = [[units[k] for k in g] for g in _length_groups([len(u[0]) for u in units], pass_cost_tokens(lm.device),
+    chunks = [[units[k] for k in g] for g in length_groups([len(u[0]) for u in units], pass_cost_tokens(lm.device),
                                                             max_size=batch_size)]  # score_requests' prefix passes
     for chunk in tqdm(chunks, disable=not progress, desc="ffn knock-out", unit="batch", leave=False):
         pairs = torch.tensor([offsets[i] + j for _, ijs in chunk for i, j, *_ in ijs])

@@ -98,15 +98,19 @@ class ResumableRun:
     def state(self, stage: str) -> dict:
         return self.checkpoint.state.setdefault(stage, {})
 
-    def run_stages(self, on_start: Callable[[str], None] | None = None) -> None:
-        """Every stage in order; each is timed, marked done in the checkpoint, and announced. (The
-        run's last step, writing its results and clearing the checkpoint, is the subclass's.)"""
+    def run_stages(self, on_start: Callable[[str], None] | None = None,
+                   on_end: Callable[[str], None] | None = None) -> None:
+        """Every stage in order; each is timed, marked done in the checkpoint, and announced (`on_end`
+        after its timing). (The run's last step, writing its results and clearing the checkpoint, is
+        the subclass's.)"""
         for name, fn in self.stages():
             if on_start:
                 on_start(name)
             t0 = time.time()
             fn()
             self.timings[name] = round(time.time() - t0, 2)
+            if on_end:
+                on_end(name)
             if name not in self.checkpoint.done:
                 self.checkpoint.done.append(name)
                 self.save()

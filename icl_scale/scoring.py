@@ -38,68 +38,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .models.gates import Gates, RowGates
 from .models.loading import LoadedModel
+from .passes import (
+    ChoiceScore,
+    Lockstep,
+    Tokenised,
+    Work,
+    cache_regroupable,
+    length_groups,
+    pad_right,
+    pass_cost_tokens,
+    plan_units,
+    plan_work,
+    regroupable,
+    request_cost,
+    tail_groups,
+    tail_rows,
+)
 from .tasks.base import Request
 
-
-@dataclass
-class ChoiceScore:
-    logprob: float  # summed log P(continuation tokens | context)
-    n_tokens: int  # continuation tokens scored
-
-
-class Tokenised:
-    """Token ids for every (context, continuation) pair, tokenised once per unique string."""
-
-    def __init__(self, lm: LoadedModel, requests: Sequence[Request]):
-        tok = lm.tokenizer
-        strings = sorted({s for r in requests for s in (*r.contexts, *r.continuations, r.importance_continuation)
-                          if s is not None})
-        enc = tok(strings, add_special_tokens=False)["input_ids"] if strings else []
-        self.ids = dict(zip(strings, enc))
-        self.start = list(lm.doc_start_ids)
-        self.max_len = lm.max_length
-
-    def context(self, s: str) -> list[int]:
-        return self.start + self.ids[s]
-
-    def continuation(self, s: str) -> list[int]:
-        ids = self.ids[s]
-        if not ids:
-            raise ValueError(f"continuation {s!r} tokenises to nothing; every choice needs at least one token")
-        return ids
-
-    def pair(self, ctx: str, cont: str) -> tuple[list[int], list[int]]:
-        """(input ids, continuation ids) with left truncation to max_length inputs."""
-        c, x = self.context(ctx), self.continuation(cont)
-        full = c + x
-        budget = self.max_len + 1  # the last token is only a target, never an input
-        if len(full) > budget:
-            keep = budget - len(self.start)
-            if len(x) >= keep:
-                raise ValueError(f"continuation of {len(x)} tokens does not fit max_length={self.max_len}")
-            full = self.start + full[len(full) - keep:]
-        return full[:-1], x
-
-    def fits(self, ctx: str, cont: str) -> bool:
-        return len(self.context(ctx)) + len(self.ids[cont]) <= self.max_len + 1
-
-
-def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows padded on the right to one length: (ids, attention mask), both [rows, length]."""
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+# (ChoiceScore, Tokenised, pad_right, ... are the passes' vocabulary: re-exported for the scorer's users)
+__all__ = ["ChoiceScore", "Lockstep", "Tokenised", "Work", "cache_regroupable", "gates_for", "length_groups",
+           "pad_right", "pass_cost_tokens", "plan_units", "plan_work", "regroupable", "request_cost", "score_masks",
+           "score_naive", "score_requests", "score_units"]
 
 
 def _cache_kwarg(base) -> str:
@@ -109,7 +75,8 @@ def _cache_kwarg(base) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _gates(lm: LoadedModel, head_mask, ffn_mask):
+def gates_for(lm: LoadedModel, head_mask, ffn_mask):
+    """Gates for one (head, FFN) mask pair, or nothing when both are None."""
     if head_mask is None and ffn_mask is None:
         return nullcontext()
     return Gates(lm.adapter, head_mask=head_mask, ffn_mask=ffn_mask)
@@ -119,82 +86,6 @@ def _logprob_of(hidden: torch.Tensor, targets: torch.Tensor, unembed) -> torch.T
     """log P(target) for each row of hidden [N, d] (unembedding applied only here)."""
     logits = unembed(hidden).float()
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def regroupable(cache) -> bool:
-    """Continuation rows can be split into several passes over one context cache only when every
-    layer is a plain growing cache whose key/value tensors are all its state."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
-
-
-def _length_groups(lengths: list[int], pass_cost: float, max_size: int | None = None) -> list[list[int]]:
-    """Indices of rows (length 0 = nothing to run, left out) in passes, longest first, chosen to
-    minimise the padded tokens plus `pass_cost` token-equivalents per pass (a pass has a fixed
-    cost: every weight is read once, whatever the batch), with at most `max_size` rows per pass.
-    Exact dynamic programme over the length-sorted rows (an optimal grouping is contiguous)."""
-    order = sorted((k for k, n in enumerate(lengths) if n > 0), key=lambda k: -lengths[k])
-    n = len(order)
-    if n == 0:
-        return []
-    m = n if max_size is None else max(1, int(max_size))
-    pass_cost = min(float(pass_cost), 1e12)  # "never split" must still respect max_size
-    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i rows; cut[i]: start of the last pass
-    cut = [0] * (n + 1)
-    for i in range(1, n + 1):
-        for j in range(max(0, i - m), i):
-            c = best[j] + pass_cost + (i - j) * lengths[order[j]]  # the pass is padded to its longest row
-            if c < best[i]:
-                best[i], cut[i] = c, j
-    groups, i = [], n
-    while i > 0:
-        groups.append(order[cut[i]: i])
-        i = cut[i]
-    return groups[::-1]
-
-
-def pass_cost_tokens(device) -> float:
-    """Fixed cost of one forward pass in padded-token equivalents: on a CPU a pass costs about as
-    much as ~40 extra tokens of SmolLM2 (measured: 0.15 s per pass, 3.9 ms per token on 2 cores);
-    on a GPU extra passes cost far more than padding."""
-    return 40.0 if torch.device(device).type == "cpu" else 2048.0
-
-
-def _common_prefix_len(rows: list[list[int]]) -> int:
-    """Length of the longest token prefix that all rows share."""
-    n = min(len(r) for r in rows)
-    for k in range(n):
-        t = rows[0][k]
-        if any(r[k] != t for r in rows[1:]):
-            return k
-    return n
-
-
-def _plan(tk: Tokenised, requests: Sequence[Request]):
-    """Work units and the pairs left to the naive path.
-
-    A unit is a token prefix run once as a cache, with every (request, choice, suffix) scored on
-    top of it: suffix + continuation follow the prefix. A request with one context: its context,
-    suffix empty (contexts shared across documents, e.g. MultiRC's answer rows, share one unit). A
-    request with several contexts (winogrande's partial scoring: the option fills the blank after
-    a long shared prompt): the common token prefix of its contexts, each context's rest as suffix.
-    Pairs longer than max_length go to the naive path (`overflow`)."""
-    by_prefix: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
-    overflow = []
-    for i, r in enumerate(requests):
-        fit = []
-        for j in range(r.n_choices):
-            ctx, cont = r.pair(j)
-            (fit if tk.fits(ctx, cont) else overflow).append((i, j))
-        if not fit:
-            continue
-        ctxs = [tk.context(r.pair(j)[0]) for _, j in fit]
-        n = _common_prefix_len(ctxs) if len(r.contexts) > 1 else len(ctxs[0])
-        for (_, j), c in zip(fit, ctxs):
-            cut = n if n > 0 else len(c)  # nothing shared: the context is its own prefix
-            by_prefix.setdefault(tuple(c[:cut]), []).append((i, j, c[cut:]))
-    return [(list(k), v) for k, v in by_prefix.items()], overflow
 
 
 def _continuation_hidden(base, cache, rows, unit_idx, ctx_mask, ctx_len, pad, dev):
@@ -234,20 +125,19 @@ def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
     return last, cache, mask, ctx_len
 
 
-def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
+def score_units(base, unembed, tk, requests, chunk, pad, dev, cost, lock=None,
                  select=None) -> list[tuple[int, int, ChoiceScore]]:
     """Score every row of a group of units: one prefix pass, then the tails in passes of similar length,
     then one unembedding of every scored position (on a CPU each unembedding call reads the whole
     [vocab, d] matrix and a GEMM of few rows is inefficient: one call instead of 1 + passes saves
-    ~25 ms per call on SmolLM2 with 1 thread). `sync` (ZeRO-3 with data-parallel ranks, `Lockstep`):
-    as many calls as every other rank. `select(request indices)` (several masks, `_mask_gates`): called
-    with the request of every batch row before each pass."""
+    ~25 ms per call on SmolLM2 with 1 thread). `lock` (ZeRO-3 with data-parallel ranks): (Lockstep,
+    continuation passes of this step in the schedule); placeholder passes make up the difference, before
+    the unembedding. `select(request indices)` (several masks, `_mask_gates`): called with the request
+    of every batch row before each pass."""
     if select:
         select([ijs[0][0] for _, ijs in chunk])
     last, cache, mask, ctx_len = _prefix_pass(base, [u[0] for u in chunk], pad, dev)
-    # One row per choice: (unit, request, choice, continuation tokens, suffix tokens).
-    rows = [(u, i, j, tk.continuation(requests[i].pair(j)[1]), suf)
-            for u, (_, ijs) in enumerate(chunk) for i, j, suf in ijs]
+    rows = tail_rows(tk, requests, chunk)
     unit_idx = torch.tensor([r[0] for r in rows], device=dev)
     hidden, targets, owner = [], [], []  # every scored position: its hidden state, target, row
     direct = [k for k, r in enumerate(rows) if not r[4]]  # token 0 predicted by the prefix's last position
@@ -256,7 +146,10 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
         hidden.append(last[unit_idx[d_idx]])
         targets.append(torch.tensor([rows[k][3][0] for k in direct], device=dev))
         owner.append(d_idx)
-    groups = _length_groups([len(r[4]) + len(r[3]) - 1 for r in rows], cost if regroupable(cache) else float("inf"))
+    groups = tail_groups(rows, cost, lock[0].regroup if lock else regroupable(cache))
+    if len(groups) > 1 and not regroupable(cache):
+        raise RuntimeError(f"{type(cache).__name__} cannot be split into continuation passes (the pass "
+                           "schedule assumed it could): a model whose cache layers are not plain DynamicLayers")
     saved = [(layer.keys, layer.values) for layer in cache.layers] if len(groups) > 1 else None
     for g in groups:
         if saved:  # every group starts from the prefix-only cache
@@ -269,8 +162,8 @@ def _score_units(base, unembed, tk, requests, chunk, pad, dev, cost, sync=None,
         hidden.append(h)
         targets.append(tgt)
         owner.append(g_idx[row])
-    for _ in range(sync.agree(len(groups)) - len(groups) if sync else 0):
-        sync.idle_base()
+    if lock:
+        lock[0].idle_base(lock[1] - len(groups))
     lp = _logprob_of(torch.cat(hidden), torch.cat(targets), unembed)
     total = torch.zeros(len(rows), device=dev, dtype=lp.dtype).index_add_(0, torch.cat(owner), lp)
     return [(i, j, ChoiceScore(t, len(toks))) for (_, i, j, toks, _), t in zip(rows, total.tolist())]
@@ -284,7 +177,7 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
     pairs = [(i, j, *tk.pair(*r.pair(j))) for i, r in enumerate(requests) for j in range(r.n_choices)]
     out: list[list[ChoiceScore | None]] = [[None] * r.n_choices for r in requests]
     pad = lm.tokenizer.pad_token_id
-    with _gates(lm, head_mask, ffn_mask):
+    with gates_for(lm, head_mask, ffn_mask):
         for s in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="naive", leave=False):
             chunk = pairs[s: s + batch_size]
             ids, mask = pad_right([p[2] for p in chunk], pad)
@@ -296,51 +189,6 @@ def score_naive(lm: LoadedModel, requests: Sequence[Request], head_mask=None, ff
                 tgt = torch.tensor(cont, device=logp.device)
                 out[i][j] = ChoiceScore(float(logp[row, pos, tgt].sum()), len(cont))
     return out  # type: ignore[return-value]
-
-
-class Lockstep:
-    """ZeRO-3 with data-parallel ranks: every rank must make the same sequence of module calls,
-    whatever its share of the work. Before each data-dependent number of calls the ranks agree on
-    the largest (`agree`); a rank with fewer runs placeholder calls on one pad token (`idle_*`).
-    None of this is needed (or used) without ZeRO-3: then each rank runs only its own work."""
-
-    def __init__(self, lm: LoadedModel):
-        self.lm, self.base, self.unembed = lm, lm.model.base_model, lm.model.get_output_embeddings()
-        self.pad = torch.tensor([[lm.tokenizer.pad_token_id]], device=lm.device)
-        self.select = None  # several masks (RowGates): placeholder calls run under mask 0
-
-    @staticmethod
-    def agree(n: int) -> int:
-        from .distributed import max_over_ranks
-
-        return max_over_ranks(n)
-
-    def idle_base(self) -> None:
-        if self.select:
-            self.select([0])
-        self.base(input_ids=self.pad)
-
-    def idle_unembed(self) -> None:
-        self.unembed(torch.zeros(1, self.lm.model.config.hidden_size, device=self.lm.device,
-                                 dtype=self.lm.dtype))
-
-    def idle_model(self) -> None:
-        self.lm.model(input_ids=self.pad)
-
-    def idle_units(self) -> None:
-        """The calls of one `_score_units` that has no units: prefix pass, as many continuation
-        passes as the busiest rank makes, and the unembedding."""
-        self.idle_base()
-        for _ in range(self.agree(0)):
-            self.idle_base()
-        self.idle_unembed()
-
-
-def request_cost(tk: Tokenised, r: Request) -> int:
-    """Tokens the scorer runs for one request (its contexts once, every continuation): the load
-    that data-parallel ranks balance."""
-    return (sum(len(tk.context(c)) for c in set(r.contexts))
-            + sum(len(tk.ids[r.pair(j)[1]]) for j in range(r.n_choices)))
 
 
 @torch.inference_mode()
@@ -365,10 +213,15 @@ def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tu
 
     rank, world = dp_world()
     if world == 1:
-        return _score_local(lm, requests, masks, batch_size, progress, desc, None)
+        return _score_local(lm, requests, masks, batch_size, progress, desc)
     tk = Tokenised(lm, requests)
-    mine = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
-    sync = Lockstep(lm) if lm.engine is not None else None
+    slices = balanced_slices([request_cost(tk, r) for r in requests], world)
+    mine = slices[rank]
+    sync = None
+    if lm.engine is not None:  # ZeRO-3: the schedule of every rank's passes, before any work
+        cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
+        works = [plan_work(tk, [requests[i] for i in s], len(masks), batch_size, cost, regroup) for s in slices]
+        sync = Lockstep(lm, works, regroup)
     local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     mine_rows = [[[(c.logprob, c.n_tokens) for c in row] for row in res] for res in local]
@@ -379,11 +232,11 @@ def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tu
     return out
 
 
-def _mask_gates(lm: LoadedModel, masks: Sequence[tuple], n: int):
+def _maskgates_for(lm: LoadedModel, masks: Sequence[tuple], n: int):
     """(gates context, select) for `masks` over `n` requests: one mask, its plain Gates and no
     select; several, RowGates with request k * n + i run under mask k."""
     if len(masks) == 1:
-        return _gates(lm, *masks[0]), None
+        return gates_for(lm, *masks[0]), None
     g = lm.adapter.geometry
 
     def stack(ms, shape):
@@ -399,48 +252,44 @@ def _mask_gates(lm: LoadedModel, masks: Sequence[tuple], n: int):
 
 
 def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int,
-                 progress: bool, desc: str, sync: Lockstep | None,
+                 progress: bool, desc: str, sync: Lockstep | None = None,
                  tk: Tokenised | None = None) -> list[list[list[ChoiceScore]]]:
-    """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks;
-    `tk`: the tokens of a superset of `requests`, when the caller has them). Request k * n + i of the
-    passes is request i under mask k."""
+    """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks, on
+    its schedule; `tk`: the tokens of a superset of `requests`, when the caller has them)."""
     tk = tk or Tokenised(lm, requests)
-    n, n_masks = len(requests), len(masks)
-    out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
-    units, overflow = _plan(tk, requests)
-    units = [(p, [(k * n + i, j, suf) for i, j, suf in ijs]) for k in range(n_masks) for p, ijs in units]
-    copies = list(requests) * n_masks
-    base = lm.model.base_model
-    unembed = lm.model.get_output_embeddings()
-    pad = lm.tokenizer.pad_token_id
+    n = len(requests)
     dev = lm.device
     cost = pass_cost_tokens(dev)
-    gates, select = _mask_gates(lm, masks, n)
+    work = plan_work(tk, requests, len(masks), batch_size, cost, sync.regroup if sync else cache_regroupable(lm))
+    out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
+    copies = list(requests) * len(masks)
+    base, unembed, pad = lm.model.base_model, lm.model.get_output_embeddings(), lm.tokenizer.pad_token_id
+    gates, select = _maskgates_for(lm, masks, n)
     if sync:
         sync.select = select
     with gates:
-        bar = tqdm(total=len(units), disable=not progress, desc=desc, unit="ctx", leave=False)
-        # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
-        # peaks early); padding costs as much as real tokens on a CPU.
-        groups = _length_groups([len(u[0]) for u in units], cost, max_size=batch_size)
-        for step in range(sync.agree(len(groups)) if sync else len(groups)):
-            if step >= len(groups):
-                sync.idle_units()
+        bar = tqdm(total=len(work.units), disable=not progress, desc=desc, unit="ctx", leave=False)
+        for step in range(len(sync.tails) if sync else len(work.prefixes)):
+            if step >= len(work.prefixes):
+                sync.idle_units(step)
                 continue
-            g = groups[step]
-            for i, j, sc in _score_units(base, unembed, tk, copies, [units[k] for k in g], pad, dev, cost, sync,
-                                         select):
+            g = work.prefixes[step]
+            lock = (sync, sync.tails[step]) if sync else None
+            for i, j, sc in score_units(base, unembed, tk, copies, [work.units[k] for k in g], pad, dev, cost,
+                                         lock, select):
                 out[i // n][i % n][j] = sc
             bar.update(len(g))
         bar.close()
-    # Left-truncated pairs: the exact naive path (one pair per forward), per mask.
-    idx = sorted({i for i, _ in overflow})
+    _score_overflow(lm, requests, masks, work, out)
+    if sync:
+        sync.idle_model(sync.naive - work.naive)
+    return out
+
+
+def _score_overflow(lm: LoadedModel, requests, masks, work: Work, out) -> None:
+    """Left-truncated pairs: the exact naive path (one pair per forward), per mask, into `out`."""
+    idx = sorted({i for i, _ in work.overflow})
     for res, (head_mask, ffn_mask) in zip(out, masks) if idx else ():
         nv = dict(zip(idx, score_naive(lm, [requests[i] for i in idx], head_mask, ffn_mask, batch_size=1)))
-        for i, j in overflow:
+        for i, j in work.overflow:
             res[i][j] = nv[i][j]
-    if sync:
-        n_naive = sum(requests[i].n_choices for i in idx) * n_masks
-        for _ in range(sync.agree(n_naive) - n_naive):
-            sync.idle_model()
-    return out

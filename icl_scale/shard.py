@@ -25,12 +25,13 @@ import torch
 
 from .collect import load_shard
 from .curves import CurvesStage
-from .distributed import dist_env, dp_world, max_over_ranks
+from .distributed import announce_failure, dist_env, dp_world, failure_text, max_over_ranks
 from .evaluator import Evaluator, primary_metric
 from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .live import LiveRun
 from .models.loading import LoadedModel, load_model
+from .models.zero import count_gathers
 from .runs import ResumableRun, start_ranks
 from .schema import hashed_settings
 from .scoring import Tokenised
@@ -113,6 +114,8 @@ class ShardRun(CurvesStage, ResumableRun):
         t_start = time.time()
         start_ranks()  # several ranks split the work (icl_scale.distributed), ZeRO-3 or not
         self.lm = self.lm or load_model(self.cfg["model"])
+        self.gathers = count_gathers(self.lm.model) if self.lm.engine is not None else None  # ZeRO-3
+        self.zero: dict[str, dict] = {}
         t_load = time.time()
         self.requests = self.render()
         self.start(t_start)  # the store is touched only now: the model and the data are fine
@@ -122,7 +125,7 @@ class ShardRun(CurvesStage, ResumableRun):
                                   ev["physical_below"], ev["masks_per_pass"])
         self.live = LiveRun(self.cfg, self.shard, self.hash, self.resumed)  # W&B while it works
         try:
-            self.run_stages(on_start=self.live.stage)
+            self.run_stages(on_start=self.stage_started, on_end=self.stage_gathers)
             res = self.finish(t_start)
         except BaseException as e:
             self.live.fail(e)
@@ -130,6 +133,29 @@ class ShardRun(CurvesStage, ResumableRun):
         self.live.finish({"baseline": res.get("baseline"), "timings": res.get("timings"),
                           "evaluations": res.get("evaluations")})
         return res
+
+    def stage_started(self, name: str) -> None:
+        self.live.stage(name)
+        self.gathers_before = self.gathers.totals() if self.gathers else None
+
+    def stage_gathers(self, name: str) -> None:
+        """Under ZeRO-3 (models.zero.GatherCount): the model parameters the stage gathered on this rank
+        (every rank makes the same calls, so every rank gathers the same), in the log, the manifest's
+        `zero` and W&B."""
+        if not self.gathers:
+            return
+        z = self.zero[name] = self.gathers.since(self.gathers_before)
+        log.info("stage %s: %.1f s, %.2f full-model gathers (%.3f GiB) per rank", name, self.timings[name],
+                 z["gathers"], z["gathered_gb"])
+        t = self.gathers.totals()
+        self.live.log(**{"zero/gathers": t["gathers"], "zero/gathered_gb": t["gathered_gb"]})
+
+    def zero_record(self) -> dict:
+        """The manifest's `zero`: per stage and in all, with the model's size ({} without ZeRO-3)."""
+        if not self.gathers:
+            return {}
+        return {"stages": self.zero, "total": self.gathers.totals(),
+                "model_gb": round(self.gathers.model_bytes / 2**30, 6)}
 
     def is_done(self) -> bool:
         """Complete with this config hash and files that read back; a corrupt manifest or result file
@@ -295,6 +321,7 @@ class ShardRun(CurvesStage, ResumableRun):
         self.timings["total"] = round(time.time() - t_start, 2)
         baseline = {self.metric: curves["heads"][0]["value"]} if curves["heads"] else {}
         m = self.shard.write_manifest(status="complete", config_hash=self.hash, timings=self.timings,
+                                      zero=self.zero_record(),
                                       finished=time.time(), evaluations=self.evaluate.n_scored,
                                       evaluations_pruned_copy=self.evaluate.n_physical,
                                       evaluations_shared_pass=self.evaluate.n_shared, baseline=baseline)
@@ -320,15 +347,20 @@ def run_shard(cfg: dict, lm: LoadedModel | None = None) -> dict:
 
 def _record_failure(shard: Shard, e: BaseException) -> None:
     """Name the error in the manifest for the reducer; a complete shard is never marked failed
-    (e.g. a run with other settings that refused to replace it)."""
-    first = str(e).splitlines()[0] if str(e) else ""
+    (e.g. a run with other settings that refused to replace it). With several ranks the record names
+    the job's first failing rank and its exception (icl_scale.distributed.announce_failure), and that
+    rank writes it (the others stop when they see the failure)."""
+    first = announce_failure(e)
     try:
         m = shard.manifest()
     except StoreError:
         m = None
     if m and m.get("status") == "complete":
         return
+    fields = {"error": failure_text(e)}
+    if first is not None:
+        fields = {"error": f"rank {first['rank']}/{first['world']}: {first['error']}", "failed_rank": first["rank"]}
     try:
-        shard.write_manifest(status="failed", error=f"{type(e).__name__}: {first}")
+        shard.write_manifest(status="failed", every_rank=first is not None, **fields)
     except Exception:  # noqa: BLE001 - never mask the original error
         pass

@@ -102,8 +102,8 @@ def write_bytes(path: Path, data: bytes, every_rank: bool = False) -> None:
     _atomic(path, lambda f: f.write(data), every_rank)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def write_json(path: Path, obj: Any, every_rank: bool = False) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), every_rank)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -223,14 +223,15 @@ class Shard:
         m = self.manifest()
         return bool(m and m.get("status") == "complete" and (cfg_hash is None or m.get("config_hash") == cfg_hash))
 
-    def write_manifest(self, **fields) -> dict:
+    def write_manifest(self, every_rank: bool = False, **fields) -> dict:
+        """Update the manifest with `fields` (rank 0 only, unless `every_rank`: a failing rank's record)."""
         p = self.path / MANIFEST
         try:
             m = self.manifest() or {}
         except StoreError:  # a corrupt manifest is replaced, never trusted
             m = {}
         m.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_json(p, m)
+        write_json(p, m, every_rank)
         return m
 
     # files

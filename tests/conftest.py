@@ -46,9 +46,34 @@ def mirror_size(task: str, split: str) -> int:
     return _ROWS[task][split]["mirror_rows"]
 
 
+# What makes a test slow by nature: the real model, torchrun ranks, the local Slurm cluster.
+HEAVY_FIXTURES = {"smollm", "cluster", "slurm_store"}
+HEAVY_CODE = ("TORCHRUN", "ranks=2", "ranks=3")
+
+
+def _unmarked_heavy(items) -> list[str]:
+    """Tests that load the real model, start torchrun ranks or use the Slurm cluster without a
+    `slow` or `slurm` mark: they would make `make test-fast` slow."""
+    import inspect
+
+    out = []
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("slurm"):
+            continue
+        fn = getattr(item, "function", None)
+        code = inspect.getsource(fn) if fn else ""
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or any(c in code for c in HEAVY_CODE):
+            out.append(item.nodeid)
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
-    """Without a mirror the `mirror` tests are deselected (they are the full-size versions of
-    fixture tests that run anyway); the header and the summary say how many."""
+    """Every heavy test is marked (honest tiers); without a mirror the `mirror` tests are deselected
+    (they are the full-size versions of fixture tests that run anyway); the header and the summary
+    say how many."""
+    unmarked = _unmarked_heavy(items)
+    if unmarked:
+        raise pytest.UsageError(f"mark these tests slow (real model, torchrun or Slurm): {unmarked}")
     if not is_unset(os.environ.get("ICL_SCALE_DATA_DIR")):
         return
     deselected = [item for item in items if item.get_closest_marker("mirror")]

@@ -28,6 +28,7 @@ from icl_scale.induction import InductionConfigError, copying_options_from
 from icl_scale.induction.job import induction_settings
 from icl_scale.models import Gates, MaskError, ModelConfigError, load_model, preset
 from icl_scale.models.gates import read_mask_file
+from icl_scale.plan import PlanError
 from icl_scale.reduce import run_reduce
 from icl_scale.report import reduce_store
 from icl_scale.scoring import score_requests
@@ -971,6 +972,18 @@ error("launcher", "launcher.timeout_min=0", "`launcher.timeout_min=0`",
 error("launcher", "launcher.array_parallelism=x", "`launcher.array_parallelism=x`",
       lambda env: env.sweep("launcher.array_parallelism=x"), ConfigError,
       "launcher.array_parallelism='x' must be a whole number, e.g. launcher.array_parallelism=1")
+error("launcher", "launcher.cpus_per_task=0", "`launcher=slurm launcher.cpus_per_task=0`",
+      lambda env: env.sweep("launcher=slurm", "launcher.cpus_per_task=0"), ConfigError,
+      "launcher.cpus_per_task=0 must be >= 1")
+error("launcher", "launcher.mem_gb=lots", "`launcher=slurm launcher.mem_gb=lots`",
+      lambda env: env.sweep("launcher=slurm", "launcher.mem_gb=lots"),
+      ConfigError, "launcher.mem_gb='lots' must be auto or an integer or null, e.g. launcher.mem_gb=1")
+error("launcher", "launcher.gpus_per_node=-1", "`launcher=slurm launcher.gpus_per_node=-1`",
+      lambda env: env.sweep("launcher=slurm", "launcher.gpus_per_node=-1"), ConfigError,
+      "launcher.gpus_per_node=-1 must be >= 0")
+error("launcher", "launcher.tasks_per_node=0", "`launcher=slurm launcher.tasks_per_node=0`",
+      lambda env: env.sweep("launcher=slurm", "launcher.tasks_per_node=0"), ConfigError,
+      "launcher.tasks_per_node=0 must be >= 1")
 error("launcher", "sweep.tasks=[copa,nope]", "`sweep.tasks=[copa,nope]`",
       lambda env: env.sweep("sweep.tasks=[copa,nope]"), ValueError, "unknown task 'nope'; valid tasks: …")
 error("launcher", "sweep-bad-shard-setting", "`eval.batch_size=0` in a sweep",
@@ -981,6 +994,32 @@ error("launcher", "sweep-other-settings", "`eval.limit=5` in a sweep over the co
       lambda env: env.sweep("eval.limit=5"), SweepError,
       "store.root=… has complete shards made with other settings or data (copa/0shot/seed0, copa/1shot/seed0); add "
       "store.force=true to replace them, or use another store.root")
+
+
+# --- the planner: python -m icl_scale.plan (exit 2, one `error:` line) ----------------------------------------
+
+def _plan(*overrides: str):
+    from icl_scale import plan
+
+    cfg = plan.compose(list(overrides))
+    return plan.plan_shards(cfg, plan.make_plan(cfg), plan.task_counts(cfg))
+
+
+for _arg, _message in (
+        ("interconnect=pigeon", "interconnect='pigeon': use one of nvlink, pcie, ib"),
+        ("bandwidth_gbs=0", "bandwidth_gbs=0 must be a number > 0 (GB/s) or null (the interconnect's)"),
+        ("utilization=1.5", "utilization=1.5 must be a number in (0, 1]"),
+        ("peak_tflops=-1", "peak_tflops=-1 must be a number > 0"),
+        ("gpus=0", "gpus=0 must be a number > 0: a shard needs at least one GPU (gpus=1 or more)"),
+        ("gpus=1.5", "gpus=1.5 must be a whole number"),
+        ("token_sample=0", "token_sample=0 must be a number > 0"),
+        ("offload=nvme", "offload='nvme': use offload=none or offload=cpu")):
+    error("planner", f"plan-{_arg}", f"`python -m icl_scale.plan {_arg}`", lambda env, a=_arg: _plan(a),
+          PlanError, _message)
+error("planner", "plan-no-row", "`python -m icl_scale.plan data.dir=hub sweep.shots=[3]` (no data, no table row)",
+      lambda env: _plan("data.dir=hub", "sweep.tasks=[copa]", "sweep.shots=[3]"), PlanError,
+      "no task data for copa 3-shot and conf/plan_tasks.yaml has no row for it: set data.dir to a mirror "
+      "<dir>/<task>/<split>.jsonl (or add the row with docs/make_plan_tasks.py)")
 
 
 # --- W&B ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ A 2-rank run killed in the middle of the importance pass resumes to the same sto
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -30,9 +31,9 @@ ENV.pop("RANK", None)
 ENV.pop("WORLD_SIZE", None)
 
 
-def score(root: Path, model: str, *extra: str, ranks: int = 1, env=None, wait=True):
-    launcher = TORCHRUN if ranks == 2 else [sys.executable]
-    cmd = [*launcher, str(REPO / "jobs" / "score.py"), f"model={model}", f"store.root={root}", *SHARD, *extra]
+def score(root: Path, model: str, *extra: str, ranks: int = 1, env=None, wait=True, shard=SHARD):
+    launcher = [*TORCHRUN[:-1], str(ranks)] if ranks > 1 else [sys.executable]
+    cmd = [*launcher, str(REPO / "jobs" / "score.py"), f"model={model}", f"store.root={root}", *shard, *extra]
     p = subprocess.Popen(cmd, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     if not wait:
@@ -53,8 +54,8 @@ def kill_job(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def shard_dir(root: Path, model: str) -> Path:
-    return root / model / "copa" / "1shot" / "seed0"
+def shard_dir(root: Path, model: str, task: str = "copa", shot: int = 1) -> Path:
+    return root / model / task / f"{shot}shot" / "seed0"
 
 
 def test_balanced_slices_are_deterministic_balanced_and_capped():
@@ -176,6 +177,64 @@ def test_bad_zero3_settings_fail_before_loading(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs DeepSpeed: pip install deepspeed"):
         run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "model.deepspeed.enabled=true"))
     assert not (tmp_path / "tiny-opt").exists()  # nothing written
+
+
+def _draw(seed: int) -> tuple[str, int, list[str]]:
+    """A random small shard (seeded: a failure names its seed): task, shot, and the overrides."""
+    rng = random.Random(seed)
+    task, shot = rng.choice(["copa", "boolq", "winogrande"]), rng.choice([0, 1])
+    max_length = rng.choice([None, 32, 48]) if task != "winogrande" else None
+    return task, shot, [f"task={task}", f"shot={shot}", f"eval.limit={rng.randint(3, 12)}",
+                        f"importance.n_examples={rng.randint(2, 7)}", f"importance.batch_size={rng.randint(1, 3)}",
+                        f"eval.batch_size={rng.randint(1, 6)}", f"eval.masks_per_pass={rng.randint(1, 3)}",
+                        f"knockout.limit={rng.randint(2, 4)}", "pruning.levels=[0,30,60]",
+                        "pruning.combined_levels=[0,50]", "progress=false", "wandb.mode=disabled",
+                        *([f"model.max_length={max_length}"] if max_length else [])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,ranks", [(14, 2), (5, 3)])  # copa 0-shot max_length 32; winogrande 1-shot
+def test_random_shards_under_zero3_on_2_and_3_ranks_write_the_one_process_store(tmp_path, seed, ranks):
+    """The pass schedule (scoring.Lockstep) keeps every rank in call-lockstep whatever its share:
+    random draws of task, shot, limits, max_length, batch sizes and masks per pass finish on 2 and 3
+    ZeRO-3 ranks and write what one process writes. (Single-process checks of the schedule over many
+    more draws: test_lockstep.py.)"""
+    task, shot, shard = _draw(seed)
+    score(tmp_path / "one", "tiny-opt", shard=shard)
+    out = score(tmp_path / "zero", "tiny-opt", "model.deepspeed.enabled=true", ranks=ranks, shard=shard)
+    assert out.count("done in") == ranks, shard
+    assert_same_store(shard_dir(tmp_path / "one", "tiny-opt", task, shot),
+                      shard_dir(tmp_path / "zero", "tiny-opt", task, shot))
+    # the gather counters: per stage, in the manifest and the stage log (none without ZeRO-3)
+    zero = json.loads((shard_dir(tmp_path / "zero", "tiny-opt", task, shot) / "manifest.json").read_text())["zero"]
+    assert set(zero["stages"]) == {"importance", "knockout", "curves"}
+    assert all(s["gathers"] >= 1 and s["gathered_gb"] > 0 for s in zero["stages"].values()), zero
+    total = sum(s["gathers"] for s in zero["stages"].values())
+    assert abs(zero["total"]["gathers"] - total) <= 1e-2 * total
+    assert "stage curves: " in out and "full-model gathers" in out
+    assert json.loads((shard_dir(tmp_path / "one", "tiny-opt", task, shot) / "manifest.json").read_text())["zero"] == {}
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_promptly_and_is_named(tmp_path):
+    """Rank 1 raises in its second importance batch and its own shutdown then hangs (tests/faulty_job.py);
+    rank 0 waits for it inside a ZeRO-3 gather or the step's all-reduce. Every rank stops within 2
+    minutes (the collective timeout is 10), and the job log and the manifest name rank 1 and its error."""
+    env = {**ENV, "FAULT_RANK": "1", "FAULT_AT": "2", "ICL_SCALE_COLLECTIVE_TIMEOUT_MIN": "10",
+           "PYTHONPATH": str(REPO)}
+    cmd = [*TORCHRUN, str(REPO / "tests" / "faulty_job.py"), "model=tiny-opt", f"store.root={tmp_path}", *SHARD,
+           "model.deepspeed.enabled=true"]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600, start_new_session=True)
+    wall = time.time() - t0
+    assert p.returncode != 0
+    assert "rank 1/2 failed: ValueError: injected fault on rank 1" in p.stdout, p.stdout[-3000:]
+    assert "rank 0/2 stops: rank 1 failed: ValueError: injected fault on rank 1" in p.stdout, p.stdout[-3000:]
+    manifest = json.loads((shard_dir(tmp_path, "tiny-opt") / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failed_rank"] == 1
+    assert manifest["error"] == "rank 1/2: ValueError: injected fault on rank 1"
+    assert wall < 120, wall  # model load and DeepSpeed start included
 
 
 def run_job(script: str, root: Path, *args: str, ranks: int = 1) -> str:

@@ -257,19 +257,17 @@ def test_model_hf_loads_a_local_folder_with_its_geometry(saved_qwen3):
 def test_the_planner_reads_the_geometry_from_config_json(name, tmp_path):
     """python -m icl_scale.plan model=hf model.id=<folder>: the arch block from config.json, and the exact
     parameter count (tied embeddings once) of the model itself."""
-    from icl_scale.plan import Arch, make_plan
+    from icl_scale.plan import Arch, compose, n_params
 
     lm = get_model(name)
     lm.model.save_pretrained(tmp_path / name)
-    cfg = _hf_cfg(f"model.id={tmp_path / name}", "gpus=1")
-    cfg["plan"] = {k: cfg.pop(k) for k in ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization",
-                                           "tokens_per_doc", "scored_tokens", "eval_docs", "out")}
+    cfg = compose(["model=hf", f"model.id={tmp_path / name}", "gpus=1"])
     a = Arch.from_spec(cfg["model"])
     g, c = lm.adapter.geometry, lm.model.config
     assert (a.layers, a.heads, a.kv_heads, a.head_dim, a.hidden, a.vocab) == \
         (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden, c.vocab_size)
     assert a.ffn == (c.ffn_dim if name == "tiny-opt" else c.intermediate_size)
-    assert make_plan(cfg).params == sum(p.numel() for p in lm.model.parameters())
+    assert n_params(a) == sum(p.numel() for p in lm.model.parameters())
 
 
 def test_the_planner_without_config_json_is_one_line():

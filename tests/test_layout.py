@@ -16,7 +16,8 @@ PKG = REPO / "icl_scale"
 LAYERS = [
     {"config", "settings", "schema", "store", "distributed", "slurm_env", "tracking", "pruning", "figures", "rankings"},
     {"models", "tasks"},
-    {"scoring", "importance", "knockout", "validation", "live", "plan"},
+    {"passes"},
+    {"scoring", "importance", "knockout", "validation", "live", "plan", "plan_machine", "plan_data"},
     {"evaluator", "runs"},
     {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
     {"reduce", "sweep"},

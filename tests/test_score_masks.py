@@ -137,13 +137,13 @@ def test_a_shard_with_shared_passes_equals_one_mask_per_pass(name, tmp_path):
 def test_lockstep_placeholder_calls_select_a_mask():
     """ZeRO-3 ranks with less work make placeholder calls of one pad token (scoring.Lockstep): under
     several masks they must select a row too, or the gates refuse the batch."""
-    from icl_scale.scoring import Lockstep
+    from icl_scale.scoring import Lockstep, Work
 
     lm = get_model("tiny-opt")
     gates = RowGates(lm.adapter, ffn_masks=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    sync = Lockstep(lm)
+    sync = Lockstep(lm, [Work([], [], [[0]], [2], 0)], regroup=True)  # one step: a prefix and 2 tail passes
     with gates, torch.no_grad():
         gates.select([0, 1, 1])  # the rows of the last real pass
         sync.select = gates.select
-        sync.idle_units()
+        sync.idle_units(0)
         sync.idle_base()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import icl_scale.scoring as scoring
-from icl_scale.scoring import Tokenised, _length_groups, score_naive, score_requests
+from icl_scale.scoring import Tokenised, length_groups, score_naive, score_requests
 from icl_scale.tasks import build_requests
 
 from conftest import get_model
@@ -70,14 +70,14 @@ def test_prompts_longer_than_max_length(task_data, model):
     _compare(lm, reqs, batch_sizes=(1, 8))
 
 
-def test_length_groups():
+def testlength_groups():
     L = [0, 10, 3, 9, 2, 1]  # row 0 has no tail: it needs no pass
-    assert _length_groups(L, pass_cost=float("inf")) == [[1, 3, 2, 4, 5]]  # one pass when passes are dear
-    assert _length_groups(L, pass_cost=0) == [[1], [3], [2], [4], [5]]  # no padding when they are free
-    assert _length_groups(L, pass_cost=4) == [[1, 3], [2, 4, 5]]  # (4 + 2*10) + (4 + 3*3) = 37
-    capped = _length_groups(L, pass_cost=float("inf"), max_size=2)  # fewest passes, then least padding
+    assert length_groups(L, pass_cost=float("inf")) == [[1, 3, 2, 4, 5]]  # one pass when passes are dear
+    assert length_groups(L, pass_cost=0) == [[1], [3], [2], [4], [5]]  # no padding when they are free
+    assert length_groups(L, pass_cost=4) == [[1, 3], [2, 4, 5]]  # (4 + 2*10) + (4 + 3*3) = 37
+    capped = length_groups(L, pass_cost=float("inf"), max_size=2)  # fewest passes, then least padding
     assert len(capped) == 3 and sum(len(g) * L[g[0]] for g in capped) == 27 and capped[0] == [1, 3]
-    assert _length_groups([0, 0], pass_cost=1) == []
+    assert length_groups([0, 0], pass_cost=1) == []
 
 
 def _partitions(items):
@@ -102,7 +102,7 @@ def test_length_groups_is_optimal_over_all_partitions():
         def total(groups, cost=cost, L=L):
             return sum(cost + len(g) * max(L[k] for k in g) for g in groups)
 
-        got = _length_groups(L, pass_cost=cost, max_size=size)
+        got = length_groups(L, pass_cost=cost, max_size=size)
         assert sorted(k for g in got for k in g) == list(range(len(L)))
         assert all(size is None or len(g) <= size for g in got)
         ok = [p for p in _partitions(list(range(len(L)))) if all(size is None or len(g) <= size for g in p)]

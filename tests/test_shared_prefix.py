@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from icl_scale.scoring import Tokenised, _plan, score_naive, score_requests
+from icl_scale.scoring import Tokenised, plan_units, score_naive, score_requests
 from icl_scale.tasks import build_requests
 from icl_scale.tasks.base import Request
 
@@ -54,7 +54,7 @@ def test_winogrande_equals_naive(model, shot):
     lm = get_model(model)
     reqs = _wino(shot)
     tk = Tokenised(lm, reqs)
-    units, overflow = _plan(tk, reqs)
+    units, overflow = plan_units(tk, reqs)
     assert not overflow
     # every option's context runs on a shared prefix: one suffix per choice, none the whole context
     assert sum(len(v) for _, v in units) == sum(r.n_choices for r in reqs)
@@ -101,7 +101,7 @@ def test_winogrande_truncation_goes_naive(model):
     tk = Tokenised(lm, reqs)
     fits = [[tk.fits(*r.pair(j)) for j in range(r.n_choices)] for r in reqs]
     assert any(all(f) for f in fits) and any(not any(f) for f in fits) and any(f[0] != f[1] for f in fits)
-    units, overflow = _plan(tk, reqs)
+    units, overflow = plan_units(tk, reqs)
     assert len(overflow) == sum(not x for f in fits for x in f)
     _compare(lm, reqs, batch_sizes=(1, 8))
 
@@ -124,7 +124,7 @@ def test_edge_cases_of_shared_prefixes(model):
         Request(doc_id=6, contexts=["We met"], continuations=[" Bob", " nobody at all"], gold=0),
     ]
     tk = Tokenised(lm, reqs)
-    units, _ = _plan(tk, reqs)
+    units, _ = plan_units(tk, reqs)
     suffixes = {(i, j): s for _, v in units for i, j, s in v}
     assert suffixes[0, 0] == [] and suffixes[0, 1] != []
     assert suffixes[1, 0] == suffixes[1, 1] == []
@@ -141,7 +141,7 @@ def test_single_context_requests_are_planned_as_before():
     reqs = build_requests("multirc", shot=0, limit=4, data_dir=data_dir())
     reqs += build_requests("hellaswag", shot=1, limit=3, data_dir=data_dir())
     tk = Tokenised(lm, reqs)
-    units, overflow = _plan(tk, reqs)
+    units, overflow = plan_units(tk, reqs)
     assert not overflow
     assert sorted(tuple(p) for p, _ in units) == sorted({tuple(tk.context(r.contexts[0])) for r in reqs})
     assert all(s == [] for _, v in units for _, _, s in v)

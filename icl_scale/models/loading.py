@@ -464,6 +464,8 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
         cfg = random_config(spec["family"], len(tokenizer), **(spec["config"] or {}))
         cfg._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    elif spec["deepspeed"]["enabled"] and (folder := _partitionable(spec)):
+        model = _load_partitioned(spec, folder, dtype, attn, spec["deepspeed"]["offload_param"])
     elif src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
@@ -486,6 +488,48 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
     if ds["enabled"]:
         partition_zero3(lm, ds["offload_param"])
     return lm
+
+
+def _partitionable(spec: dict) -> Path | None:
+    """The safetensors checkpoint folder that ZeRO-3 can load partition by partition
+    (models/partitioned.py), or None: random models, .bin weights, and jobs/export.py's pruned
+    checkpoints load whole and are partitioned afterwards (logged: every rank then holds the model)."""
+    from .partitioned import safetensors_files
+
+    src = spec["source"]
+    if src == "local":
+        path = local_checkpoint(spec)
+        if pruned_structure(path) is not None:
+            path = None
+    elif src == "gguf_wheel":
+        path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
+    elif src == "hub":
+        from huggingface_hub import snapshot_download
+
+        with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
+            path = Path(snapshot_download(hub_id(spec), revision=spec.get("revision"),
+                                          allow_patterns=["*.json", "*.safetensors"]))
+    else:  # random models are built, not loaded
+        return None
+    if path is not None and safetensors_files(path):
+        return path
+    log.warning("ZeRO-3: %s has no safetensors weights, so every rank loads the whole model before it is "
+                    "partitioned (host memory: the model's size per rank); convert it with save_pretrained",
+                    spec.get("path") or spec.get("id") or spec["name"])
+    return None
+
+
+def _load_partitioned(spec: dict, path: Path, dtype: torch.dtype, attn: str, offload_param: str):
+    """Weights straight into each rank's ZeRO-3 partition, in `dtype` (models/partitioned.py)."""
+    from ..distributed import init_process_group
+    from .partitioned import build_partitioned
+    from .zero import ds_config
+
+    init_process_group()  # zero.Init partitions over the job's ranks
+    label = f"model.path={spec['path']}" if spec["source"] == "local" else f"model {spec['name']}"
+    with _loading(f"{label}: the weights could not be loaded", "a file is truncated or corrupt: copy or download "
+                  "the checkpoint again"):
+        return build_partitioned(path, dtype, attn, ds_config(dtype, offload_param), label)
 
 
 def partition_zero3(lm: LoadedModel, offload_param: str) -> None:

@@ -85,3 +85,61 @@ def gathered(params):
         finally:
             for p, b in zip(params, before):
                 p.ds_persist = b
+
+
+# --- how much of the model ZeRO-3 gathers ----------------------------------------------------------
+
+class GatherCount:
+    """Parameters ZeRO-3 gathers on this rank: `params` all-gathered, `bytes` of their full tensors,
+    and `gathers` = bytes / the model's bytes (full-model-equivalent gathers). Counted in DeepSpeed's
+    parameter coordinator, where each forward (and backward) fetches a submodule's partitioned
+    parameters before the submodule runs; parameters already whole (persistent, or still live) are
+    not gathered again and not counted."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model_bytes = sum(_full_bytes(p) for p in model.parameters())
+        self.params = 0
+        self.bytes = 0
+
+    @property
+    def gathers(self) -> float:
+        return self.bytes / self.model_bytes if self.model_bytes else 0.0
+
+    def totals(self) -> dict:
+        return {"gathers": round(self.gathers, 3), "gathered_gb": round(self.bytes / 2**30, 6), "params": self.params}
+
+    def since(self, before: dict) -> dict:
+        """The counts since `before` (an earlier `totals()`)."""
+        now = self.totals()
+        return {k: round(now[k] - before[k], 6) for k in now}
+
+
+def _full_bytes(p) -> int:
+    numel = getattr(p, "ds_numel", p.numel())
+    return int(numel) * (p.ds_tensor.element_size() if hasattr(p, "ds_tensor") else p.element_size())
+
+
+_COUNTS: list[GatherCount] = []
+
+
+def count_gathers(model: torch.nn.Module) -> GatherCount:
+    """A GatherCount for `model` (partitioned by ZeRO-3), counting from now on. The coordinator's
+    private gather method is wrapped once per process; every GatherCount made since sees each gather."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+
+    name = "_PartitionedParameterCoordinator__all_gather_params_"
+    real = getattr(C, name)
+    if not getattr(real, "_icl_scale_counted", False):
+        def counted(self, params, forward, quantize=False):
+            todo = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            for c in _COUNTS:
+                c.params += len(todo)
+                c.bytes += sum(_full_bytes(p) for p in todo)
+            return real(self, params, forward, quantize)
+
+        counted._icl_scale_counted = True
+        setattr(C, name, counted)
+    count = GatherCount(model)
+    _COUNTS.append(count)
+    return count

@@ -1,0 +1,111 @@
+"""ZeRO-3 ranks make the same sequence of module calls by construction (scoring.Lockstep): the pass
+schedule is computed from the shard's inputs before any work, so no rank can wait in a parameter
+gather while another waits in an all-reduce (the hangs of `task=copa shot=0 eval.limit=16` and
+`task=copa shot=1 model.max_length=28` on 2 ranks).
+
+Checked here in one process: every simulated rank of a random draw (task, shot, limit, max_length,
+batch size, masks, ranks) records the same calls of the base model, the unembedding and the whole
+model as every other rank, and the ranks' slices together give the one-process scores. The
+torchrun runs under real ZeRO-3 are in test_data_parallel.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from icl_scale.distributed import balanced_slices
+from icl_scale.scoring import (
+    Lockstep,
+    Tokenised,
+    _score_local,
+    cache_regroupable,
+    pass_cost_tokens,
+    plan_work,
+    request_cost,
+    score_masks,
+)
+from icl_scale.tasks import build_requests
+
+from conftest import data_dir, get_model
+
+TASKS = [("copa", 2), ("piqa", 2), ("winogrande", 2), ("boolq", 2), ("multirc", 8), ("hellaswag", 4)]
+
+
+def _draw(rng: random.Random) -> dict:
+    task, n_max = rng.choice(TASKS)
+    return {"model": rng.choice(["tiny-opt", "tiny-llama"]), "task": task, "shot": rng.choice([0, 1]),
+            "limit": rng.randint(1, n_max * 2), "max_length": rng.choice([None, 24, 40, 64]),
+            "batch_size": rng.randint(1, 4), "masks": rng.randint(1, 3), "world": rng.choice([2, 3])}
+
+
+def _masks(lm, k: int, rng: random.Random):
+    g = lm.adapter.geometry
+    gen = torch.Generator().manual_seed(rng.randint(0, 10**6))
+    return [(None, None)] + [((torch.rand(g.n_layers, g.n_heads, generator=gen) > 0.4).float(),
+                              (torch.rand(g.n_layers, generator=gen) > 0.3).float()) for _ in range(k - 1)]
+
+
+def _recorded(lm):
+    """Forward hooks that append the name of each called module (base model, unembedding, whole model)."""
+    calls: list[str] = []
+    mods = {"model": lm.model, "base": lm.model.base_model, "unembed": lm.model.get_output_embeddings()}
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: calls.append(name)) for name, m in mods.items()]
+    return calls, hooks
+
+
+def _run_ranks(lm, reqs, masks, batch_size, world):
+    """Each simulated rank's (call sequence, scores of its slice), on the schedule of all ranks."""
+    tk = Tokenised(lm, reqs)
+    slices = balanced_slices([request_cost(tk, r) for r in reqs], world)
+    cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
+    works = [plan_work(tk, [reqs[i] for i in s], len(masks), batch_size, cost, regroup) for s in slices]
+    out = []
+    for s in slices:
+        calls, hooks = _recorded(lm)
+        try:
+            res = _score_local(lm, [reqs[i] for i in s], masks, batch_size, False, "", Lockstep(lm, works, regroup), tk)
+        finally:
+            for h in hooks:
+                h.remove()
+        out.append((calls, s, res))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_rank_makes_the_same_calls_and_the_slices_give_the_one_process_scores(seed):
+    rng = random.Random(seed)
+    d = _draw(rng)
+    base = get_model(d["model"])
+    lm = dataclasses.replace(base, max_length=d["max_length"] or base.max_length)
+    reqs = build_requests(d["task"], shot=d["shot"], limit=d["limit"], data_dir=data_dir(), seed=seed)
+    masks = _masks(lm, d["masks"], rng)
+    ranks = _run_ranks(lm, reqs, masks, d["batch_size"], d["world"])
+    assert all(calls == ranks[0][0] for calls, _, _ in ranks), d  # the same sequence of module calls
+    assert ranks[0][0], d  # the draw does some work
+    whole = score_masks(lm, reqs, masks, batch_size=d["batch_size"])
+    for _, idx, res in ranks:
+        for k in range(len(masks)):
+            for i, row in zip(idx, res[k]):
+                want = whole[k][i]
+                assert [c.n_tokens for c in row] == [c.n_tokens for c in want], d
+                assert max(abs(a.logprob - b.logprob) for a, b in zip(row, want)) <= 1e-4, d
+
+
+def test_ranks_with_unequal_continuation_and_naive_passes_still_match():
+    """The two hangs' shapes: copa 0-shot 16 docs (one rank makes 2 continuation passes, the other 1)
+    and copa 1-shot 12 docs with max_length=28 (10 naive calls on one rank, 12 on the other): the
+    ranks' plans differ, and the schedule still gives each the same calls."""
+    base = get_model("tiny-opt")
+    for shot, limit, max_length in [(0, 16, base.max_length), (1, 12, 28)]:
+        lm = dataclasses.replace(base, max_length=max_length)
+        reqs = build_requests("copa", shot=shot, limit=limit, data_dir=data_dir())
+        tk = Tokenised(lm, reqs)
+        slices = balanced_slices([request_cost(tk, r) for r in reqs], 2)
+        works = [plan_work(tk, [reqs[i] for i in s], 1, 8, pass_cost_tokens(lm.device), cache_regroupable(lm))
+                 for s in slices]
+        assert works[0].tails != works[1].tails or works[0].naive != works[1].naive  # the plans differ
+        ranks = _run_ranks(lm, reqs, [(None, None)], 8, 2)
+        assert ranks[0][0] == ranks[1][0]
