@@ -124,7 +124,7 @@ def _check_place(where: str, sh: Shard, model: Any, task: Any, shot: Any, seed: 
     <model>/<task>/<shot>shot/seed<k>: a copied or renamed folder is not trusted. (A legacy
     folder has no seed in its path: it takes the seed its manifest records.)"""
     model = sh.model if model is None else safe_name(model)
-    task = sh.task if task is None else task
+    task = sh.task if task is None else safe_name(task)  # a task file's path is stored under its safe name
     shot = sh.shot if shot is None else shot
     seed = sh.seed if seed is None or sh.legacy or not isinstance(shot, int) else shard_seed(shot, seed)
     if (model, task, shot, seed) != (sh.model, sh.task, sh.shot, sh.seed):
@@ -257,7 +257,7 @@ def collect(root: Path | str, model: str | None = None, expected: list[tuple] | 
         except ShardFormatError as e:
             out.problems.append({"shard": name, "status": "corrupt", "reason": str(e)})
     for task, shot, *seed in expected or []:
-        key = (task, shot, shard_seed(shot, seed[0] if seed else 0))
+        key = (safe_name(task), shot, shard_seed(shot, seed[0] if seed else 0))  # a task file: its folder name
         if key not in seen:
             out.problems.append({"shard": Shard(root, model or "?", *key).name, "status": "missing",
                                  "reason": "no shard folder (job never started or failed before writing)"})

@@ -13,6 +13,22 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
+def model_name(model_id) -> str:
+    """The store name of a model id (conf/model/hf.yaml's `${model_name:${model.id}}`): the last part of
+    a hub id or a folder path ("Qwen/Qwen2.5-0.5B" -> "Qwen2.5-0.5B", "/ckpt/mine/" -> "mine")."""
+    if model_id in (None, "", "???"):
+        return "hf"  # no id yet: validation says model.id is required
+    return str(model_id).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or str(model_id)
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers conf/ uses (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("model_name"):
+        OmegaConf.register_new_resolver("model_name", model_name)
+
+
 def to_dict(cfg) -> dict:
     """A resolved plain dict from a DictConfig (or a shallow copy of a plain mapping): library code
     takes dicts. (A DictConfig is a Mapping too: it must be converted, not copied.)"""
@@ -23,6 +39,9 @@ def to_dict(cfg) -> dict:
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise TypeError(f"a config must be a mapping, got {type(cfg).__name__}")
+
+
+register_resolvers()  # before any entry point composes conf/ (Hydra resolves lazily, at to_dict)
 
 
 def setup_environment(log_level: int | None = None) -> None:

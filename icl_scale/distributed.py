@@ -66,9 +66,8 @@ def init_process_group(backend: str | None = None) -> DistEnv:
     os.environ.setdefault("RANK", str(de.rank))
     os.environ.setdefault("LOCAL_RANK", str(de.local_rank))
     os.environ.setdefault("WORLD_SIZE", str(de.world_size))
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = _first_node()
-    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+    os.environ["MASTER_ADDR"] = master_addr()
+    os.environ["MASTER_PORT"] = str(master_port())
     if not td.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
@@ -101,18 +100,52 @@ def check_gpus(de: DistEnv) -> None:
                            f"(launcher.tasks_per_node={gpus}, or torchrun --nproc_per_node {gpus})")
 
 
-def _first_node() -> str:
-    """The job's first host (Slurm), else this machine."""
-    nodes = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodes:
+class RendezvousError(ValueError):
+    """The ranks of a multi-node job cannot agree on a master address: one line naming the fix."""
+
+
+def _nodes() -> int:
+    """Nodes of the Slurm job (SLURM_JOB_NUM_NODES, else SLURM_NNODES); 1 outside Slurm."""
+    return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+
+
+def master_addr() -> str:
+    """Where rank 0 listens: MASTER_ADDR when the launcher set it (torchrun does), else the Slurm job's
+    first host, expanded from SLURM_JOB_NODELIST by submitit's own parser (the one its
+    helpers.TorchDistributedEnvironment uses), else this machine. A single-node job may fall back to
+    127.0.0.1 (all its ranks are here); a multi-node job whose first host is unknown or does not
+    resolve stops with RendezvousError instead of splitting into groups that each wait for the others."""
+    import socket
+
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    multi = _nodes() > 1
+    if not nodelist:
+        if multi:
+            raise RendezvousError(f"a {_nodes()}-node Slurm job without SLURM_JOB_NODELIST: set MASTER_ADDR to "
+                                  "the first node's address (export MASTER_ADDR=... before srun)")
         return "127.0.0.1"
-    import subprocess
+    from submitit.slurm.slurm import SlurmJobEnvironment
 
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=10)
-        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else "127.0.0.1"
-    except (OSError, subprocess.TimeoutExpired):
+        first = SlurmJobEnvironment().hostnames[0]
+    except Exception as e:  # noqa: BLE001 - submitit's parser raises plain exceptions on bad lists
+        raise RendezvousError(f"SLURM_JOB_NODELIST={nodelist!r} cannot be read ({e}); set MASTER_ADDR to the "
+                              "first node's address") from None
+    try:
+        socket.getaddrinfo(first, None)
+    except OSError as e:
+        if multi:
+            raise RendezvousError(f"the job's first node {first!r} (SLURM_JOB_NODELIST={nodelist}) does not resolve "
+                                  f"on this node ({e.strerror or e}); set MASTER_ADDR to its address") from None
         return "127.0.0.1"
+    return first
+
+
+def master_port() -> int:
+    """MASTER_PORT when set, else one port per Slurm job (the same on every rank of it)."""
+    return int(os.environ.get("MASTER_PORT") or 29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000)
 
 
 def barrier() -> None:

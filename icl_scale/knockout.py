@@ -15,9 +15,10 @@ scoring.score_requests with its continuation passes on the prefixes' KV cache, s
 
 Where the entry is (`restart_mode`):
 
-* "post_attention", pre-norm blocks (Llama family, GPT-2, OPT with do_layer_norm_before, GPT-NeoX
-  without parallel residual): block l's post-attention residual, the input of its pre-FFN norm. It is
-  exactly block l's output once its FFN is removed (x + 0 = x), so knock-out l restarts at block l + 1
+* "post_attention", pre-norm blocks (Llama family, Gemma 2/3, Phi-3, GPT-2, OPT with
+  do_layer_norm_before, GPT-NeoX without parallel residual): block l's post-attention residual, the
+  input of its pre-FFN norm. It is exactly block l's output once its FFN is removed (x + 0 = x; Gemma's
+  post-FFN norm is inside the removed branch), so knock-out l restarts at block l + 1
   (at the final norm for the last layer) and never computes FFN l;
 * "block", otherwise (OPT-350m's post-norm blocks, GPT-NeoX's parallel residual): block l's input;
   knock-out l restarts at block l with FFN l gated to zero.
@@ -172,7 +173,8 @@ def restart_mode(lm: LoadedModel) -> str:
     if not regroupable(cache) or len(cache.layers) != lm.adapter.geometry.n_layers:
         return "full"
     cfg, fam = lm.model.config, lm.adapter.family.name
-    pre_norm = {"llama": True, "gpt2": True, "opt": bool(getattr(cfg, "do_layer_norm_before", True)),
+    pre_norm = {"llama": True, "gemma": True, "phi3": True, "gpt2": True,
+                "opt": bool(getattr(cfg, "do_layer_norm_before", True)),
                 "gpt_neox": not getattr(cfg, "use_parallel_residual", True)}.get(fam, False)
     return "post_attention" if pre_norm else "block"
 

@@ -44,7 +44,7 @@ def read_units(d: ShardData, key: str) -> dict[str, float] | None:
     if not f.is_file():
         return None
     rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return unit_scores(d.shard.task, rows)
+    return unit_scores(d.shard.task, rows, d.curves.get("metric"))  # a task file's folder is not its path
 
 
 def differences(base: dict[str, float], pruned: dict[str, float]) -> np.ndarray:

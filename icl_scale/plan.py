@@ -2,13 +2,16 @@
 
     python -m icl_scale.plan model=opt-66b gpus=8 gpu_mem_gb=80
     python -m icl_scale.plan experiment=paper gpus=8 gpu_mem_gb=40 offload=cpu
-    python -m icl_scale.plan model=smollm2-135m gpus=1 gpu_mem_gb=24 tokens_per_doc=300
+    python -m icl_scale.plan model=smollm2-135m gpus=1 gpu_mem_gb=24 data.dir=/path/to/mirror
 
 Everything comes from the composed config (conf/plan.yaml on top of conf/config.yaml): the model
 preset's `arch` block (layers, hidden, heads, kv_heads, ffn, vocab, max_positions, tied), its dtype,
-`eval.batch_size`, `importance.batch_size`, `model.max_length`, and the shard's sizes (importance
-examples, knock-out docs, pruning levels). The numbers are estimates of the dominant terms (stated
-in docs/plan.md); the parameter count is exact.
+`eval.batch_size`, `importance.batch_size`, `model.max_length`, the shard's sizes (importance
+examples, knock-out docs, pruning levels), the sweep's tasks and shots, `launcher.timeout_min`, and
+per (task, shot) the docs and tokens of its request lists: counted from the data when a mirror has
+the splits, else conf/plan_tasks.yaml (docs/make_plan_tasks.py). The numbers are estimates of the
+dominant terms (stated in docs/plan.md; bench/plan_calibration.py checks them on a machine); the
+parameter count is exact.
 """
 
 from __future__ import annotations
@@ -17,175 +20,155 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 
-BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "auto": 2}
-SAFETY = 0.9  # of each GPU's memory usable: the CUDA context, allocator fragmentation, NCCL buffers
+from .plan_data import TaskCounts, count_from_data, task_counts
+from .plan_machine import (
+    BYTES,
+    HOST_RUNTIME_GB,
+    INTERCONNECTS,
+    SAFETY,
+    Arch,
+    Plan,
+    PlanError,
+    evaluations,
+    host_bytes_per_rank,
+    interconnect_bandwidth,
+    kv_bytes,
+    layer_params,
+    logits_bytes,
+    machine,
+    make_plan,
+    n_params,
+)
+
+__all__ = ["BYTES", "HOST_RUNTIME_GB", "INTERCONNECTS", "SAFETY", "Arch", "Plan", "PlanError", "TaskCounts",
+           "count_from_data", "evaluations", "host_bytes_per_rank", "interconnect_bandwidth", "kv_bytes",
+           "layer_params", "logits_bytes", "make_plan", "n_params", "task_counts"]
+
+# --- passes, bytes, FLOPs and hours of one shard -------------------------------------------------------
+
+# GB/s per GPU and direction that ZeRO-3's all-gathers reach at best (`interconnect=`).
+PCIE_GBS = INTERCONNECTS["pcie"][0]  # offload=cpu: every pass streams the rank's partition from host memory
+BACKWARD = 2.0  # importance: forward + backward to the activations only (no weight gradients) ~ 2 forwards
 
 
-class PlanError(ValueError):
-    """A plan that cannot be made or cannot fit: one line naming the fix."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    family: str  # opt | llama
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-    max_positions: int
-    tied: bool = True
-    embed_dim: int | None = None  # OPT-350m: word embeddings narrower than the hidden size
-    final_norm: bool = True  # OPT-350m (post-norm) has none
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> Arch:
-        a = {k: v for k, v in (spec["arch"] or {}).items() if v is not None}  # (null: not given)
-        if not a:
-            raise PlanError(f"model preset {spec.get('name')!r} has no architecture numbers: add a model.arch block "
-                            f"(family, layers, hidden, heads, kv_heads, ffn, vocab, max_positions, tied) to its yaml")
-        a.setdefault("kv_heads", a.get("heads"))
-        if a.get("family") not in ("opt", "llama"):
-            raise PlanError(f"model.arch.family={a.get('family')!r}: the planner knows opt and llama")
-        return cls(**a)
-
-
-def layer_params(a: Arch) -> int:
-    """One decoder block's parameters."""
-    h, f, q, kv = a.hidden, a.ffn, a.heads * a.head_dim, a.kv_heads * a.head_dim
-    if a.family == "opt":  # biased q/k/v/out and fc1/fc2, two LayerNorms (weight + bias)
-        return (h * q + q) + 2 * (h * kv + kv) + (q * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h
-    return h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h  # Llama: no biases, gate/up/down, two RMSNorms
-
-
-def n_params(a: Arch) -> int:
-    """Exactly the model's parameter count (tied embeddings counted once)."""
-    e = a.embed_dim or a.hidden
-    total = a.vocab * e + a.layers * layer_params(a)
-    if a.family == "opt":
-        total += (a.max_positions + 2) * a.hidden  # learned positions, OPT's offset of 2
-        total += 2 * e * a.hidden if e != a.hidden else 0  # project_in / project_out (no bias)
-        total += 2 * a.hidden if a.final_norm else 0
+def doc_counts(cfg: dict, c: TaskCounts) -> tuple[int, int, int]:
+    """(eval docs, importance examples, knock-out docs) of a shard, as ShardRun cuts its lists."""
+    n_eval = min(int(cfg["eval"]["limit"] or c.eval_docs), c.eval_docs)
+    ko = cfg["knockout"]
+    if ko["split"] == "paper":
+        n_ko, pool = n_eval, c.train_docs
     else:
-        total += a.hidden  # final RMSNorm
-    return total + (0 if a.tied else a.vocab * e)
+        n_ko, pool = int(ko["limit"]), c.train_docs - int(ko["limit"])
+    return n_eval, min(int(cfg["importance"]["n_examples"]), max(pool, 0)), n_ko
 
 
-def kv_bytes(a: Arch, batch: int, length: int, nbytes: int) -> int:
-    """The prefix KV cache the scorer keeps for a batch: keys and values of every layer."""
-    return 2 * a.layers * a.kv_heads * a.head_dim * length * batch * nbytes
+def pass_schedule(cfg: dict, c: TaskCounts, ranks: int, layers: int) -> dict[str, float]:
+    """Forward passes one rank makes in a shard, and the whole-model all-gathers they cost under ZeRO-3,
+    from the request lists: every rank makes the same calls (lockstep), so a list of n docs at batch b
+    takes ceil(n / (b x ranks)) batches. A scoring batch is one context pass plus, when a continuation
+    has more than one token, one continuation pass (the scorer's lower bound: it may split a batch's
+    continuations by length). Every evaluation (`evaluations`) scores the eval list; an importance step
+    is a forward and a backward, each gathering the model; a knock-out batch is an unpruned pass and a
+    restart at every layer l, which runs (and gathers) only layers l.. : (layers + 1) / 2 models."""
+    n_eval, n_imp, n_ko = doc_counts(cfg, c)
+    per_batch = 1 + int(c.multi_token)
+    b_eval, b_imp = int(cfg["eval"]["batch_size"]), int(cfg["importance"]["batch_size"])
+    eval_batches = math.ceil(n_eval / (b_eval * ranks)) * evaluations(cfg)
+    imp_steps = math.ceil(n_imp / (b_imp * ranks))
+    ko_batches = math.ceil(n_ko / (b_eval * ranks))
+    return {"eval_passes": eval_batches * per_batch, "importance_passes": 2 * imp_steps,
+            "knockout_passes": ko_batches * per_batch * (1 + layers),
+            "gathers": eval_batches * per_batch + 2 * imp_steps + ko_batches * per_batch * (1 + (layers + 1) / 2)}
 
 
-def forward_activation_bytes(a: Arch, batch: int, length: int, nbytes: int) -> int:
-    """Live activations of one block's forward (inference: blocks run one after another)."""
-    per_token = 4 * a.hidden + 2 * a.ffn + (a.heads + 2 * a.kv_heads) * a.head_dim
-    return batch * length * per_token * nbytes
+def forward_flops(a: Arch, tokens: float, scored: float) -> float:
+    """One document's forward: 2 x block parameters per token, causal attention (2 x layers x T^2 x the
+    query width), and the unembedding at the scored positions only."""
+    blocks = a.layers * layer_params(a)
+    return 2 * blocks * tokens + 2 * a.layers * tokens**2 * a.heads * a.head_dim + 2 * a.vocab * (
+        a.embed_dim or a.hidden) * scored
 
 
-def logits_bytes(a: Arch, batch: int, scored: int, copies: int) -> int:
-    """float32 logits over the vocabulary, only at the scored (continuation) positions: the scorer
-    and the importance loss unembed just those. `copies`: logits + log-softmax (2), + their grad (3)."""
-    return copies * batch * scored * a.vocab * 4
-
-
-def backward_activation_bytes(a: Arch, batch: int, length: int, nbytes: int) -> int:
-    """The importance pass keeps every block's activations for the backward to the gate probes:
-    per token and block ~ the norms' outputs, q/k/v, the attention output, the FFN's hidden units
-    (two for Llama's gated FFN) and the residual; plus the probes' float32 gradients [L, b, t, H+1]."""
-    ffn_units = (2 if a.family == "llama" else 1) * a.ffn
-    per_token = 3 * a.hidden + (a.heads + 2 * a.kv_heads) * a.head_dim + a.heads * a.head_dim + ffn_units
-    probes = a.layers * batch * length * (a.heads + 1) * 4
-    return a.layers * batch * length * per_token * nbytes + probes
-
-
-def evaluations(cfg: dict) -> int:
-    """Distinct evaluations of one shard: heads and FFN curves (the 0% point shared), the heads x FFN
-    grid's interior cells, and the FFN knock-outs (one per layer plus the unpruned run)."""
-    pr = cfg["pruning"]
-    levels = [x for x in pr["levels"] if x > 0]
-    grid = [x for x in pr["combined_levels"] if x > 0]
-    return 1 + 2 * len(levels) + len(grid) ** 2
+def shard_flops(cfg: dict, c: TaskCounts, a: Arch) -> float:
+    """A shard's FLOPs: every evaluation over the eval docs, the importance examples (forward and
+    backward), the knock-out docs (the unpruned pass and a restart per layer). Sequences longer than
+    `model.max_length` are cut to it, as the scorer cuts them."""
+    n_eval, n_imp, n_ko = doc_counts(cfg, c)
+    cap = int(cfg["model"].get("max_length") or a.max_positions)
+    fwd = forward_flops(a, min(c.eval_tokens, cap), c.eval_scored)
+    restart = 1 + (a.layers + 1) / 2  # knock-out: the unpruned pass and a restart per layer, in models
+    return (evaluations(cfg) * n_eval * fwd + BACKWARD * n_imp * forward_flops(a, min(c.imp_tokens, cap), c.imp_scored)
+            + n_ko * restart * fwd)
 
 
 @dataclass
-class Plan:
-    model: str
-    params: int
-    dtype: str
-    gpus: int
-    offload: str
-    param_bytes_per_rank: float
-    eval_bytes_per_rank: float
-    importance_bytes_per_rank: float
-    fits: bool
-    max_eval_batch: int
-    max_importance_batch: int
-    shard_flops: float
-    shard_hours: float
-    sweep_shards: int
-    sweep_hours: float
+class ShardPlan:
+    task: str
+    shot: int
+    eval_docs: int
+    source: str
+    tokens_per_doc: float
+    passes: int
+    gathered_gb: float  # per rank
+    compute_h: float
+    comm_h: float
+    hours: float
+    gpu_gb: float
+    host_gb: float
+    fits_memory: bool
+    over_limit: bool
+    advice: str = ""
 
 
-def _gathered_bytes(a: Arch, nbytes: int) -> int:
-    """ZeRO-3's working set: the block being run and the prefetched next one, gathered whole."""
-    return 2 * layer_params(a) * nbytes + (a.vocab * (a.embed_dim or a.hidden)) * nbytes
+def shard_hours(cfg: dict, c: TaskCounts, gpus: int) -> tuple[float, float, dict]:
+    """(compute hours, communication hours, the pass schedule) of one shard on `gpus` ranks."""
+    a, _, nb, offload = machine(cfg)
+    p = cfg["plan"]
+    sched = pass_schedule(cfg, c, gpus, a.layers)
+    compute = shard_flops(cfg, c, a) / (gpus * float(p["peak_tflops"]) * 1e12 * float(p["utilization"]))
+    zero = gpus > 1 or offload == "cpu"
+    gathered = sched["gathers"] * n_params(a) * nb * (gpus - 1) / gpus if zero else 0.0
+    comm = gathered / (interconnect_bandwidth(p) * 1e9)
+    if offload == "cpu":
+        comm += sched["gathers"] * n_params(a) * nb / gpus / (PCIE_GBS * 1e9)
+    sched["gathered_bytes"] = gathered
+    return compute / 3600, comm / 3600, sched
 
 
-def _resident(a: Arch, gpus: int, offload: str, nbytes: int) -> float:
-    if gpus == 1:
-        return n_params(a) * nbytes if offload == "none" else _gathered_bytes(a, nbytes)
-    shard = n_params(a) * nbytes / gpus if offload == "none" else 0
-    return shard + _gathered_bytes(a, nbytes)
+def time_limit_h(cfg: dict) -> float:
+    return float(cfg["launcher"]["timeout_min"]) / 60
 
 
-def make_plan(cfg: dict) -> Plan:
-    spec, p = cfg["model"], cfg["plan"]
-    a = Arch.from_spec(spec)
-    gpus, mem = int(p["gpus"]), float(p["gpu_mem_gb"]) * 2**30 * SAFETY
-    offload = p.get("offload") or "none"
-    if offload not in ("none", "cpu"):
-        raise PlanError(f"offload={offload!r}: use offload=none or offload=cpu")
-    if gpus < 1:
-        raise PlanError(f"gpus={gpus}: a shard needs at least one GPU (gpus=1 or more)")
-    dtype = str(spec.get("dtype") or "auto")
-    nb = BYTES.get(dtype, 2)
-    length = int(spec.get("max_length") or a.max_positions)
-    resident = _resident(a, gpus, offload, nb)
-    eval_b, imp_b = int(cfg["eval"]["batch_size"]), int(cfg["importance"]["batch_size"])
-
-    scored = int(p["scored_tokens"])
-
-    def eval_mem(b):
-        return (resident + kv_bytes(a, b, length, nb) + forward_activation_bytes(a, b, length, nb)
-                + logits_bytes(a, b, scored, 2))
-
-    def imp_mem(b):
-        return resident + backward_activation_bytes(a, b, length, nb) + logits_bytes(a, b, scored, 3)
-
-    fits = eval_mem(eval_b) <= mem and imp_mem(imp_b) <= mem
-    tokens = float(p["tokens_per_doc"])
-    n_eval = int(cfg["eval"]["limit"] or p["eval_docs"])
-    n_ko = int(cfg["knockout"]["limit"] or n_eval) if cfg["knockout"]["split"] == "heldout" else n_eval
-    fwd = 2 * n_params(a) * tokens
-    flops = fwd * (3 * int(cfg["importance"]["n_examples"]) + n_eval * evaluations(cfg) + n_ko * a.layers)
-    rate = gpus * float(p["peak_tflops"]) * 1e12 * float(p["utilization"])
-    shards = len(cfg["sweep"]["tasks"]) * len(cfg["sweep"]["shots"]) * len(cfg["sweep"].get("seeds") or [0])
-    hours = flops / rate / 3600
-    return Plan(spec["name"], n_params(a), dtype, gpus, offload, resident, eval_mem(eval_b), imp_mem(imp_b), fits,
-                _largest(eval_mem, mem), _largest(imp_mem, mem), flops, hours, shards, hours * shards)
+def _advice(cfg: dict, c: TaskCounts, gpus: int, hours: float) -> str:
+    """What to do about a shard over the job's time limit: requeues, more GPUs, or a smaller eval.limit."""
+    limit = time_limit_h(cfg)
+    fixes = [f"{math.ceil(hours / limit) - 1} requeues (its checkpoints resume it)"]
+    more = next((g for g in (gpus * 2, gpus * 4, gpus * 8) if sum(shard_hours(cfg, c, g)[:2]) <= limit), None)
+    if more:
+        fixes.append(f"gpus={more}")
+    lo, hi = 0, doc_counts(cfg, c)[0]
+    while lo < hi:  # the largest eval.limit that fits the limit
+        mid = (lo + hi + 1) // 2
+        trial = {**cfg, "eval": {**cfg["eval"], "limit": mid}}
+        lo, hi = (mid, hi) if sum(shard_hours(trial, c, gpus)[:2]) <= limit else (lo, mid - 1)
+    if lo:
+        fixes.append(f"eval.limit={lo}")
+    return f"over the {limit:g} h limit: " + ", or ".join(fixes)
 
 
-def _largest(mem_at, budget: float, cap: int = 4096) -> int:
-    """The largest batch (a power of two, up to `cap`) whose memory fits `budget`; 0 if none does."""
-    b = 0
-    while b * 2 <= cap and mem_at(max(1, b * 2)) <= budget:
-        b = max(1, b * 2)
-    return b
+def plan_shards(cfg: dict, pl: Plan, counts: list[TaskCounts]) -> list[ShardPlan]:
+    out = []
+    for c in counts:
+        compute, comm, sched = shard_hours(cfg, c, pl.gpus)
+        hours = compute + comm
+        over = hours > time_limit_h(cfg)
+        out.append(ShardPlan(c.task, c.shot, doc_counts(cfg, c)[0], c.source, c.eval_tokens,
+                             int(sched["eval_passes"] + sched["importance_passes"] + sched["knockout_passes"]),
+                             sched["gathered_bytes"] / 1e9, compute, comm, hours,
+                             max(pl.eval_bytes_per_rank, pl.importance_bytes_per_rank) / 2**30,
+                             pl.host_bytes_per_rank / 2**30, pl.fits, over,
+                             _advice(cfg, c, pl.gpus, hours) if over else ""))
+    return out
 
 
 def _layout(pl: Plan, cfg: dict) -> str:
@@ -199,6 +182,7 @@ def _layout(pl: Plan, cfg: dict) -> str:
 def render(pl: Plan, cfg: dict) -> str:
     gb = 2**30
     p = cfg["plan"]
+    bw = interconnect_bandwidth(p)
     rows = [
         ("model", f"{pl.model}: {pl.params:,} parameters ({pl.params / 1e9:.2f} B), {pl.dtype}"),
         ("GPUs", f"{pl.gpus} x {p['gpu_mem_gb']} GB, " + _layout(pl, cfg) + f", offload={pl.offload}"),
@@ -207,18 +191,40 @@ def render(pl: Plan, cfg: dict) -> str:
                        f"max_length={cfg['model'].get('max_length')}"),
         ("importance", f"{pl.importance_bytes_per_rank / gb:.1f} GB per rank at "
                        f"importance.batch_size={cfg['importance']['batch_size']}"),
+        ("host memory", f"{pl.host_bytes_per_rank / gb:.1f} GB per rank (partitioned loading), "
+                        f"{pl.host_bytes_per_rank * pl.gpus / gb:.0f} GB per job"),
         ("fits", "yes" if pl.fits else "no"),
         ("largest batches", f"eval.batch_size={pl.max_eval_batch}, importance.batch_size={pl.max_importance_batch}"),
-        ("per shard", f"{pl.shard_flops:.2e} FLOP, {pl.shard_hours:.1f} h at {p['utilization']:.0%} of "
-                      f"{p['peak_tflops']} TFLOP/s per GPU ({p['tokens_per_doc']} tokens per doc)"),
-        ("per sweep", f"{pl.sweep_shards} shards, {pl.sweep_hours:.0f} h"),
+        ("speed", f"{p['utilization']:.0%} of {p['peak_tflops']} TFLOP/s per GPU; all-gathers over {p['interconnect']} "
+                  f"at {bw:g} GB/s" + ("" if p.get("bandwidth_gbs") else f" ({INTERCONNECTS[p['interconnect']][1]})")),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "tokens_per_doc", "scored_tokens",
-             "eval_docs", "out")
+def render_shards(shards: list[ShardPlan], cfg: dict) -> str:
+    """The per-shard table, the sweep's totals and a line per shard over the job's time limit."""
+    head = ("task", "shot", "eval docs", "tok/doc", "passes", "gathered GB", "compute h", "comm h", "hours",
+            "GPU GB", "host GB", "fits")
+    rows = [(s.task, str(s.shot), f"{s.eval_docs:,}", f"{s.tokens_per_doc:.0f}", f"{s.passes:,}",
+             f"{s.gathered_gb:,.0f}", f"{s.compute_h:.1f}", f"{s.comm_h:.1f}", f"{s.hours:.1f}", f"{s.gpu_gb:.1f}",
+             f"{s.host_gb:.1f}", ("yes" if s.fits_memory else "no: memory") + (", over time" if s.over_limit else ""))
+            for s in shards]
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r)) for r in [head, *rows]]
+    seeds = len(cfg["sweep"].get("seeds") or [0])
+    total = sum(s.hours * (seeds if s.shot else 1) for s in shards)
+    n = sum(seeds if s.shot else 1 for s in shards)
+    lines.append(f"sweep: {n} shards, {total:,.0f} h of {shards[0] and cfg['plan']['gpus']}-GPU jobs "
+                 f"({total * cfg['plan']['gpus']:,.0f} GPU hours); job time limit {time_limit_h(cfg):g} h "
+                 "(launcher.timeout_min)")
+    lines += [f"sources: {src}" for src in sorted({s.source for s in shards})]
+    lines += [f"{s.task} {s.shot}-shot: {s.hours:.1f} h, {s.advice}" for s in shards if s.over_limit]
+    return "\n".join(lines)
+
+
+PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "scored_tokens", "interconnect",
+             "bandwidth_gbs", "token_sample", "out")
 
 
 def compose(overrides: list[str]) -> dict:
@@ -230,10 +236,14 @@ def compose(overrides: list[str]) -> dict:
     return cfg
 
 
+def _finite(d: dict) -> dict:
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in d.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
 
-    from .validation import ConfigError, check_overrides, check_plan
+    from .validation import check_overrides, check_plan
 
     args = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(args):
@@ -244,21 +254,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(args)
         check_plan(cfg)
         pl = make_plan(cfg)
+        shards = plan_shards(cfg, pl, task_counts(cfg))
     except HydraException as e:  # model=nope, foo=1: Hydra's message (and hint, options) on one line
         options = getattr(e, "options", None)
         hint = f": use one of {', '.join(options)}" if options else ""
         lines = [line.strip() for line in str(e).strip().splitlines()[:2] if line.strip()]
         print("error: " + " ".join(lines) + hint, file=sys.stderr)
         return 2
-    except (PlanError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PlanError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
         return 2
     print(render(pl, cfg))
+    print()
+    print(render_shards(shards, cfg))
     if cfg["plan"].get("out"):
-
         from .store import write_json
-        write_json(cfg["plan"]["out"], {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                                       for k, v in asdict(pl).items()})
+
+        write_json(cfg["plan"]["out"], {**_finite(asdict(pl)), "shards": [_finite(asdict(s)) for s in shards]})
     if not pl.fits:
         fix = ("even batch size 1 does not fit: use more GPUs (gpus=) or offload=cpu"
                if min(pl.max_eval_batch, pl.max_importance_batch) == 0 else

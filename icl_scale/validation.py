@@ -20,6 +20,7 @@ from .settings import ConfigError, Spec, check_value
 from .tasks import get_task, load_split
 from .tasks.data import resolve_source, splits_present
 from .tasks.fewshot import demo_pool
+from .tasks.taskfile import file_fingerprint
 
 COMPARE = ("induction", "random")
 
@@ -114,7 +115,19 @@ def check_config(cfg: dict) -> None:
 def check_model(spec: dict) -> None:
     """The cheap part of loading: a local checkpoint folder's files, a hub id, the device and dtype
     (nothing is read from the hub and no weights load)."""
-    from .models.loading import SOURCES, hub_id, local_checkpoint, model_spec, resolve_device, resolve_dtype
+    from .models.loading import (
+        RANDOM_FAMILIES,
+        SOURCES,
+        check_architecture,
+        checkpoint_key,
+        hub_id,
+        is_local,
+        local_checkpoint,
+        model_spec,
+        read_config_json,
+        resolve_device,
+        resolve_dtype,
+    )
 
     spec = model_spec(spec)
     source = spec["source"]
@@ -122,10 +135,12 @@ def check_model(spec: dict) -> None:
         raise ConfigError(f"model.source={source!r} is not an option; use one of {', '.join(SOURCES)}")
     check_section({"model": spec}, "model.", skip=("model.source",))
     if source == "random" and not spec["family"]:
-        raise ConfigError("model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
-    if source == "local":
-        local_checkpoint(spec)
-    elif source == "hub":
+        raise ConfigError(f"model.family is required for model.source=random: use one of {', '.join(RANDOM_FAMILIES)}")
+    if is_local(spec):
+        config = read_config_json(local_checkpoint(spec))
+        check_architecture(config.get("model_type"), f"{checkpoint_key(spec)}={spec['id'] or spec['path']}",
+                           spec["attn_implementation"])
+    elif source in ("hub", "hf"):
         hub_id(spec)
     resolve_dtype(spec["dtype"], resolve_device(spec["device"]))
     _check_deepspeed(spec["deepspeed"])
@@ -205,11 +220,11 @@ def check_plan(cfg: dict) -> None:
 
     plan = cfg["plan"]
     integer(plan, "gpus", lo=1)
-    for key in ("gpu_mem_gb", "peak_tflops", "tokens_per_doc"):
+    for key in ("gpu_mem_gb", "peak_tflops"):
         _positive(plan, key)
     _positive(plan, "utilization", hi=1)
     integer(plan, "scored_tokens", lo=1)
-    integer(plan, "eval_docs", lo=1)
+    integer(plan, "token_sample", lo=1)
     out = plan.get("out")
     if out is not None and (not isinstance(out, str) or not out.strip() or Path(out).is_dir()):
         raise ConfigError(f"out={out!r} must be a file name for the plan's JSON (not a folder), e.g. out=plan.json")
@@ -239,7 +254,7 @@ def check_data(cfg: dict) -> dict[str, str]:
     task = get_task(cfg["task"])
     data_dir = get(cfg, "data.dir")
     split = get(cfg, "eval.split") or task.eval_split
-    if get(cfg, "eval.split") and resolve_source(task, split, data_dir).kind != "hub":
+    if get(cfg, "eval.split") and resolve_source(task, split, data_dir).kind in ("mirror", "embedded"):
         src = resolve_source(task, split, data_dir)
         if not (src.root / task.name / f"{split}.jsonl").is_file():
             have = splits_present(src.root, task.name)
@@ -253,7 +268,7 @@ def check_data(cfg: dict) -> dict[str, str]:
     if not train:
         raise ConfigError(f"{task.name} train has no rows: importance and demonstrations need it")
     _check_sizes(cfg, task, train)
-    return {"train": fingerprint(train), split: fingerprint(eval_rows)}
+    return {"train": fingerprint(train), split: fingerprint(eval_rows), **file_fingerprint(task)}
 
 
 def _check_sizes(cfg: dict, task, train: list[dict]) -> None:

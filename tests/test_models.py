@@ -330,7 +330,7 @@ BAD_SPECS = [  # (changes to a good local spec, the whole message as a regex; {r
     ({"device": "meta"}, r"model.device='meta' is not supported; use auto, cpu, cuda or cuda:N$"),
     ({"source": "hub", "id": "facebook/opt-125m", "path": None}, HUB),
     ({"source": "hub", "id": "???", "path": None}, r"model.id is required for model.source=hub: add model.id="),
-    ({"source": "nowhere"}, r"model.source='nowhere'; use one of hub, local, gguf_wheel, random$"),
+    ({"source": "nowhere"}, r"model.source='nowhere'; use one of hf, hub, local, gguf_wheel, random$"),
     ({"dtype": "int8"}, r"model.dtype='int8' is not one of auto, float32, bfloat16, float16$"),
 ]
 

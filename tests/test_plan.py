@@ -2,12 +2,15 @@
 models built from the same numbers, hand-computed memory and FLOPs for a small config, and the
 one-line errors."""
 
+import math
+import re
+
 import pytest
 import torch
 
 from icl_scale import plan as P
 
-from conftest import compose
+from conftest import compose, data_dir
 
 
 def model_params(arch: P.Arch, device: str = "meta") -> int:
@@ -52,23 +55,20 @@ def test_parameter_count_by_hand_and_the_loaded_tiny_models():
     assert abs(opt66 - 65.7e9) / 65.7e9 < 0.01
 
 
-def test_memory_and_flops_by_hand():
+def plan_cfg(*overrides: str, **plan) -> dict:
+    """The planner's config (conf/plan.yaml) with these overrides and `plan` keys."""
+    cfg = P.compose(list(overrides))
+    cfg["plan"].update(plan)
+    return cfg
+
+
+def test_memory_by_hand():
     a = P.Arch("llama", layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=1000, max_positions=256)
     # KV: 2 (k, v) x 2 layers x 2 kv heads x 16 head dim x 100 tokens x 3 docs x 2 bytes
     assert P.kv_bytes(a, batch=3, length=100, nbytes=2) == 2 * 2 * 2 * 16 * 100 * 3 * 2
-    cfg = compose("model=tiny-llama", "eval.limit=10", "importance.n_examples=5", "knockout.split=heldout",
-                  "knockout.limit=4", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]",
-                  "sweep.tasks=[copa,rte]", "sweep.shots=[0,1,5]")
-    assert P.evaluations(cfg) == 1 + 2 * 1 + 1  # unpruned, heads 50, FFN 50, the grid's (50, 50)
-    cfg["plan"] = dict(gpus=1, gpu_mem_gb=80, offload="none", peak_tflops=100, utilization=0.5,
-                       tokens_per_doc=200, scored_tokens=8, eval_docs=1000, out=None)
+    cfg = plan_cfg("model=tiny-llama", gpus=1, gpu_mem_gb=80, offload="none", scored_tokens=8)
     pl = P.make_plan(cfg)
     n = P.n_params(P.Arch.from_spec(cfg["model"]))
-    # importance 5 examples x 3 (forward + backward), 10 eval docs x 4 evaluations, 4 knock-out docs x 2 layers
-    flops = 2 * n * 200 * (3 * 5 + 10 * 4 + 4 * 2)
-    assert pl.shard_flops == pytest.approx(flops)
-    assert pl.shard_hours == pytest.approx(flops / (100e12 * 0.5) / 3600)
-    assert pl.sweep_shards == 6 and pl.sweep_hours == pytest.approx(6 * pl.shard_hours)
     assert pl.param_bytes_per_rank == n * 4  # float32, one GPU: the whole model
     # float32 logits at the 8 scored positions of each of 3 docs, logits + log-softmax (+ grad: 3)
     assert P.logits_bytes(a, batch=3, scored=8, copies=2) == 2 * 3 * 8 * 1000 * 4
@@ -77,6 +77,88 @@ def test_memory_and_flops_by_hand():
     block = 8 * 256 * (4 * 64 + 2 * 128 + (4 + 2 * 2) * 16) * 4
     assert pl.eval_bytes_per_rank == n * 4 + kv + block + 2 * 8 * 8 * 49152 * 4
     assert pl.fits
+    # host: one GPU, no ZeRO: the whole model plus the runtime; 8 ZeRO-3 ranks: an eighth plus the embedding
+    assert pl.host_bytes_per_rank == n * 4 + P.HOST_RUNTIME_GB * 2**30
+    z = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true")
+    assert P.host_bytes_per_rank(z, 8) == n * 4 / 8 + 49152 * 64 * 4 + P.HOST_RUNTIME_GB * 2**30
+
+
+COUNTS = P.TaskCounts("copa", 1, eval_docs=10, train_docs=30, eval_tokens=200, eval_scored=8, imp_tokens=150,
+                      imp_scored=4, multi_token=True, source="by hand")
+
+
+def test_passes_gathers_flops_and_hours_by_hand():
+    cfg = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "eval.batch_size=4", "importance.batch_size=3",
+                   "importance.n_examples=5", "knockout.split=heldout", "knockout.limit=4", "pruning.levels=[0,50]",
+                   "pruning.combined_levels=[0,50]", gpus=2, peak_tflops=100, utilization=0.5, interconnect="pcie")
+    a = P.Arch.from_spec(cfg["model"])
+    assert P.evaluations(cfg) == 1 + 2 * 1 + 1  # unpruned, heads 50, FFN 50, the grid's (50, 50)
+    assert P.doc_counts(cfg, COUNTS) == (10, 5, 4)
+    s = P.pass_schedule(cfg, COUNTS, 2, 2)  # 2 ranks, 2 layers
+    # eval: ceil(10 / (4 x 2)) = 2 batches x 4 evaluations x 2 passes (context, continuations)
+    assert s["eval_passes"] == 2 * 4 * 2
+    assert s["importance_passes"] == 2 * 1  # ceil(5 / (3 x 2)) = 1 step: forward + backward
+    assert s["knockout_passes"] == 1 * 2 * (1 + 2)  # 1 batch x 2 passes x (unpruned + a restart per layer)
+    assert s["gathers"] == 16 + 2 + 1 * 2 * (1 + 3 / 2)  # restarts at layer 0 and 1 run 2 and 1 of 2 layers
+    blocks = 2 * P.layer_params(a)
+    fwd = 2 * blocks * 200 + 2 * 2 * 200**2 * 64 + 2 * 49152 * 64 * 8
+    assert P.forward_flops(a, 200, 8) == fwd
+    imp = 2 * blocks * 150 + 2 * 2 * 150**2 * 64 + 2 * 49152 * 64 * 4
+    flops = 4 * 10 * fwd + 2 * 5 * imp + 4 * (1 + 3 / 2) * fwd
+    assert P.shard_flops(cfg, COUNTS, a) == pytest.approx(flops)
+    compute, comm, sched = P.shard_hours(cfg, COUNTS, 2)
+    assert compute == pytest.approx(flops / (2 * 100e12 * 0.5) / 3600)
+    gathered = s["gathers"] * P.n_params(a) * 4 / 2  # each rank receives the other half of every gather
+    assert sched["gathered_bytes"] == pytest.approx(gathered)
+    assert comm == pytest.approx(gathered / 32e9 / 3600)  # PCIe 4.0 x16
+    one = P.shard_hours(cfg, COUNTS, 1)
+    assert one[1] == 0  # one rank: nothing to gather
+
+
+def test_a_shard_over_the_time_limit_is_flagged_with_what_to_do():
+    cfg = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "launcher.timeout_min=1",
+                   "importance.n_examples=5", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", gpus=2,
+                   peak_tflops=1e-3, utilization=1.0)
+    big = P.TaskCounts("rte", 5, eval_docs=400, train_docs=30, eval_tokens=500, eval_scored=2, imp_tokens=500,
+                       imp_scored=1, multi_token=False, source="by hand")
+    pl = P.make_plan(cfg)
+    [small, over] = P.plan_shards(cfg, pl, [COUNTS, big])
+    hours = sum(P.shard_hours(cfg, big, 2)[:2])
+    assert not small.over_limit and over.over_limit and over.hours == pytest.approx(hours) and hours > 1 / 60
+    requeues, gpus, limit = re.fullmatch(r"over the 0.0166667 h limit: (\d+) requeues \(its checkpoints resume it\)"
+                                         r"(?:, or gpus=(\d+))?, or eval.limit=(\d+)", over.advice).groups()
+    assert int(requeues) == math.ceil(hours * 60) - 1
+    if gpus:
+        assert sum(P.shard_hours(cfg, big, int(gpus))[:2]) <= 1 / 60
+    at = {**cfg, "eval": {**cfg["eval"], "limit": int(limit)}}
+    beyond = {**cfg, "eval": {**cfg["eval"], "limit": int(limit) + 1}}
+    assert sum(P.shard_hours(at, big, 2)[:2]) <= 1 / 60 < sum(P.shard_hours(beyond, big, 2)[:2])
+    text = P.render_shards([small, over], cfg)
+    assert f"rte 5-shot: {hours:.1f} h, over the" in text
+
+
+def test_docs_and_tokens_are_counted_from_the_data_or_come_from_the_table():
+    from icl_scale.models.loading import load_tokenizer, preset
+    from icl_scale.tasks import build_requests
+
+    tok = load_tokenizer(preset("smollm2-135m"))
+    c = P.count_from_data("copa", 1, data_dir(), tok, sample=5)
+    rows = (data_dir() / "copa" / "validation.jsonl").read_text().splitlines()
+    assert c.eval_docs == len(rows) and c.source.startswith("data: mirror")
+
+    def n(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    reqs = build_requests("copa", shot=1, limit=5, data_dir=data_dir())
+    want = sum(n(r.contexts[0]) + sum(n(x) for x in r.continuations) for r in reqs) / 5
+    assert c.eval_tokens == pytest.approx(want)
+    assert c.eval_scored == pytest.approx(sum(n(x) for r in reqs for x in r.continuations) / 5)
+    counts = P.task_counts(plan_cfg(f"data.dir={data_dir()}", "sweep.tasks=[copa]", "sweep.shots=[1]",
+                                    token_sample=5))
+    assert counts == [c]
+    # no data at hand: the full split from the table, with its source
+    [h] = P.task_counts(plan_cfg("data.dir=hub", "sweep.tasks=[hellaswag]", "sweep.shots=[5]"))
+    assert h.eval_docs == 10042 and h.source == "table: Rowan/hellaswag (Zellers et al. 2019)"
 
 
 def test_cli_prints_the_plan_and_names_the_fix_when_it_does_not_fit(capsys):

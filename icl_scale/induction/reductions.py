@@ -77,8 +77,9 @@ def unembedding_matrix(adapter: Adapter, fold_norm: bool = True, ids: torch.Tens
     if proj is not None:  # OPT-350m: final norm -> project_out -> lm_head
         U = U @ proj.weight.float()
     norm = adapter.final_norm() if fold_norm else None
-    if norm is not None and getattr(norm, "weight", None) is not None:
-        U = U * norm.weight.float()
+    scale = adapter.final_norm_scale() if norm is not None else None
+    if scale is not None:  # Gemma's RMS norm scales by 1 + weight
+        U = U * scale.detach().float()
         if isinstance(norm, nn.LayerNorm):
             U = U - U.mean(-1, keepdim=True)
     return U

@@ -205,7 +205,7 @@ def _hooked_attention(module, query, key, value, attention_mask, scaling=None, d
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     group = query.shape[1] // key.shape[1]
-    if impl == "sdpa" and query.device.type == "cpu" and attention_mask is None:
+    if impl == "sdpa" and query.device.type == "cpu" and attention_mask is None and kwargs.get("softcap") is None:
         # The flash kernel sdpa dispatches to on CPU (same output as F.scaled_dot_product_attention
         # with is_causal=True) also returns the log-sum-exp, so hooks can read any attention entry
         # as exp(q.k * scaling - lse) without the [T, T] softmax. No public API returns it, and
@@ -218,7 +218,9 @@ def _hooked_attention(module, query, key, value, attention_mask, scaling=None, d
         result = out.transpose(1, 2).contiguous(), None
     else:
         mask = attention_mask if impl == "eager" else _additive_causal(attention_mask, query, key)
-        out, weights = _family_eager(module)(module, query, key, value, mask, scaling=scaling, dropout=0.0)
+        # kwargs carry what some families' eager attention needs (Gemma 2: softcap, sliding_window)
+        out, weights = _family_eager(module)(module, query, key, value, mask, scaling=scaling, dropout=0.0,
+                                             **kwargs)
         k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         view = AttentionView(layer, module, query, k, v, out.transpose(1, 2), scaling, probs=weights)
         result = out, weights

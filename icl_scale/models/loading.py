@@ -27,7 +27,7 @@ from .adapters import Adapter
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "local", "gguf_wheel", "random")
+SOURCES = ("hf", "hub", "local", "gguf_wheel", "random")  # hf: a hub id or a local folder (model.id)
 
 
 class ModelConfigError(ValueError):
@@ -156,31 +156,36 @@ def convert_gguf_to_cache(gguf_path: Path, target: Path) -> Path:
 
 # --- random configs for tests -------------------------------------------------------------------
 
-def random_config(family: str, vocab_size: int, **overrides):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
+RANDOM_FAMILIES = ("opt", "llama", "gpt2", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# The shared tiny shape of the rotary GQA families: 2 layers, 4 query heads on 2 KV heads, head_dim 16.
+_GQA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
 
-    base = dict(vocab_size=vocab_size)
-    if family == "opt":
-        cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                   max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0,
-                   eos_token_id=0, pad_token_id=0)
-        cls = OPTConfig
-    elif family == "llama":
-        cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
-        cls = LlamaConfig
-    elif family == "gpt2":
-        cfg = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
-        cls = GPT2Config
-    elif family == "gpt_neox":
-        cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                   max_position_embeddings=256, use_parallel_residual=True)
-        cls = GPTNeoXConfig
-    else:
-        raise ModelConfigError(f"model.family={family!r} has no random config; use opt, llama, gpt2 or gpt_neox")
-    cfg.update(base)
-    cfg.update(overrides)
-    return cls(**cfg)
+
+def random_config(family: str, vocab_size: int, **overrides):
+    """A tiny config of `family` (a transformers model_type, RANDOM_FAMILIES) for tests."""
+    import transformers
+
+    shapes = {
+        "opt": ("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                  max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0,
+                                  eos_token_id=0, pad_token_id=0)),
+        "llama": ("LlamaConfig", {k: v for k, v in _GQA.items() if k != "head_dim"}),
+        "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)),
+        "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=256,
+                                           use_parallel_residual=True)),
+        "mistral": ("MistralConfig", dict(_GQA, sliding_window=None)),
+        "qwen2": ("Qwen2Config", _GQA),  # q/k/v biases
+        "qwen3": ("Qwen3Config", _GQA),  # per-head q/k norms
+        "gemma2": ("Gemma2Config", dict(_GQA, query_pre_attn_scalar=16)),  # post-norms, soft-capping
+        "gemma3_text": ("Gemma3TextConfig", dict(_GQA, query_pre_attn_scalar=16)),
+        "phi3": ("Phi3Config", dict(_GQA, pad_token_id=None, bos_token_id=0, eos_token_id=0)),  # fused qkv, gate_up
+    }
+    if family not in shapes:
+        raise ModelConfigError(f"model.family={family!r} has no random config; use one of {', '.join(RANDOM_FAMILIES)}")
+    cls, cfg = shapes[family]
+    return getattr(transformers, cls)(**{**cfg, "vocab_size": vocab_size, **overrides})
 
 
 # --- entry point ------------------------------------------------------------------------------------
@@ -271,30 +276,47 @@ def _loading(what: str, fix: str, values: bool = False) -> Iterator[None]:
         raise ModelConfigError(f"{what} ({type(e).__name__}: {_first_line(e)}); {fix}") from None
 
 
+def is_local(spec: dict) -> bool:
+    """model=local, or model=hf whose model.id is a folder path (an existing folder, or one written as a path:
+    /..., ./..., ~/...) rather than a hub id."""
+    if spec.get("source") == "local":
+        return True
+    mid = spec.get("id")
+    if spec.get("source") != "hf" or mid in UNSET:
+        return False
+    return Path(str(mid)).expanduser().is_dir() or str(mid).startswith(("/", ".", "~"))
+
+
+def checkpoint_key(spec: dict) -> str:
+    """The setting naming a local checkpoint folder: model.path (model=local) or model.id (model=hf)."""
+    return "model.id" if spec.get("source") == "hf" else "model.path"
+
+
 def local_checkpoint(spec: dict) -> Path:
-    """model.path, checked: set, a folder, with a readable config.json and a weight file."""
-    p = spec.get("path")
+    """model.path (model.id for model=hf), checked: set, a folder, with a readable config.json and a weight file."""
+    key = checkpoint_key(spec)
+    p = spec.get(key.split(".")[1])
     if p in UNSET:
         raise ModelConfigError("model.path is required for model=local: add model.path=/path/to/checkpoint")
     path = Path(str(p)).expanduser()
-    fix = f"set model.path to {CHECKPOINT}"
+    fix = f"set {key} to {CHECKPOINT}"
     if not path.exists():
-        raise ModelConfigError(f"model.path={p} does not exist; {fix}")
+        raise ModelConfigError(f"{key}={p} does not exist; {fix}")
     if not path.is_dir():
-        raise ModelConfigError(f"model.path={p} is a file, not a folder; {fix}")
+        raise ModelConfigError(f"{key}={p} is a file, not a folder; {fix}")
     config = path / "config.json"
     if not config.is_file():
-        raise ModelConfigError(f"model.path={p} has no config.json, so it is not a checkpoint folder; {fix}")
+        raise ModelConfigError(f"{key}={p} has no config.json, so it is not a checkpoint folder; {fix}")
     restore = "restore the file (copy or download the checkpoint again)"
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ModelConfigError(f"model.path={p}: config.json is not valid JSON ({e.msg} at line {e.lineno}); "
+        raise ModelConfigError(f"{key}={p}: config.json is not valid JSON ({e.msg} at line {e.lineno}); "
                                f"{restore}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelConfigError(f"model.path={p}: config.json is unreadable ({e}); {restore}") from None
+        raise ModelConfigError(f"{key}={p}: config.json is unreadable ({e}); {restore}") from None
     if not weight_files(path):
-        raise ModelConfigError(f"model.path={p} has no weights (model.safetensors or pytorch_model.bin); {fix}")
+        raise ModelConfigError(f"{key}={p} has no weights (model.safetensors or pytorch_model.bin); {fix}")
     return path
 
 
@@ -304,8 +326,11 @@ def weight_files(path: Path) -> list[str]:
 
 def hub_id(spec: dict) -> str:
     if spec.get("id") in UNSET:
-        raise ModelConfigError("model.id is required for model.source=hub: add model.id=<org>/<name> "
-                               "(a Hugging Face hub id), or use model=local model.path=...")
+        if spec.get("source") == "hf":
+            raise ModelConfigError("model.id is required for model=hf: add model.id=<org>/<name> (a hub id) or "
+                                   "model.id=/path/to/checkpoint")
+        raise ModelConfigError("model.id is required for model.source=hub: add model.id=<org>/<name> (a Hugging Face "
+                               "hub id), or use model=local model.path=...")
     return str(spec["id"])
 
 
@@ -323,9 +348,9 @@ def load_tokenizer(spec: dict):
     if src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         return AutoTokenizer.from_pretrained(str(path))
-    if src == "local":
+    if is_local(spec):
         path = local_checkpoint(spec)
-        with _loading(f"model.path={spec['path']}: the tokenizer could not be loaded",
+        with _loading(f"{checkpoint_key(spec)}={path}: the tokenizer could not be loaded",
                       "the folder needs readable tokenizer files (tokenizer.json, or tokenizer_config.json and "
                       "its vocabulary); copy them again from where the checkpoint came from", values=True):
             return AutoTokenizer.from_pretrained(str(path))
@@ -333,12 +358,18 @@ def load_tokenizer(spec: dict):
         return AutoTokenizer.from_pretrained(hub_id(spec), revision=spec.get("revision"))
 
 
+def read_config_json(path: Path) -> dict:
+    """A checkpoint folder's config.json (local_checkpoint has checked that it parses)."""
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
 def pruned_structure(path: Path) -> dict | None:
     """The `icl_scale_pruning` block of a checkpoint's config.json (a physically pruned export), or None."""
-    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("icl_scale_pruning")
+    return read_config_json(path).get("icl_scale_pruning")
 
 
 def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
+    """`p`: the setting that named the folder, as "model.path=<folder>" (model.id=... for model=hf)."""
     """A jobs/export.py checkpoint: the full architecture built from config.json, cut to the pruning
     structure its `icl_scale_pruning` block names (models/physical.py), then model.safetensors loaded
     with every key and shape checked (no pickle, no remote code). Problems are one line naming the file."""
@@ -352,31 +383,44 @@ def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
     again = "export it again with jobs/export.py"
     file = path / "model.safetensors"
     if not file.is_file():
-        raise ModelConfigError(f"model.path={p} is a pruned checkpoint (config.json has icl_scale_pruning) but "
+        raise ModelConfigError(f"{p} is a pruned checkpoint (config.json has icl_scale_pruning) but "
                                f"has no model.safetensors; {again}")
-    with _loading(f"model.path={p}: config.json could not be used", again, values=True):
+    with _loading(f"{p}: config.json could not be used", again, values=True):
         cfg = AutoConfig.from_pretrained(str(path))
     cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     try:
-        apply_structure(model, plans_from_structure(Adapter(model).geometry, pruned_structure(path), f"model.path={p}"))
+        apply_structure(model, plans_from_structure(Adapter(model).geometry, pruned_structure(path), p))
     except PruningError as e:
         raise ModelConfigError(str(e)) from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         shapes = {k: tuple(v.shape) for k, v in load_file(str(file)).items()}
     except (SafetensorError, OSError) as e:
-        raise ModelConfigError(f"model.path={p}: model.safetensors is unreadable ({_first_line(e)}); {again}") from None
+        raise ModelConfigError(f"{p}: model.safetensors is unreadable ({_first_line(e)}); {again}") from None
     bad = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
     if bad:
-        raise ModelConfigError(f"model.path={p}: model.safetensors holds {bad[0]} of shape {list(shapes[bad[0]])} but "
+        raise ModelConfigError(f"{p}: model.safetensors holds {bad[0]} of shape {list(shapes[bad[0]])} but "
                                f"the pruning structure in config.json needs {list(expected[bad[0]])}; {again}")
     missing, unexpected = load_safetensors(model, str(file), strict=False)
     if missing or unexpected:
         what = f"lacks {sorted(missing)[0]}" if missing else f"holds unexpected {sorted(unexpected)[0]}"
-        raise ModelConfigError(f"model.path={p}: model.safetensors {what} ({len(missing)} missing, {len(unexpected)} "
+        raise ModelConfigError(f"{p}: model.safetensors {what} ({len(missing)} missing, {len(unexpected)} "
                                f"unexpected tensors) for the pruning structure in config.json; {again}")
     return model
+
+
+def check_architecture(model_type, where: str, attn: str | None = None) -> None:
+    """A model_type (config.json's) without an adapter, or Gemma 2 under sdpa (transformers has none for
+    it): one line naming the supported ones or the fix, before any weight loads."""
+    from .adapters import FAMILY_NAMES, SUPPORTED_MODEL_TYPES
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(f"{where}: model_type={model_type!r} has no adapter; supported: "
+                               f"{', '.join(SUPPORTED_MODEL_TYPES)} ({FAMILY_NAMES})")
+    if model_type == "gemma2" and attn == "sdpa":
+        raise ModelConfigError(f"{where}: transformers has no sdpa attention for Gemma 2 (its soft-capping); "
+                               "use model.attn_implementation=eager")
 
 
 def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
@@ -384,17 +428,20 @@ def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(dtype=dtype, attn_implementation=attn)
-    if spec["source"] == "local":
+    if is_local(spec):
         path = local_checkpoint(spec)
-        p = spec["path"]
-        with _loading(f"model.path={p}: config.json could not be used",
+        p = f"{checkpoint_key(spec)}={spec['id' if spec['source'] == 'hf' else 'path']}"
+        with _loading(f"{p}: config.json could not be used",
                       "restore the file (copy or download the checkpoint again)", values=True):
-            AutoConfig.from_pretrained(str(path))
+            check_architecture(AutoConfig.from_pretrained(str(path)).model_type, p, attn)
         if pruned_structure(path) is not None:  # jobs/export.py's physically pruned checkpoint
             return load_pruned_checkpoint(path, p, dtype, attn)
-        with _loading(f"model.path={p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
+        with _loading(f"{p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
                       "a file is truncated or corrupt: copy or download the checkpoint again"):
             return AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
+        cfg = AutoConfig.from_pretrained(hub_id(spec), revision=spec.get("revision"))
+    check_architecture(cfg.model_type, f"model.id={hub_id(spec)}", attn)  # before the weights download
     with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
         return AutoModelForCausalLM.from_pretrained(hub_id(spec), revision=spec.get("revision"), **kw)
 
@@ -417,6 +464,8 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
         cfg = random_config(spec["family"], len(tokenizer), **(spec["config"] or {}))
         cfg._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    elif spec["deepspeed"]["enabled"] and (folder := _partitionable(spec)):
+        model = _load_partitioned(spec, folder, dtype, attn, spec["deepspeed"]["offload_param"])
     elif src == "gguf_wheel":
         path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
@@ -439,6 +488,48 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
     if ds["enabled"]:
         partition_zero3(lm, ds["offload_param"])
     return lm
+
+
+def _partitionable(spec: dict) -> Path | None:
+    """The safetensors checkpoint folder that ZeRO-3 can load partition by partition
+    (models/partitioned.py), or None: random models, .bin weights, and jobs/export.py's pruned
+    checkpoints load whole and are partitioned afterwards (logged: every rank then holds the model)."""
+    from .partitioned import safetensors_files
+
+    src = spec["source"]
+    if src == "local":
+        path = local_checkpoint(spec)
+        if pruned_structure(path) is not None:
+            path = None
+    elif src == "gguf_wheel":
+        path = convert_gguf_to_cache(find_gguf(spec["package"], spec["gguf_file"]), cache_dir() / spec["name"])
+    elif src == "hub":
+        from huggingface_hub import snapshot_download
+
+        with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
+            path = Path(snapshot_download(hub_id(spec), revision=spec.get("revision"),
+                                          allow_patterns=["*.json", "*.safetensors"]))
+    else:  # random models are built, not loaded
+        return None
+    if path is not None and safetensors_files(path):
+        return path
+    log.warning("ZeRO-3: %s has no safetensors weights, so every rank loads the whole model before it is "
+                    "partitioned (host memory: the model's size per rank); convert it with save_pretrained",
+                    spec.get("path") or spec.get("id") or spec["name"])
+    return None
+
+
+def _load_partitioned(spec: dict, path: Path, dtype: torch.dtype, attn: str, offload_param: str):
+    """Weights straight into each rank's ZeRO-3 partition, in `dtype` (models/partitioned.py)."""
+    from ..distributed import init_process_group
+    from .partitioned import build_partitioned
+    from .zero import ds_config
+
+    init_process_group()  # zero.Init partitions over the job's ranks
+    label = f"model.path={spec['path']}" if spec["source"] == "local" else f"model {spec['name']}"
+    with _loading(f"{label}: the weights could not be loaded", "a file is truncated or corrupt: copy or download "
+                  "the checkpoint again"):
+        return build_partitioned(path, dtype, attn, ds_config(dtype, offload_param), label)
 
 
 def partition_zero3(lm: LoadedModel, offload_param: str) -> None:

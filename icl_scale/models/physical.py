@@ -32,7 +32,10 @@ The pruned model keeps its HF config (the full architecture): its structure is `
 (kept heads and FFN per layer), which jobs/export.py writes into config.json and which
 `apply_structure` re-applies to a freshly built full model before its pruned weights are loaded
 (models/loading.py). Head/FFN gates (Gates) do not apply to a pruned model: its heads are
-renumbered. Supported: OPT, the Llama family, GPT-2 and GPT-NeoX.
+renumbered. Supported: OPT, the Llama family (Llama, Mistral, Qwen2, Qwen3), Gemma 2/3 (a removed FFN
+takes its post-FFN norm with it: the norm of a zero branch is zero), GPT-2 and GPT-NeoX. Not Phi-3:
+its attention splits the fused qkv output at the query width of the model-wide config, which one
+layer's pruning cannot change; pruning curves on Phi-3 use the gates (`cheaper_pruned` says no).
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ STRUCTURE_KEY = "icl_scale_pruning"  # the block of config.json that describes a
 
 class PruningError(ValueError):
     """Physical pruning cannot be applied as asked (one line, says what to change)."""
+
+
+PRUNABLE_FAMILIES = ("opt", "llama", "gemma", "gpt2", "gpt_neox")  # adapters.Family names
+
+
+def check_prunable(ad: Adapter) -> None:
+    """A PruningError naming the family when physical pruning does not support it."""
+    if ad.family.name not in PRUNABLE_FAMILIES:
+        raise PruningError(f"physical pruning does not support model_type={ad.model.config.model_type!r} "
+                           f"(family {ad.family.name}; supported: {', '.join(PRUNABLE_FAMILIES)}); score its masks "
+                           "with gates (eval.physical_below=null)")
 
 
 @dataclass(frozen=True)
@@ -231,7 +245,9 @@ def _prune_layer(ad: Adapter, l: int, p: LayerPlan) -> None:
         if fam.name == "opt":  # fc1 -> activation -> fc2 inline in the block
             layer.fc1, layer.fc2 = Nothing(), NoFFN(g.hidden)
         else:
-            setattr(layer, fam.ffn, NoFFN(g.hidden))
+            setattr(layer, fam.ffn, NoFFN(g.hidden))  # Gemma: its post-FFN norm
+            if fam.mlp:
+                setattr(layer, fam.mlp, NoFFN(g.hidden))
         if _pre_norm(ad):
             setattr(layer, fam.pre_ffn_norm, nn.Identity())
 
@@ -240,6 +256,7 @@ def apply_structure(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
     """Cut `model` down to `plans` IN PLACE (a full, unpruned model of the same config); returns it.
     prune_physically does this on a copy; loading does it on a freshly built model."""
     ad = Adapter(model)
+    check_prunable(ad)
     if len(plans) != ad.geometry.n_layers:
         raise PruningError(f"a pruning structure of {len(plans)} layers does not fit a model of "
                            f"{ad.geometry.n_layers} layers")
@@ -258,6 +275,7 @@ def prune_physically(lm_or_model: Any, head_mask=None, ffn_mask=None):
     if is_lm and getattr(lm_or_model, "engine", None) is not None:
         raise PruningError("physical pruning of a ZeRO-3 partitioned model is not supported; load it with "
                            "model.deepspeed.enabled=false")
+    check_prunable(Adapter(model))
     plans = plan(Adapter(model).geometry, head_mask, ffn_mask)
     pruned = apply_structure(_copy_sharing_weights(model), plans)
     pruned.eval()
@@ -276,7 +294,7 @@ def _copy_sharing_weights(model: nn.Module) -> nn.Module:
 
 def _ffn_weights(ad: Adapter, l: int) -> int:
     layer = ad.layer(l)
-    mods = (layer.fc1, layer.fc2) if ad.family.name == "opt" else (getattr(layer, ad.family.ffn),)
+    mods = (layer.fc1, layer.fc2) if ad.family.name == "opt" else (ad.mlp(l),)
     return sum(p.numel() for m in mods for p in m.parameters() if p.dim() == 2)
 
 
@@ -298,10 +316,11 @@ def compute_fraction(ad: Adapter, plans: list[LayerPlan]) -> float:
 
 def cheaper_pruned(lm, head_mask=None, ffn_mask=None, below: float = 0.9) -> bool:
     """Whether a physically pruned copy of `lm` for these masks costs at most `below` of the full
-    model's block compute (compute_fraction). False for no masks and for a ZeRO-3 partitioned model,
-    whose weights no rank holds whole. `below` is measured: bench/pruned.py times pruned vs gated
-    forwards at the curves' levels."""
-    if (head_mask is None and ffn_mask is None) or getattr(lm, "engine", None) is not None:
+    model's block compute (compute_fraction). False for no masks, for a ZeRO-3 partitioned model,
+    whose weights no rank holds whole, and for a family physical pruning does not support (Phi-3).
+    `below` is measured: bench/pruned.py times pruned vs gated forwards at the curves' levels."""
+    if (head_mask is None and ffn_mask is None) or getattr(lm, "engine", None) is not None \
+            or lm.adapter.family.name not in PRUNABLE_FAMILIES:
         return False
     return compute_fraction(lm.adapter, plan(lm.adapter.geometry, head_mask, ffn_mask)) <= below
 
@@ -312,6 +331,6 @@ def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["STRUCTURE_KEY", "LayerPlan", "MaskError", "NoFFN", "NoHeads", "PruningError", "apply_structure",
-           "cheaper_pruned", "compute_fraction", "n_parameters", "plan", "plan_layer", "plans_from_structure",
-           "prune_physically", "structure"]
+__all__ = ["PRUNABLE_FAMILIES", "STRUCTURE_KEY", "LayerPlan", "MaskError", "NoFFN", "NoHeads", "PruningError",
+           "apply_structure", "cheaper_pruned", "check_prunable", "compute_fraction", "n_parameters", "plan",
+           "plan_layer", "plans_from_structure", "prune_physically", "structure"]

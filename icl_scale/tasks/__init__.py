@@ -2,7 +2,7 @@
 
     build_requests(task, split=None, shot=0, seed=0, limit=None, data_dir=None, demo_split="train")
     compute_metrics(task, requests, loglikelihoods) -> (metrics, per_doc)
-    get_task(name), TASKS, load_split(task, split, data_dir=None)
+    get_task(name or path/to/task.yaml), TASKS, load_split(task, split, data_dir=None)
 """
 
 from .base import Request
@@ -10,7 +10,8 @@ from .build import build_requests, demo_ids
 from .data import TaskDataError, load_split
 from .fewshot import DemoSampler, sample_demos
 from .metrics import compute_metrics
-from .registry import TASKS, Task, get_task
+from .registry import TASKS, Task
+from .taskfile import TaskFileError, get_task
 
 __all__ = [
     "TASKS",
@@ -18,6 +19,7 @@ __all__ = [
     "Request",
     "Task",
     "TaskDataError",
+    "TaskFileError",
     "build_requests",
     "compute_metrics",
     "demo_ids",

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="python -m icl_scale.tasks", description="Render task prompts (lm-eval 0.2.0 formats).")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("render", help="print one JSON line per doc: doc, contexts, continuations, gold")
-    r.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
+    r.add_argument("--task", required=True, metavar="TASK",
+                   help=f"one of: {', '.join(TASKS)}; or a task file (path/to/task.yaml, lm-eval 0.4 style)")
     r.add_argument("--shot", type=int, default=0, help="number of demonstrations (default 0)")
     r.add_argument("--split", default=None, help="split to render (default: the task's eval split)")
     r.add_argument("--limit", type=int, default=None, help="render only the first N docs")

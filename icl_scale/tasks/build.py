@@ -7,7 +7,7 @@ import os
 from .base import Request
 from .data import load_split
 from .fewshot import DemoSampler
-from .registry import get_task
+from .taskfile import get_task
 
 
 def build_requests(

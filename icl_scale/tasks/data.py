@@ -27,7 +27,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .registry import Task, get_task
+from .registry import Task
+from .taskfile import get_task
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class TaskDataError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where one split's rows come from: kind "mirror" | "embedded" | "hub"; `root` holds
-    `<task>/<split>.jsonl` (None for the hub); `setting` names what chose it."""
+    """Where one split's rows come from: kind "mirror" | "embedded" | "hub" | "files" (a task file's own
+    data_files); `root` holds `<task>/<split>.jsonl` (None for the hub and files); `setting` names what
+    chose it."""
 
     kind: str
     root: Path | None
@@ -82,12 +84,14 @@ def _setting(kind: str, value) -> Source:
 def resolve_source(task: str | Task, split: str, data_dir: str | os.PathLike | None = None) -> Source:
     """The source `load_split(task, split, data_dir)` reads (see the module docstring for the order)."""
     t = get_task(task)
+    if getattr(t, "data_files", None):  # a task file naming its own local files (tasks/taskfile.py)
+        return Source("files", None, "task file")
     if not is_unset(data_dir):
         return _setting("data.dir", data_dir)
     env = os.environ.get(ENV_DATA_DIR)
     if not is_unset(env):
         return _setting(ENV_DATA_DIR, env)
-    if (EMBEDDED_DIR / t.name / f"{split}.jsonl").is_file():
+    if t.source_file is None and (EMBEDDED_DIR / t.name / f"{split}.jsonl").is_file():
         return Source("embedded", EMBEDDED_DIR, "default")
     return Source("hub", None, "default")
 
@@ -110,6 +114,8 @@ def data_source(task: str | Task, split: str, data_dir: str | os.PathLike | None
     Raises TaskDataError for a data folder that is set but does not exist. Reads no rows."""
     t = get_task(task)
     src = resolve_source(t, split, data_dir)
+    if src.kind == "files":
+        return f"task file data {t.data_files.get(t.split_name(split), '(none)')}"
     if src.kind == "mirror":
         return f"mirror {src.root.resolve()}"
     if src.kind == "embedded":
@@ -141,8 +147,11 @@ def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None 
     """All rows of one split, in order; row i is doc_id i. The rows are shared (cached): don't mutate."""
     t = get_task(task)
     src = resolve_source(t, split, data_dir)
+    split = t.split_name(split)  # a task file's name for it ("train": its training_split)
+    if src.kind == "files":
+        return _load_file(t, split)
     if src.kind == "hub":
-        return list(_load_hub(t.name, split))
+        return list(_load_hub(t if t.source_file else t.name, split))
     root = src.root
     path = root / t.name / f"{split}.jsonl"
     if path.is_dir():
@@ -155,13 +164,27 @@ def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None 
     if src.kind == "embedded":
         _announce_embedded(t.name)
     st = path.stat()
-    return list(_load_jsonl(t.name, split, str(path), st.st_mtime_ns, st.st_size))
+    return list(_load_jsonl(t, split, str(path), st.st_mtime_ns, st.st_size))
+
+
+def _load_file(t: Task, split: str) -> list[dict]:
+    """A split of a task file's own data_files (JSON Lines)."""
+    path = t.data_files.get(split)
+    if path is None:
+        raise TaskDataError(f"task={t.source_file}: no data file for split {split!r} (data_files has "
+                            f"{', '.join(t.data_files)}); add it to dataset_kwargs.data_files")
+    if not path.is_file():
+        raise TaskDataError(f"task={t.source_file}: data file {path} ({split}) does not exist; fix "
+                            "dataset_kwargs.data_files (relative paths start at the task file's folder)")
+    st = path.stat()
+    return list(_load_jsonl(t, split, str(path), st.st_mtime_ns, st.st_size))
 
 
 @functools.lru_cache(maxsize=16)
-def _load_jsonl(task: str, split: str, path: str, _mtime: int, _size: int) -> tuple[dict, ...]:
+def _load_jsonl(task: str | Task, split: str, path: str, _mtime: int, _size: int) -> tuple[dict, ...]:
     # mtime/size in the cache key: an edited file is re-read
     t = get_task(task)
+    task = t.name
     try:
         lines = Path(path).read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
@@ -183,8 +206,9 @@ def _load_jsonl(task: str, split: str, path: str, _mtime: int, _size: int) -> tu
 
 
 @functools.lru_cache(maxsize=16)
-def _load_hub(task: str, split: str) -> tuple[dict, ...]:
+def _load_hub(task: str | Task, split: str) -> tuple[dict, ...]:
     t = get_task(task)
+    task = t.name
     path, name = t.hub
     try:
         import datasets

@@ -17,7 +17,8 @@ import hashlib
 import random
 from collections.abc import Iterable, Sequence
 
-from .registry import Task, get_task
+from .registry import Task
+from .taskfile import get_task
 
 
 def demo_pool(task: str | Task, rows: Sequence[dict]) -> list[int]:

@@ -18,7 +18,8 @@ import numpy as np
 from scipy.stats import binomtest, bootstrap
 
 from .base import Request
-from .registry import Task, get_task
+from .registry import Task
+from .taskfile import get_task
 
 BOOTSTRAP_ITERS = 1000
 BOOTSTRAP_SEED = 1234
@@ -157,25 +158,26 @@ def compute_metrics(
     return _aggregate(t, per_doc), per_doc
 
 
-def unit_scores(task: str | Task, per_doc: Sequence[dict]) -> dict[str, float]:
+def unit_scores(task: str | Task, per_doc: Sequence[dict], primary: str | None = None) -> dict[str, float]:
     """{unit: 0/1} of the task's primary metric, one unit per doc (MultiRC: per question, right only
     if all its answers are; ReCoRD: exact match): the units whose mean is the metric, so pruned and
-    unpruned runs on the same docs can be paired (icl_scale.paired)."""
-    t = get_task(task)
-    primary = t.metrics[0]
-    if t.name == "multirc":
+    unpruned runs on the same docs can be paired (icl_scale.paired). `primary`: the metric a shard
+    recorded (curves.json), for a task known only by its store folder (a task file's safe name)."""
+    t = None if primary is not None and not isinstance(task, Task) else get_task(task)
+    primary = primary or t.metrics[0]
+    if (t.name if t is not None else task) == "multirc" and (t is None or t.source_file is None):
         groups: dict[str, bool] = {}
         for r in per_doc:
             groups[str(r["group"])] = groups.get(str(r["group"]), True) and bool(r["correct"])
         return {k: float(v) for k, v in groups.items()}
-    key = {"acc": "correct", "em": "em"}[primary]
+    key = {"acc": "correct", "acc_norm": "correct_norm", "em": "em"}[primary]
     return {str(r["doc"]): float(r[key] == 1 if key == "em" else bool(r[key])) for r in per_doc}
 
 
 def _aggregate(t: Task, per_doc: list[dict]) -> dict:
     out = {}
     for m in t.metrics:
-        if t.name == "multirc" and m == "acc":
+        if t.name == "multirc" and t.source_file is None and m == "acc":  # not a task file named multirc
             # 0.2.0 acc_all: a question is right only if every one of its answers is right
             groups: dict[str, list[bool]] = {}
             for r in per_doc:

@@ -57,6 +57,7 @@ class Task:
     # (field, allowed values) of the gold label in the HF schema, type included: a "1" where the
     # schema has 1 (or a 5 for a 2-choice task) would silently change accuracy and demonstrations.
     label: tuple[str, tuple] | None = None
+    source_file = None  # the task file of a task from YAML (tasks/taskfile.py); None for the built-in ones
 
     strings: tuple[str, ...] = ()  # fields that must be non-empty strings (the prompt is built from them)
     ints: tuple[str, ...] = ()  # fields that must be whole numbers (token or character positions)
@@ -97,6 +98,10 @@ class Task:
     def _choices(self, doc: dict) -> tuple[list[str], int | list[int], list[str]]:
         """(continuations, gold, choice_texts) for the shared-context case."""
         raise NotImplementedError
+
+    def split_name(self, split: str) -> str:
+        """The data's name of a split the shard asks for (task files map "train" to their training_split)."""
+        return split
 
     def doc_to_cont(self, doc: dict) -> str:
         """The gold continuation of the paper's importance loss: what its task's `get_dataloader`
@@ -564,4 +569,5 @@ def get_task(name: str | Task) -> Task:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}, or a task file "
+                         "(path/to/task.yaml)") from None
