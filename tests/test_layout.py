@@ -136,10 +136,14 @@ PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "s
 
 def _unsafe_loads(source: str) -> list[str]:
     """Calls and imports that can run code from a file: torch.load without weights_only=True, pickle and
-    its kin, yaml.load/unsafe_load/full_load, numpy loads with allow_pickle=True, a literal
-    trust_remote_code=True (only a user's setting may turn it on), the eval/exec builtins."""
+    its kin, yaml.unsafe_load/full_load and yaml.load without a SafeLoader (or a subclass of it defined
+    in the module), numpy loads with allow_pickle=True, a literal trust_remote_code=True (only a user's
+    setting may turn it on), the eval/exec builtins, Jinja templates outside its sandbox."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    safe_loaders = {"SafeLoader", "CSafeLoader"} | {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+                                                    and any(ast.unparse(b).endswith("SafeLoader") for b in n.bases)}
+    for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             found += [f"line {node.lineno}: import {n}" for n in names if n.split(".")[0] in PICKLERS]
@@ -148,8 +152,13 @@ def _unsafe_loads(source: str) -> list[str]:
         kw = {k.arg: k.value for k in node.keywords}
         name = ast.unparse(node.func)
         safe_torch = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+        loader = ast.unparse(kw["Loader"]) if "Loader" in kw else ""
+        # a SafeLoader, or a loader from a module that builds its own on SafeLoader (tasks/taskfile.py)
+        safe_yaml = any(loader.endswith(n) for n in safe_loaders) or bool(loader and len(safe_loaders) > 2)
         bad = ((name.endswith("torch.load") and not safe_torch)
-               or name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "eval", "exec", "pd.read_pickle")
+               or (name == "yaml.load" and not safe_yaml)
+               or name in ("yaml.unsafe_load", "yaml.full_load", "eval", "exec", "pd.read_pickle")
+               or name.split(".")[-1] in ("Template", "Environment")
                or any(isinstance(v, ast.Constant) and v.value is True and k in ("trust_remote_code", "allow_pickle")
                       for k, v in kw.items()))
         found += [f"line {node.lineno}: {ast.unparse(node)}"] if bad else []
@@ -166,10 +175,12 @@ def test_nothing_executes_what_it_loads():
 @pytest.mark.parametrize("source", ["import pickle", "from cloudpickle import loads", "torch.load(p)",
                                     "torch.load(p, weights_only=False)", "yaml.load(f)",
                                     "AutoModel.from_pretrained(p, trust_remote_code=True)",
-                                    "np.load(p, allow_pickle=True)", "eval(s)"])
+                                    "np.load(p, allow_pickle=True)", "eval(s)", "yaml.load(f, Loader=yaml.Loader)",
+                                    "jinja2.Template(s)", "Environment().from_string(s)"])
 def test_the_load_scan_catches(source):
     assert _unsafe_loads(source)
-    assert not _unsafe_loads("torch.load(p, weights_only=True); yaml.safe_load(f); model.eval()")
+    assert not _unsafe_loads("torch.load(p, weights_only=True); yaml.safe_load(f); model.eval(); "
+                             "yaml.load(f, Loader=yaml.SafeLoader); ImmutableSandboxedEnvironment().from_string(s)")
 
 
 MAX_MODULE_LINES = 400  # a module that grows past this has more than one job: split it
