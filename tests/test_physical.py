@@ -277,7 +277,8 @@ def test_export_bad_input_is_one_line(store, tmp_path, monkeypatch, capsys):
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     """The export is written into a temporary sibling folder: a failure midway removes it."""
-    mod = _export_module()
+    from icl_scale import export as mod
+
     lm = get_model("tiny-opt")
     pruned = prune_physically(lm, torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]]))
 

