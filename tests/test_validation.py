@@ -129,13 +129,15 @@ def test_empty_eval_set_is_an_error_not_nan(tmp_path):
 
 
 @pytest.mark.slow
-def test_manifest_records_truncation_and_hides_secrets(tmp_path):
-    cfg = tiny_shard_cfg(tmp_path, "copa", 5, "tiny-opt", "model.max_length=48", "+wandb.api_key=SECRET123")
-    run_shard(cfg, lm=None)  # loads tiny-opt with max_length=48: 5-shot copa contexts do not fit
-    sh = Shard(tmp_path, "tiny-opt", "copa", 5)
-    m = sh.manifest()
-    assert m["truncated"]["eval"] > 0 and m["truncated"]["importance"] > 0
+def test_manifest_records_truncation_and_a_secret_setting_is_refused(tmp_path):
+    secret = tiny_shard_cfg(tmp_path, "copa", 5, "tiny-opt", "+wandb.api_key=SECRET123")
+    with pytest.raises(ConfigError, match="wandb.api_key looks like a credential"):
+        run_shard(secret, lm=None)  # refused before anything is written (tests/test_secrets.py: the whole job)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"SECRET123" in p.read_bytes()]
+    cfg = tiny_shard_cfg(tmp_path, "copa", 5, "tiny-opt", "model.max_length=48")
+    run_shard(cfg, lm=None)  # loads tiny-opt with max_length=48: 5-shot copa contexts do not fit
+    m = Shard(tmp_path, "tiny-opt", "copa", 5).manifest()
+    assert m["truncated"]["eval"] > 0 and m["truncated"]["importance"] > 0
 
 
 def test_stale_temp_files_are_removed_by_the_next_run(store):
