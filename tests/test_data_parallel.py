@@ -169,7 +169,8 @@ def test_bad_zero3_settings_fail_before_loading(tmp_path, monkeypatch):
 
     from conftest import tiny_shard_cfg
 
-    with pytest.raises(ConfigError, match="model.deepspeed.offload_param='nvme' is not an option; use one of none, cpu"):
+    with pytest.raises(ConfigError, match="model.deepspeed.offload_param='nvme' is not an option; use one of none, "
+                                          "cpu"):
         run_shard(tiny_shard_cfg(tmp_path, "copa", 1, "tiny-opt", "model.deepspeed.enabled=true",
                                  "model.deepspeed.offload_param=nvme"))
     real = importlib.util.find_spec
