@@ -25,7 +25,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-# Everything but the real-model, end-to-end and Slurm tests: under 3 minutes on 2 cores.
+# Everything but the real-model, torchrun, end-to-end and Slurm tests (5.5 min on 2 cores; README: test tiers).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm and not mirror" $(ARGS)
 
