@@ -88,11 +88,6 @@ def integer(cfg: dict, key: str, lo: int | None = None, none_ok: bool = False) -
     return get(cfg, key)
 
 
-def boolean(cfg: dict, key: str) -> bool:
-    check_value(key, get(cfg, key), Spec(bool))
-    return get(cfg, key)
-
-
 def check_config(cfg: dict) -> None:
     """Every setting a shard reads: types, ranges, option names (from the schema), and combinations
     that would quietly measure the wrong thing."""

@@ -170,3 +170,17 @@ def assert_same_store(a: Path, b: Path) -> None:
         assert [r["pred"] for r in ra] == [r["pred"] for r in rb], name
         diff = max(abs(x - y) for r, s in zip(ra, rb) for x, y in zip(r["logprobs"], s["logprobs"]))
         assert diff <= 1e-4, (name, diff)
+
+
+def read_back(f: Path) -> None:
+    """Parse one store file by its kind (JSON, JSON lines, safetensors): a partial file raises."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if f.suffix == ".json":
+        json.loads(f.read_text())
+    elif f.suffix == ".jsonl":
+        [json.loads(line) for line in f.read_text().splitlines()]
+    elif f.suffix == ".safetensors":
+        load_file(str(f))

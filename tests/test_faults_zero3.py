@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from safetensors.torch import load_file
 from test_data_parallel import ENV, score, shard_dir
 
+from conftest import read_back
 from fault_injection import hold_env
 
 ZERO = ["model.deepspeed.enabled=true", "eval.batch_size=4"]  # 2 knock-out batches per rank (batch 2 hangs: issue 25)
@@ -49,12 +49,7 @@ def _results(folder: Path) -> dict[str, object]:
 def _none_partial(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file() and not f.name.endswith(".tmp"):  # a killed writer's temporary files: removed on rerun
-            if f.suffix == ".json":
-                json.loads(f.read_text())
-            elif f.suffix == ".jsonl":
-                [json.loads(line) for line in f.read_text().splitlines()]
-            elif f.suffix == ".safetensors":
-                load_file(str(f))
+            read_back(f)
 
 
 def _kill_rank(job, rank: int) -> None:

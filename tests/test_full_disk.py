@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import REPO, data_dir
+from conftest import REPO, data_dir, read_back
 
 ARGS = ["model=tiny-opt", "task=copa", "shot=1", f"data.dir={data_dir()}", "eval.limit=6", "importance.n_examples=4",
         "importance.batch_size=2", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
@@ -50,12 +49,7 @@ def _all_read_back(folder: Path) -> list[str]:
     names = []
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         assert not f.name.endswith(".tmp"), f"a partial file was left: {f}"
-        if f.suffix == ".json":
-            json.loads(f.read_text())
-        elif f.suffix == ".jsonl":
-            [json.loads(line) for line in f.read_text().splitlines()]
-        elif f.suffix == ".safetensors":
-            load_file(str(f))
+        read_back(f)
         names.append(str(f.relative_to(folder)))
     return names
 
