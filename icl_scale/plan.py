@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from .plan_data import TaskCounts, count_from_data, task_counts
+from .models.loading import document_start_ids
+from .plan_data import TaskCounts, count_from_data, planning_tokenizer, task_counts
 from .plan_machine import (
     BYTES,
     HOST_RUNTIME_GB,
@@ -29,7 +30,6 @@ from .plan_machine import (
     Arch,
     Plan,
     PlanError,
-    evaluations,
     host_bytes_per_rank,
     interconnect_bandwidth,
     kv_bytes,
@@ -39,46 +39,16 @@ from .plan_machine import (
     make_plan,
     n_params,
 )
+from .plan_passes import Calls, Schedule, ShardLists, doc_counts, shard_lists, shard_schedule, table_lists
 
-__all__ = ["BYTES", "HOST_RUNTIME_GB", "INTERCONNECTS", "SAFETY", "Arch", "Plan", "PlanError", "TaskCounts",
-           "count_from_data", "evaluations", "host_bytes_per_rank", "interconnect_bandwidth", "kv_bytes",
+__all__ = ["BYTES", "HOST_RUNTIME_GB", "INTERCONNECTS", "SAFETY", "Arch", "Calls", "Plan", "PlanError", "Schedule",
+           "ShardLists", "TaskCounts", "count_from_data", "host_bytes_per_rank", "interconnect_bandwidth", "kv_bytes",
            "layer_params", "logits_bytes", "make_plan", "n_params", "task_counts"]
 
-# --- passes, bytes, FLOPs and hours of one shard -------------------------------------------------------
+# --- calls, bytes, FLOPs and seconds of one shard -----------------------------------------------------
 
-# GB/s per GPU and direction that ZeRO-3's all-gathers reach at best (`interconnect=`).
-PCIE_GBS = INTERCONNECTS["pcie"][0]  # offload=cpu: every pass streams the rank's partition from host memory
+PCIE_GBS = INTERCONNECTS["pcie"][0]  # offload=cpu: every gather streams the rank's partition from host memory
 BACKWARD = 2.0  # importance: forward + backward to the activations only (no weight gradients) ~ 2 forwards
-
-
-def doc_counts(cfg: dict, c: TaskCounts) -> tuple[int, int, int]:
-    """(eval docs, importance examples, knock-out docs) of a shard, as ShardRun cuts its lists."""
-    n_eval = min(int(cfg["eval"]["limit"] or c.eval_docs), c.eval_docs)
-    ko = cfg["knockout"]
-    if ko["split"] == "paper":
-        n_ko, pool = n_eval, c.train_docs
-    else:
-        n_ko, pool = int(ko["limit"]), c.train_docs - int(ko["limit"])
-    return n_eval, min(int(cfg["importance"]["n_examples"]), max(pool, 0)), n_ko
-
-
-def pass_schedule(cfg: dict, c: TaskCounts, ranks: int, layers: int) -> dict[str, float]:
-    """Forward passes one rank makes in a shard, and the whole-model all-gathers they cost under ZeRO-3,
-    from the request lists: every rank makes the same calls (lockstep), so a list of n docs at batch b
-    takes ceil(n / (b x ranks)) batches. A scoring batch is one context pass plus, when a continuation
-    has more than one token, one continuation pass (the scorer's lower bound: it may split a batch's
-    continuations by length). Every evaluation (`evaluations`) scores the eval list; an importance step
-    is a forward and a backward, each gathering the model; a knock-out batch is an unpruned pass and a
-    restart at every layer l, which runs (and gathers) only layers l.. : (layers + 1) / 2 models."""
-    n_eval, n_imp, n_ko = doc_counts(cfg, c)
-    per_batch = 1 + int(c.multi_token)
-    b_eval, b_imp = int(cfg["eval"]["batch_size"]), int(cfg["importance"]["batch_size"])
-    eval_batches = math.ceil(n_eval / (b_eval * ranks)) * evaluations(cfg)
-    imp_steps = math.ceil(n_imp / (b_imp * ranks))
-    ko_batches = math.ceil(n_ko / (b_eval * ranks))
-    return {"eval_passes": eval_batches * per_batch, "importance_passes": 2 * imp_steps,
-            "knockout_passes": ko_batches * per_batch * (1 + layers),
-            "gathers": eval_batches * per_batch + 2 * imp_steps + ko_batches * per_batch * (1 + (layers + 1) / 2)}
 
 
 def forward_flops(a: Arch, tokens: float, scored: float) -> float:
@@ -89,16 +59,84 @@ def forward_flops(a: Arch, tokens: float, scored: float) -> float:
         a.embed_dim or a.hidden) * scored
 
 
-def shard_flops(cfg: dict, c: TaskCounts, a: Arch) -> float:
-    """A shard's FLOPs: every evaluation over the eval docs, the importance examples (forward and
-    backward), the knock-out docs (the unpruned pass and a restart per layer). Sequences longer than
-    `model.max_length` are cut to it, as the scorer cuts them."""
+def zero3(cfg: dict, gpus: int) -> bool:
+    """The plan assumes ZeRO-3 whenever gpus > 1 (and with offload=cpu)."""
+    return gpus > 1 or (cfg["plan"].get("offload") or "none") == "cpu"
+
+
+def shard_flops(cfg: dict, c: TaskCounts, a: Arch, sched: Schedule, zero: bool) -> float:
+    """A shard's FLOPs: the eval list under every mask the curves score, the knock-out list unpruned and
+    once per FFN removed (a whole forward each under ZeRO-3; on one GPU a restart at layer l runs only
+    the blocks after it: 1 + (layers + 1) / 2 models in all), the importance examples (forward and
+    backward). Sequences longer than `model.max_length` are cut to it, as the scorer cuts them."""
     n_eval, n_imp, n_ko = doc_counts(cfg, c)
     cap = int(cfg["model"].get("max_length") or a.max_positions)
     fwd = forward_flops(a, min(c.eval_tokens, cap), c.eval_scored)
-    restart = 1 + (a.layers + 1) / 2  # knock-out: the unpruned pass and a restart per layer, in models
-    return (evaluations(cfg) * n_eval * fwd + BACKWARD * n_imp * forward_flops(a, min(c.imp_tokens, cap), c.imp_scored)
-            + n_ko * restart * fwd)
+    knockouts = sched.knockout_runs if zero else 1 + (a.layers + 1) / 2
+    return (sched.eval_runs * n_eval * fwd + BACKWARD * n_imp * forward_flops(a, min(c.imp_tokens, cap), c.imp_scored)
+            + n_ko * knockouts * fwd)
+
+
+@dataclass
+class ShardTime:
+    """One rank's seconds in a shard, by term (docs/plan.md defines each)."""
+
+    start_s: float  # job start and end, the model's load, rendering and every tokenisation
+    compute_s: float  # FLOPs at utilization x peak
+    comm_s: float  # gathered bytes over the interconnect (and PCIe with offload=cpu)
+    calls_s: float  # fixed cost per block per forward and backward pass (Python, hooks, gather latency)
+    schedule: Schedule
+    gathered_bytes: float
+
+    @property
+    def total_s(self) -> float:
+        return self.start_s + self.compute_s + self.comm_s + self.calls_s
+
+    @property
+    def hours(self) -> float:
+        return self.total_s / 3600
+
+
+def start_seconds(cfg: dict, c: TaskCounts, a: Arch, nb: int, sched: Schedule) -> float:
+    """Job start and end (`startup_s`), reading the weights (`load_gbs`), and the tokens the shard
+    tokenises (`tokenize_ktok_s`): its three lists once when rendered, the importance examples once
+    more, and a list again for every scoring run of it (each run tokenises its list)."""
+    p = cfg["plan"]
+    n_eval, n_imp, n_ko = doc_counts(cfg, c)
+    tokens = ((1 + sched.eval_scorings) * n_eval * c.eval_tokens + (1 + sched.knockout_runs) * n_ko * c.eval_tokens
+              + 2 * n_imp * c.imp_tokens)
+    return (float(p["startup_s"]) + n_params(a) * nb / (float(p["load_gbs"]) * 1e9)
+            + tokens / (float(p["tokenize_ktok_s"]) * 1e3))
+
+
+def shard_time(cfg: dict, c: TaskCounts, gpus: int, lists: ShardLists | None = None) -> ShardTime:
+    """One rank's seconds for one shard on `gpus` ranks, from the scorer's pass schedule."""
+    a, _, nb, offload = machine(cfg)
+    p = cfg["plan"]
+    lists = lists or request_lists(cfg, c, a)
+    sched = shard_schedule(cfg, lists, a, gpus)
+    zero = zero3(cfg, gpus)
+    compute = shard_flops(cfg, c, a, sched, zero) / (gpus * float(p["peak_tflops"]) * 1e12 * float(p["utilization"]))
+    calls = sched.total
+    model_bytes = n_params(a) * nb
+    unembed_bytes = a.vocab * (a.embed_dim or a.hidden) * nb
+    base_bytes = model_bytes - (0 if a.tied else unembed_bytes)  # an untied head is the unembedding's own
+    whole = (calls.forwards + calls.backward) * base_bytes + (calls.unembed + calls.backward) * unembed_bytes
+    gathered = whole * (gpus - 1) / gpus if zero else 0.0
+    comm = gathered / (interconnect_bandwidth(p) * 1e9)
+    if offload == "cpu":
+        comm += whole / gpus / (PCIE_GBS * 1e9)
+    overhead = (calls.forwards + calls.backward) * (a.layers + 1) * float(p["layer_call_ms"]) / 1e3
+    return ShardTime(start_seconds(cfg, c, a, nb, sched), compute, comm, overhead, sched, gathered)
+
+
+def request_lists(cfg: dict, c: TaskCounts, a: Arch) -> ShardLists:
+    """The shard's lists: rendered from the data when the counts came from it, else the table's."""
+    max_length = int(cfg["model"].get("max_length") or a.max_positions)
+    if not c.source.startswith("data:"):
+        return table_lists(cfg, c, max_length)
+    tok = planning_tokenizer(cfg)
+    return shard_lists(cfg, c.task, c.shot, tok, document_start_ids(tok, cfg["model"]["doc_start"]), max_length)
 
 
 @dataclass
@@ -108,10 +146,12 @@ class ShardPlan:
     eval_docs: int
     source: str
     tokens_per_doc: float
-    passes: int
+    passes: int  # one rank's forward passes (base-model and whole-model calls)
     gathered_gb: float  # per rank
+    start_h: float
     compute_h: float
     comm_h: float
+    calls_h: float
     hours: float
     gpu_gb: float
     host_gb: float
@@ -120,37 +160,29 @@ class ShardPlan:
     advice: str = ""
 
 
-def shard_hours(cfg: dict, c: TaskCounts, gpus: int) -> tuple[float, float, dict]:
-    """(compute hours, communication hours, the pass schedule) of one shard on `gpus` ranks."""
-    a, _, nb, offload = machine(cfg)
-    p = cfg["plan"]
-    sched = pass_schedule(cfg, c, gpus, a.layers)
-    compute = shard_flops(cfg, c, a) / (gpus * float(p["peak_tflops"]) * 1e12 * float(p["utilization"]))
-    zero = gpus > 1 or offload == "cpu"
-    gathered = sched["gathers"] * n_params(a) * nb * (gpus - 1) / gpus if zero else 0.0
-    comm = gathered / (interconnect_bandwidth(p) * 1e9)
-    if offload == "cpu":
-        comm += sched["gathers"] * n_params(a) * nb / gpus / (PCIE_GBS * 1e9)
-    sched["gathered_bytes"] = gathered
-    return compute / 3600, comm / 3600, sched
-
-
 def time_limit_h(cfg: dict) -> float:
     return float(cfg["launcher"]["timeout_min"]) / 60
 
 
-def _advice(cfg: dict, c: TaskCounts, gpus: int, hours: float) -> str:
+def limited(cfg: dict, lists: ShardLists, limit: int) -> tuple[dict, ShardLists]:
+    """The config and lists of the shard with `eval.limit=limit`."""
+    trial = {**cfg, "eval": {**cfg["eval"], "limit": limit}}
+    ev = lists.eval[:limit]
+    return trial, replace(lists, eval=ev, knockout=ev if lists.knockout_on_eval else lists.knockout)
+
+
+def _advice(cfg: dict, c: TaskCounts, gpus: int, hours: float, lists: ShardLists) -> str:
     """What to do about a shard over the job's time limit: requeues, more GPUs, or a smaller eval.limit."""
     limit = time_limit_h(cfg)
     fixes = [f"{math.ceil(hours / limit) - 1} requeues (its checkpoints resume it)"]
-    more = next((g for g in (gpus * 2, gpus * 4, gpus * 8) if sum(shard_hours(cfg, c, g)[:2]) <= limit), None)
+    more = next((g for g in (gpus * 2, gpus * 4, gpus * 8) if shard_time(cfg, c, g, lists).hours <= limit), None)
     if more:
         fixes.append(f"gpus={more}")
     lo, hi = 0, doc_counts(cfg, c)[0]
     while lo < hi:  # the largest eval.limit that fits the limit
         mid = (lo + hi + 1) // 2
-        trial = {**cfg, "eval": {**cfg["eval"], "limit": mid}}
-        lo, hi = (mid, hi) if sum(shard_hours(trial, c, gpus)[:2]) <= limit else (lo, mid - 1)
+        trial, trial_lists = limited(cfg, lists, mid)
+        lo, hi = (mid, hi) if shard_time(trial, c, gpus, trial_lists).hours <= limit else (lo, mid - 1)
     if lo:
         fixes.append(f"eval.limit={lo}")
     return f"over the {limit:g} h limit: " + ", or ".join(fixes)
@@ -158,16 +190,16 @@ def _advice(cfg: dict, c: TaskCounts, gpus: int, hours: float) -> str:
 
 def plan_shards(cfg: dict, pl: Plan, counts: list[TaskCounts]) -> list[ShardPlan]:
     out = []
+    a = machine(cfg)[0]
     for c in counts:
-        compute, comm, sched = shard_hours(cfg, c, pl.gpus)
-        hours = compute + comm
-        over = hours > time_limit_h(cfg)
-        out.append(ShardPlan(c.task, c.shot, doc_counts(cfg, c)[0], c.source, c.eval_tokens,
-                             int(sched["eval_passes"] + sched["importance_passes"] + sched["knockout_passes"]),
-                             sched["gathered_bytes"] / 1e9, compute, comm, hours,
-                             max(pl.eval_bytes_per_rank, pl.importance_bytes_per_rank) / 2**30,
-                             pl.host_bytes_per_rank / 2**30, pl.fits, over,
-                             _advice(cfg, c, pl.gpus, hours) if over else ""))
+        lists = request_lists(cfg, c, a)
+        t = shard_time(cfg, c, pl.gpus, lists)
+        over = t.hours > time_limit_h(cfg)
+        gpu_gb = max(pl.eval_bytes_per_rank, pl.importance_bytes_per_rank) / 2**30
+        out.append(ShardPlan(c.task, c.shot, doc_counts(cfg, c)[0], c.source, c.eval_tokens, t.schedule.total.forwards,
+                             t.gathered_bytes / 1e9, t.start_s / 3600, t.compute_s / 3600, t.comm_s / 3600,
+                             t.calls_s / 3600, t.hours, gpu_gb, pl.host_bytes_per_rank / 2**30, pl.fits, over,
+                             _advice(cfg, c, pl.gpus, t.hours, lists) if over else ""))
     return out
 
 
@@ -197,6 +229,8 @@ def render(pl: Plan, cfg: dict) -> str:
         ("largest batches", f"eval.batch_size={pl.max_eval_batch}, importance.batch_size={pl.max_importance_batch}"),
         ("speed", f"{p['utilization']:.0%} of {p['peak_tflops']} TFLOP/s per GPU; all-gathers over {p['interconnect']} "
                   f"at {bw:g} GB/s" + ("" if p.get("bandwidth_gbs") else f" ({INTERCONNECTS[p['interconnect']][1]})")),
+        ("fixed costs", f"{p['layer_call_ms']:g} ms per block per pass, {p['startup_s']:g} s to start a job, weights "
+                        f"read at {p['load_gbs']:g} GB/s, {p['tokenize_ktok_s']:g}k tokens/s tokenised"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
@@ -204,10 +238,11 @@ def render(pl: Plan, cfg: dict) -> str:
 
 def render_shards(shards: list[ShardPlan], cfg: dict) -> str:
     """The per-shard table, the sweep's totals and a line per shard over the job's time limit."""
-    head = ("task", "shot", "eval docs", "tok/doc", "passes", "gathered GB", "compute h", "comm h", "hours",
-            "GPU GB", "host GB", "fits")
+    head = ("task", "shot", "eval docs", "tok/doc", "passes", "gathered GB", "start h", "compute h", "comm h",
+            "calls h", "hours", "GPU GB", "host GB", "fits")
     rows = [(s.task, str(s.shot), f"{s.eval_docs:,}", f"{s.tokens_per_doc:.0f}", f"{s.passes:,}",
-             f"{s.gathered_gb:,.0f}", f"{s.compute_h:.1f}", f"{s.comm_h:.1f}", f"{s.hours:.1f}", f"{s.gpu_gb:.1f}",
+             f"{s.gathered_gb:,.0f}", f"{s.start_h:.1f}", f"{s.compute_h:.1f}", f"{s.comm_h:.1f}", f"{s.calls_h:.1f}",
+             f"{s.hours:.1f}", f"{s.gpu_gb:.1f}",
              f"{s.host_gb:.1f}", ("yes" if s.fits_memory else "no: memory") + (", over time" if s.over_limit else ""))
             for s in shards]
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -224,7 +259,7 @@ def render_shards(shards: list[ShardPlan], cfg: dict) -> str:
 
 
 PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "scored_tokens", "interconnect",
-             "bandwidth_gbs", "token_sample", "out")
+             "bandwidth_gbs", "layer_call_ms", "startup_s", "load_gbs", "tokenize_ktok_s", "token_sample", "out")
 
 
 def compose(overrides: list[str]) -> dict:

@@ -93,7 +93,7 @@ def task_counts(cfg: dict) -> list[TaskCounts]:
     for task in cfg["sweep"]["tasks"]:
         for shot in cfg["sweep"]["shots"]:
             if _has_data(cfg, task):
-                tokenizer = tokenizer or _tokenizer(cfg)
+                tokenizer = tokenizer or planning_tokenizer(cfg)
                 sample = int(cfg["plan"]["token_sample"])
                 out.append(count_from_data(task, int(shot), cfg["data"]["dir"], tokenizer, sample))
             else:
@@ -101,7 +101,7 @@ def task_counts(cfg: dict) -> list[TaskCounts]:
     return out
 
 
-def _tokenizer(cfg: dict):
+def planning_tokenizer(cfg: dict):
     """The model's tokenizer when it loads without a download; else SmolLM2's (embedded), a byte-level
     BPE of a similar vocabulary (49,152 vs OPT's 50,272) standing in for it."""
     from .models.loading import load_tokenizer, preset

@@ -37,7 +37,9 @@ class Arch:
     @classmethod
     def from_spec(cls, spec: dict) -> Arch:
         a = {k: v for k, v in (spec.get("arch") or {}).items() if v is not None}  # (null: not given)
-        if not a and spec.get("source") in ("hf", "local"):
+        if spec.get("source") == "random" and spec.get("config"):  # its model.config overrides decide
+            a = arch_of_random(spec)
+        elif not a and spec.get("source") in ("hf", "local"):
             a = arch_from_config(spec)
         if not a:
             raise PlanError(f"model preset {spec.get('name')!r} has no architecture numbers: add a model.arch block "
@@ -57,8 +59,7 @@ def arch_from_config(spec: dict) -> dict:
     """The arch block of model=hf / model=local from the checkpoint's config.json (a local folder, or a hub
     id already in the Hugging Face cache; nothing is downloaded), with the exact parameter count of the
     model built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from .models.loading import checkpoint_key, is_local, local_checkpoint
 
@@ -72,6 +73,24 @@ def arch_from_config(spec: dict) -> dict:
     except (OSError, ValueError) as e:
         raise PlanError(f"{where}: no readable config.json ({type(e).__name__}); download the model first or add a "
                         "model.arch block") from None
+    return arch_of_config(cfg, where)
+
+
+def arch_of_random(spec: dict) -> dict:
+    """The arch block of a random model (model.source=random) from the config it is built with."""
+    from .models.loading import load_tokenizer
+    from .models.sources import random_config
+
+    cfg = random_config(spec["family"], len(load_tokenizer(spec)), **spec["config"])
+    return arch_of_config(cfg, f"model.family={spec['family']}")
+
+
+def arch_of_config(cfg, where: str) -> dict:
+    """The arch block of a transformers config, with the exact parameter count of the model built on
+    the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     family = "opt" if cfg.model_type == "opt" else "llama" if cfg.model_type in GATED_FFN else None
     if family is None:
         raise PlanError(f"{where}: model_type={cfg.model_type!r}; the planner knows opt and {', '.join(GATED_FFN)}")
@@ -84,6 +103,8 @@ def arch_from_config(spec: dict) -> dict:
                 ffn=getattr(text, "intermediate_size", None) or text.ffn_dim, vocab=text.vocab_size,
                 max_positions=text.max_position_embeddings, tied=bool(text.tie_word_embeddings),
                 head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                embed_dim=getattr(text, "word_embed_proj_dim", None),  # OPT: may be narrower than hidden
+                final_norm=bool(getattr(text, "do_layer_norm_before", True)),
                 params=sum(p.numel() for p in model.parameters()))
 
 
@@ -137,15 +158,6 @@ def backward_activation_bytes(a: Arch, batch: int, length: int, nbytes: int) -> 
     return a.layers * batch * length * per_token * nbytes + probes
 
 
-def evaluations(cfg: dict) -> int:
-    """Distinct evaluations of one shard: heads and FFN curves (the 0% point shared), the heads x FFN
-    grid's interior cells, and the FFN knock-outs (one per layer plus the unpruned run)."""
-    pr = cfg["pruning"]
-    levels = [x for x in pr["levels"] if x > 0]
-    grid = [x for x in pr["combined_levels"] if x > 0]
-    return 1 + 2 * len(levels) + len(grid) ** 2
-
-
 @dataclass
 class Plan:
     """What one rank of a shard job holds (bytes) and the largest batches that fit."""
@@ -183,7 +195,8 @@ def machine(cfg: dict) -> tuple[Arch, int, int, str]:
     offload = p.get("offload") or "none"
     if offload not in ("none", "cpu"):
         raise PlanError(f"offload={offload!r}: use offload=none or offload=cpu")
-    for key in ("gpus", "gpu_mem_gb", "peak_tflops", "utilization", "token_sample"):
+    for key in ("gpus", "gpu_mem_gb", "peak_tflops", "utilization", "token_sample", "layer_call_ms", "startup_s",
+                "load_gbs", "tokenize_ktok_s"):
         v = p.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (key == "utilization" and v > 1):
             rng = "a number in (0, 1]" if key == "utilization" else "a number > 0"

@@ -274,6 +274,13 @@ class PlanConfig(Config):
                                 "(25); sources in icl_scale/plan.py", options=("nvlink", "pcie", "ib"))
     bandwidth_gbs: Any = setting(None, float, "all-gather GB/s per rank and direction; null = the interconnect's "
                                  "(bench/plan_calibration.py measures one)")
+    layer_call_ms: Any = setting(1.0, float, "fixed cost of one decoder block in one forward or backward pass (ms): "
+                                 "Python, hooks, ZeRO-3's per-module gather latency; an assumption for GPUs, "
+                                 "bench/plan_calibration.py measures it on a machine")
+    startup_s: Any = setting(60.0, float, "a shard job's fixed start and end (s): interpreter, imports, rendezvous, "
+                             "DeepSpeed's set-up, exit")
+    load_gbs: Any = setting(2.0, float, "GB/s at which a job reads (or builds) the model's weights")
+    tokenize_ktok_s: Any = setting(300.0, float, "thousands of tokens per second the shard renders and tokenises")
     scored_tokens: Any = setting(32, int, "continuation tokens of one doc's choices together (memory: logits are "
                                  "kept only there)", lo=1)
     token_sample: Any = setting(200, int, "docs per split rendered and tokenised to count tokens per doc (docs are "

@@ -17,7 +17,7 @@ from icl_scale.config import CONF_DIR
 from icl_scale.importance import gradient_importance, importance_inputs
 from icl_scale.induction import CopyingOptions, copying_options_from
 from icl_scale.models import load_model
-from icl_scale.models.loading import _doc_start_ids, preset
+from icl_scale.models.loading import document_start_ids, preset
 from icl_scale.pruning import curve, n_removed, prune_mask
 from icl_scale.rankings import aggregate, argsort_spearman, spearman
 from icl_scale.scoring import Tokenised
@@ -323,8 +323,8 @@ def test_opt_presets_add_no_document_start_token():
     for path in presets:
         spec = yaml.safe_load(path.read_text())
         assert spec["doc_start"] == "none", path.name
-        assert _doc_start_ids(OptLikeTokenizer(), spec["doc_start"]) == []
-    assert _doc_start_ids(OptLikeTokenizer(), "auto") == [2]  # the option that would add </s>
+        assert document_start_ids(OptLikeTokenizer(), spec["doc_start"]) == []
+    assert document_start_ids(OptLikeTokenizer(), "auto") == [2]  # the option that would add </s>
 
 
 def test_scored_ids_are_ctx_enc_plus_cont_enc(opt_lm):

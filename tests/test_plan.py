@@ -87,52 +87,55 @@ COUNTS = P.TaskCounts("copa", 1, eval_docs=10, train_docs=30, eval_tokens=200, e
                       imp_scored=4, multi_token=True, source="by hand")
 
 
-def test_passes_gathers_flops_and_hours_by_hand():
+def test_passes_gathers_flops_and_seconds_by_hand():
     cfg = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "eval.batch_size=4", "importance.batch_size=3",
                    "importance.n_examples=5", "knockout.split=heldout", "knockout.limit=4", "pruning.levels=[0,50]",
-                   "pruning.combined_levels=[0,50]", gpus=2, peak_tflops=100, utilization=0.5, interconnect="pcie")
+                   "pruning.combined_levels=[0,50]", gpus=2, peak_tflops=100, utilization=0.5, interconnect="pcie",
+                   layer_call_ms=2.0, startup_s=30.0, load_gbs=1.0, tokenize_ktok_s=10.0)
     a = P.Arch.from_spec(cfg["model"])
-    assert P.evaluations(cfg) == 1 + 2 * 1 + 1  # unpruned, heads 50, FFN 50, the grid's (50, 50)
     assert P.doc_counts(cfg, COUNTS) == (10, 5, 4)
-    s = P.pass_schedule(cfg, COUNTS, 2, 2)  # 2 ranks, 2 layers
-    # eval: ceil(10 / (4 x 2)) = 2 batches x 4 evaluations x 2 passes (context, continuations)
-    assert s["eval_passes"] == 2 * 4 * 2
-    assert s["importance_passes"] == 2 * 1  # ceil(5 / (3 x 2)) = 1 step: forward + backward
-    assert s["knockout_passes"] == 1 * 2 * (1 + 2)  # 1 batch x 2 passes x (unpruned + a restart per layer)
-    assert s["gathers"] == 16 + 2 + 1 * 2 * (1 + 3 / 2)  # restarts at layer 0 and 1 run 2 and 1 of 2 layers
+    t = P.shard_time(cfg, COUNTS, 2)  # no data: the table's documents, every one 192 + 8 tokens
+    s = t.schedule
+    # curves: the unpruned list (knock-out ran on train docs), heads 50% (4 of 8), FFN 50% (1 of 2), the
+    # grid's (50, 50): 4 scorings of 10 docs, 5 per rank: 2 prefix passes + 2 continuation passes each
+    assert (s.eval_runs, s.eval_scorings, s.curves.forwards, s.curves.unembed) == (4, 4, 16, 8)
+    # knock-out: unpruned + one per FFN (ZeRO-3: whole scorings) of 4 docs, 2 per rank: 1 + 1 passes
+    assert (s.knockout_runs, s.knockout.forwards) == (3, 6)
+    assert (s.importance.forwards, s.importance.backward) == (1, 1)  # ceil(5 / (3 x 2)) steps
     blocks = 2 * P.layer_params(a)
     fwd = 2 * blocks * 200 + 2 * 2 * 200**2 * 64 + 2 * 49152 * 64 * 8
     assert P.forward_flops(a, 200, 8) == fwd
     imp = 2 * blocks * 150 + 2 * 2 * 150**2 * 64 + 2 * 49152 * 64 * 4
-    flops = 4 * 10 * fwd + 2 * 5 * imp + 4 * (1 + 3 / 2) * fwd
-    assert P.shard_flops(cfg, COUNTS, a) == pytest.approx(flops)
-    compute, comm, sched = P.shard_hours(cfg, COUNTS, 2)
-    assert compute == pytest.approx(flops / (2 * 100e12 * 0.5) / 3600)
-    gathered = s["gathers"] * P.n_params(a) * 4 / 2  # each rank receives the other half of every gather
-    assert sched["gathered_bytes"] == pytest.approx(gathered)
-    assert comm == pytest.approx(gathered / 32e9 / 3600)  # PCIe 4.0 x16
-    one = P.shard_hours(cfg, COUNTS, 1)
-    assert one[1] == 0  # one rank: nothing to gather
+    flops = 4 * 10 * fwd + 2 * 5 * imp + 3 * 4 * fwd
+    assert t.compute_s == pytest.approx(flops / (2 * 100e12 * 0.5))
+    model, unembed = P.n_params(a) * 4, 49152 * 64 * 4  # tied: the base pass gathers the embedding too
+    assert t.gathered_bytes == pytest.approx(((23 + 1) * model + (12 + 1) * unembed) / 2)  # the other rank's half
+    assert t.comm_s == pytest.approx(t.gathered_bytes / 32e9)  # PCIe 4.0 x16
+    assert t.calls_s == pytest.approx((23 + 1) * 3 * 2e-3)  # forwards + backward, 2 blocks + the rest
+    tokens = (1 + 4) * 10 * 200 + (1 + 3) * 4 * 200 + 2 * 5 * 150
+    assert t.start_s == pytest.approx(30 + model / 1e9 + tokens / 10e3)
+    assert t.total_s == pytest.approx(t.start_s + t.compute_s + t.comm_s + t.calls_s)
+    assert P.shard_time(cfg, COUNTS, 1).comm_s == 0  # one rank, no offload: nothing to gather
 
 
 def test_a_shard_over_the_time_limit_is_flagged_with_what_to_do():
     cfg = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "launcher.timeout_min=1",
                    "importance.n_examples=5", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", gpus=2,
-                   peak_tflops=1e-3, utilization=1.0)
+                   peak_tflops=1e-3, utilization=1.0, startup_s=1.0)
     big = P.TaskCounts("rte", 5, eval_docs=400, train_docs=30, eval_tokens=500, eval_scored=2, imp_tokens=500,
                        imp_scored=1, multi_token=False, source="by hand")
     pl = P.make_plan(cfg)
     [small, over] = P.plan_shards(cfg, pl, [COUNTS, big])
-    hours = sum(P.shard_hours(cfg, big, 2)[:2])
+    hours = P.shard_time(cfg, big, 2).hours
     assert not small.over_limit and over.over_limit and over.hours == pytest.approx(hours) and hours > 1 / 60
     requeues, gpus, limit = re.fullmatch(r"over the 0.0166667 h limit: (\d+) requeues \(its checkpoints resume it\)"
                                          r"(?:, or gpus=(\d+))?, or eval.limit=(\d+)", over.advice).groups()
     assert int(requeues) == math.ceil(hours * 60) - 1
     if gpus:
-        assert sum(P.shard_hours(cfg, big, int(gpus))[:2]) <= 1 / 60
+        assert P.shard_time(cfg, big, int(gpus)).hours <= 1 / 60
     at = {**cfg, "eval": {**cfg["eval"], "limit": int(limit)}}
     beyond = {**cfg, "eval": {**cfg["eval"], "limit": int(limit) + 1}}
-    assert sum(P.shard_hours(at, big, 2)[:2]) <= 1 / 60 < sum(P.shard_hours(beyond, big, 2)[:2])
+    assert P.shard_time(at, big, 2).hours <= 1 / 60 < P.shard_time(beyond, big, 2).hours
     text = P.render_shards([small, over], cfg)
     assert f"rte 5-shot: {hours:.1f} h, over the" in text
 

@@ -150,7 +150,7 @@ def model_spec(spec) -> dict:
     return to_dict(merged)
 
 
-def _doc_start_ids(tokenizer, setting) -> list[int]:
+def document_start_ids(tokenizer, setting) -> list[int]:
     """`auto`: what the tokenizer itself adds (OPT: </s>; the SmolLM2 GGUF: nothing); `none`: no
     document-start token; any other string: that token (e.g. "<|endoftext|>")."""
     if setting in (None, "none", "", False):
@@ -287,7 +287,7 @@ def load_model(spec, device: str | None = None) -> LoadedModel:
     max_len = int(spec["max_length"] or getattr(model.config, "max_position_embeddings", 2048))
     lm = LoadedModel(
         name=spec["name"], model=model, tokenizer=tokenizer, adapter=adapter,
-        doc_start_ids=_doc_start_ids(tokenizer, spec["doc_start"]), max_length=max_len,
+        doc_start_ids=document_start_ids(tokenizer, spec["doc_start"]), max_length=max_len,
         device=dev, dtype=dtype, spec=spec,
     )
     if ds["enabled"]:
