@@ -1,17 +1,27 @@
-"""Does the planner (icl_scale/plan.py) predict a shard's wall time? Checked on this machine.
+"""Does the planner (icl_scale/plan.py) predict a shard job's wall time? Checked on this machine.
 
-    python bench/plan_calibration.py [--out bench/plan_calibration.json] [--model smollm2-135m]
+    python bench/plan_calibration.py [--out bench/results/plan_calibration.json]
 
-1. Measures this machine as the planner describes a GPU: the FLOP rate one rank reaches on the model's
-   forward (one torch thread per rank, a batch of 4 x 128 tokens; the planner's `peak_tflops` with
-   `utilization=1`) and the bandwidth of an all-gather between the 2 ranks (gloo; `bandwidth_gbs`).
-2. Plans three different shards with those numbers (2 ranks, ZeRO-3, the task data of tests/data/fixtures
-   or $ICL_SCALE_DATA_DIR), then runs each with `torchrun --nproc_per_node 2 jobs/score.py` and compares
-   the planner's hours with the shard's measured importance + knock-out + curves time (the manifest's
-   stage timings; loading the model and rendering are not planned).
+1. Primitives, from a separate micro-run on 2 ranks (torchrun, gloo, one torch thread per rank) with a
+   random OPT of its own size (not one of the three shards'):
+   * `peak_tflops` (with `utilization=1`): the FLOP rate of the plain model's forward at 4 x 128 tokens,
+     both ranks working at once as in a job;
+   * `bandwidth_gbs`: an all-gather of 32 MB between the two ranks;
+   * `layer_call_ms`, the one fitted constant: a one-token forward under ZeRO-3 minus its gathered
+     bytes over `bandwidth_gbs` and its FLOPs, divided by (layers + 1);
+   * `startup_s` and `load_gbs`: the job's fixed start and end (torchrun, imports, rendezvous, the
+     config, exit) plus the intercept of the model's load, and the load's bytes per second (a line
+     through the load times of two model sizes under ZeRO-3);
+   * `tokenize_ktok_s`: rendering train docs and tokenising them, as a shard does.
+2. The planner predicts each of three shards from those numbers and its formula (icl_scale/plan.py:
+   the scorer's pass schedule, FLOPs, gathered bytes, fixed costs); nothing is tuned to the shards.
+3. Each shard runs as a job, `torchrun --nproc_per_node 2 jobs/score.py` under ZeRO-3 (random OPTs
+   of different sizes; different tasks, shots and list sizes; the task data of tests/data/fixtures),
+   and its wall (launch to exit) is compared with the prediction; the manifest's stage timings and
+   counted gathers are recorded beside the planned ones.
 
-Written to the --out JSON: the measured constants, per shard predicted and measured seconds and their
-ratio, and whether every ratio is within 30%.
+Writes bench/results/plan_calibration.{json,md} after every shard; `within_tolerance`: every
+predicted / measured within 30%.
 """
 
 from __future__ import annotations
@@ -26,17 +36,30 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARDS = [  # (task, shot, extra overrides): different lengths, answer kinds and list sizes
-    ("copa", 1, ["eval.limit=16", "importance.n_examples=12"]),
-    ("rte", 0, ["eval.limit=8", "importance.n_examples=8"]),
-    ("piqa", 1, ["eval.limit=12", "importance.n_examples=6"]),
-]
-COMMON = ["knockout.split=heldout", "knockout.limit=4", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]",
-          "eval.batch_size=4", "importance.batch_size=2", "progress=false", "wandb.mode=disabled",
-          "model.deepspeed.enabled=true", "eval.physical_below=null"]
 TOLERANCE = 0.3
+
+
+def opt(layers: int, hidden: int, heads: int) -> list[str]:
+    """model=tiny-opt overrides for a random OPT of this size (FFN 4 x hidden, untied head's width = hidden)."""
+    return ["model=tiny-opt", f"+model.config.num_hidden_layers={layers}", f"+model.config.hidden_size={hidden}",
+            f"+model.config.ffn_dim={4 * hidden}", f"+model.config.num_attention_heads={heads}",
+            f"+model.config.word_embed_proj_dim={hidden}"]
+
+
+MICRO = opt(3, 192, 6)  # the micro-run's model (layer_call_ms is fitted on it)
+LOAD_PROBE = opt(3, 768, 12)  # a second size for the load line
+SHARDS = [  # (name, model, task, shot, overrides): different sizes, tasks, shots, answer kinds, list sizes
+    ("copa-1shot-L4-h256", opt(4, 256, 8), "copa", 1,
+     ["eval.limit=20", "importance.n_examples=12", "knockout.split=heldout", "knockout.limit=8"]),
+    ("piqa-0shot-L8-h128", opt(8, 128, 4), "piqa", 0,
+     ["eval.limit=12", "importance.n_examples=8", "knockout.split=heldout", "knockout.limit=6"]),
+    ("rte-1shot-L2-h512", opt(2, 512, 8), "rte", 1,
+     ["eval.limit=10", "importance.n_examples=6", "knockout.split=paper"]),
+]
+COMMON = ["pruning.levels=[0,25,50]", "pruning.combined_levels=[0,50]", "eval.batch_size=4", "importance.batch_size=2",
+          "progress=false", "wandb.mode=disabled", "model.deepspeed.enabled=true", "eval.physical_below=null"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-for _k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+for _k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
     ENV.pop(_k, None)
 
 
@@ -45,93 +68,182 @@ def torchrun(*args: str) -> list[str]:
 
 
 MEASURE = """
-import json, sys, time, torch, torch.distributed as td
+import json, sys, time
+t0 = float(sys.argv[1])
+import torch, torch.distributed as td
 from icl_scale import plan as P
+from icl_scale.config import compose
 from icl_scale.distributed import init_process_group
-from icl_scale.models.loading import load_model, preset
+from icl_scale.models.loading import load_model
+from icl_scale.shard import run_shard  # noqa: F401  (what the job imports)
+from icl_scale.tasks import build_requests
 torch.set_num_threads(1)
 de = init_process_group("gloo")
-spec = preset(sys.argv[1])
-lm = load_model({**spec, "dtype": "float32"})
-a = P.Arch.from_spec(spec)
+micro, probe, data = json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+cfg = compose("config", micro + ["model.deepspeed.enabled=true", "task=copa", f"data.dir={data}"])
+td.barrier()
+started = time.time() - t0  # launch, interpreter, imports, rendezvous, the config
+
+
+def timed(fn, n):
+    fn()  # warm-up
+    td.barrier()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def load(overrides):
+    spec = compose("config", overrides + ["model.deepspeed.enabled=true"])["model"]
+    td.barrier()
+    t = time.perf_counter()
+    lm = load_model(spec)
+    return lm, time.perf_counter() - t, P.n_params(P.Arch.from_spec(spec)) * 4
+
+
+# the FLOP rate of the plain model, both ranks at once
+plain_spec = {**cfg["model"], "deepspeed": {**cfg["model"]["deepspeed"], "enabled": False}}
+plain = load_model(plain_spec)
+arch = P.Arch.from_spec(cfg["model"])
 ids = torch.randint(100, 1000, (4, 128))
 with torch.inference_mode():
-    lm.model.model(input_ids=ids)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(3):
-        lm.model.model(input_ids=ids)
-    dt = (time.perf_counter() - t0) / 3
-flops = 4 * P.forward_flops(a, 128, 0)
-x = torch.ones(2**24 // 2)  # 32 MB in all: each rank receives the other's 16 MB
-out = torch.empty(2**24)
-td.all_gather_into_tensor(out, x)
-t0 = time.perf_counter()
-for _ in range(5):
-    td.all_gather_into_tensor(out, x)
-gather = (time.perf_counter() - t0) / 5
+    dt = timed(lambda: plain.model.model(input_ids=ids), 3)
+tflops = 4 * P.forward_flops(arch, 128, 0) / dt / 1e12
+del plain
+# the all-gather bandwidth: each rank receives the other's 16 MB
+x, out = torch.ones(2**22), torch.empty(2**23)
+gather = timed(lambda: td.all_gather_into_tensor(out, x), 5)
+bandwidth = x.numel() * 4 / gather / 1e9
+# loads of two sizes under ZeRO-3 (random weights: built, then partitioned)
+probe_lm, probe_s, probe_bytes = load(probe)
+del probe_lm
+lm, load_s, model_bytes = load(micro)
+# a one-token forward under ZeRO-3: the fixed cost per pass, less its bytes and FLOPs
+one = torch.tensor([[100]])
+with torch.inference_mode():
+    pass_s = timed(lambda: lm.model.base_model(input_ids=one), 20)
+fixed = pass_s - model_bytes / 2 / (bandwidth * 1e9) - P.forward_flops(arch, 1, 0) / (tflops * 1e12)
+# rendering and tokenising train docs, as a shard does
+t = time.perf_counter()
+reqs = build_requests("piqa", split="train", shot=1, data_dir=data)
+strings = sorted({s for r in reqs for s in (*r.contexts, *r.continuations)})
+n_tok = sum(len(i) for i in lm.tokenizer(strings, add_special_tokens=False)["input_ids"])
+tokenize = n_tok / (time.perf_counter() - t) / 1e3
 if de.rank == 0:
-    print("MEASURED " + json.dumps({"tflops": flops / dt / 1e12, "bandwidth_gbs": x.numel() * 4 / gather / 1e9}))
+    print("MEASURED " + json.dumps({
+        "peak_tflops": tflops, "bandwidth_gbs": bandwidth, "layer_call_ms": fixed / (arch.layers + 1) * 1e3,
+        "started_s": started, "loads": [[probe_bytes, probe_s], [model_bytes, load_s]],
+        "tokenize_ktok_s": tokenize, "one_token_pass_ms": pass_s * 1e3}), flush=True)
+print("ENDED " + str(time.time()), flush=True)
 """
 
 
-def measure(model: str) -> dict:
+def measure(data: str) -> dict:
+    """The primitives (see the module docstring), from one torchrun of MEASURE."""
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "measure.py"
         script.write_text(MEASURE)
-        p = subprocess.run(torchrun(str(script), model), env=ENV, capture_output=True, text=True, timeout=900)
+        t0 = time.time()
+        p = subprocess.run(torchrun(str(script), str(t0), json.dumps(MICRO), json.dumps(LOAD_PROBE), data), env=ENV,
+                           capture_output=True, text=True, timeout=1200)
+        ended = time.time()
     lines = [x for x in p.stdout.splitlines() if x.startswith("MEASURED ")]
-    if p.returncode or not lines:
+    ends = [float(x.split()[1]) for x in p.stdout.splitlines() if x.startswith("ENDED ")]
+    if p.returncode or not lines or not ends:
         raise SystemExit(f"measuring failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    return json.loads(lines[0].removeprefix("MEASURED "))
+    m = json.loads(lines[0].removeprefix("MEASURED "))
+    (b1, s1), (b2, s2) = m.pop("loads")
+    per_byte = max((s1 - s2) / (b1 - b2), 1e-12)  # the load line through the two sizes
+    intercept = max(s2 - per_byte * b2, 0.0)
+    m["exit_s"] = ended - max(ends)
+    m["load_intercept_s"] = intercept
+    m["load_gbs"] = 1 / per_byte / 1e9
+    m["startup_s"] = m["started_s"] + intercept + m["exit_s"]
+    return {k: round(v, 6) for k, v in m.items()}
 
 
-def predict(model: str, task: str, shot: int, extra: list[str], machine: dict, data: str) -> float:
-    """The planner's seconds for the shard's importance, knock-out and curves on 2 CPU ranks."""
+PLAN_KEYS = ("peak_tflops", "bandwidth_gbs", "layer_call_ms", "startup_s", "load_gbs", "tokenize_ktok_s")
+
+
+def predict(model: list[str], task: str, shot: int, extra: list[str], machine: dict, data: str):
+    """The planner's ShardTime for the shard on 2 CPU ranks, from the measured primitives."""
     from icl_scale import plan as P
 
-    cfg = P.compose([f"model={model}", "model.dtype=float32", f"data.dir={data}", f"sweep.tasks=[{task}]",
-                     f"sweep.shots=[{shot}]", *COMMON, *extra])
-    cfg["plan"].update(gpus=2, peak_tflops=machine["tflops"], utilization=1.0, bandwidth_gbs=machine["bandwidth_gbs"])
+    cfg = P.compose([*model, f"data.dir={data}", f"sweep.tasks=[{task}]", f"sweep.shots=[{shot}]", *COMMON, *extra])
+    cfg["plan"].update(gpus=2, utilization=1.0, **{k: machine[k] for k in PLAN_KEYS})
     [counts] = P.task_counts(cfg)
-    compute, comm, _ = P.shard_hours(cfg, counts, 2)
-    return (compute + comm) * 3600
+    t = P.shard_time(cfg, counts, 2)
+    a = P.Arch.from_spec(cfg["model"])
+    return t, t.gathered_bytes * 2 / (P.n_params(a) * 4)  # full-model gathers (each rank receives half)
 
 
-def run_shard(model: str, task: str, shot: int, extra: list[str], root: Path, data: str) -> float:
-    cmd = torchrun(str(REPO / "jobs" / "score.py"), f"model={model}", "model.dtype=float32", f"task={task}",
-                   f"shot={shot}", f"store.root={root}", f"data.dir={data}", *COMMON, *extra)
+def run_shard(model: list[str], task: str, shot: int, extra: list[str], root: Path, data: str) -> tuple[float, dict]:
+    """(wall seconds from launch to exit, the manifest) of one shard job on 2 ranks."""
+    cmd = torchrun(str(REPO / "jobs" / "score.py"), *model, f"task={task}", f"shot={shot}", f"store.root={root}",
+                   f"data.dir={data}", *COMMON, *extra)
+    t0 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=3600)
+    wall = time.time() - t0
     if p.returncode:
         raise SystemExit(f"{task} {shot}-shot failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    [manifest] = list((root / model / task).rglob("manifest.json"))
-    t = json.loads(manifest.read_text())["timings"]
-    return sum(t[k] for k in ("importance", "knockout", "curves"))
+    [manifest] = list(root.rglob("manifest.json"))
+    return wall, json.loads(manifest.read_text())
+
+
+def row(name, model, task, shot, extra, machine, data, root) -> dict:
+    t, gathers = predict(model, task, shot, extra, machine, data)
+    wall, m = run_shard(model, task, shot, extra, root, data)
+    return {"shard": name, "task": task, "shot": shot, "overrides": [*model, *COMMON, *extra],
+            "predicted_s": round(t.total_s, 1), "measured_s": round(wall, 1), "ratio": round(t.total_s / wall, 3),
+            "predicted_terms_s": {"start": round(t.start_s, 1), "compute": round(t.compute_s, 1),
+                                  "comm": round(t.comm_s, 1), "calls": round(t.calls_s, 1)},
+            "planned_forwards": t.schedule.total.forwards, "planned_gathers": round(gathers, 2),
+            "measured_gathers": m.get("zero", {}).get("total", {}).get("gathers"),
+            "measured_timings_s": m.get("timings")}
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Planner calibration ({res['date']})", "",
+             "`python bench/plan_calibration.py`: primitives from a micro-run, then three shard jobs on 2 CPU ranks "
+             "under ZeRO-3 predicted by the planner and timed (launch to exit). Load average at start "
+             f"{res['loadavg_start']}, at end {res.get('loadavg_end')}.", "",
+             "Primitives: " + ", ".join(f"{k}={m[k]:.4g}" for k in (*PLAN_KEYS, "one_token_pass_ms")), "",
+             "| shard | predicted s | measured s | ratio | start / compute / comm / calls s | forwards | gathers "
+             "planned / counted |", "|---|---|---|---|---|---|---|"]
+    for r in res["shards"]:
+        p = r["predicted_terms_s"]
+        lines.append(f"| {r['shard']} | {r['predicted_s']} | {r['measured_s']} | {r['ratio']} | {p['start']} / "
+                     f"{p['compute']} / {p['comm']} / {p['calls']} | {r['planned_forwards']} | "
+                     f"{r['planned_gathers']} / {r['measured_gathers']} |")
+    lines += ["", f"Within {TOLERANCE:.0%}: {res.get('within_tolerance')} (complete: {res.get('complete')})", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(REPO / "bench" / "plan_calibration.json"))
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan_calibration.json"))
+    ap.add_argument("--data", default=str(REPO / "tests" / "data" / "fixtures"), help="task data (a mirror folder)")
     a = ap.parse_args(argv)
-    data = os.environ.get("ICL_SCALE_DATA_DIR") or str(REPO / "tests" / "data" / "fixtures")
-    machine = measure(a.model)
-    from icl_scale.store import write_json
+    from bench.common import loadavg, machine_info, now
+    from icl_scale.store import write_bytes, write_json
 
-    res = {"model": a.model, "ranks": 2, "machine": machine, "data": data, "tolerance": TOLERANCE, "shards": []}
+    res = {"date": now(), "loadavg_start": loadavg(), "host": machine_info(), "ranks": 2, "data": "tests/data/fixtures"
+           if Path(a.data).resolve() == (REPO / "tests" / "data" / "fixtures").resolve() else "--data",
+           "tolerance": TOLERANCE, "machine": measure(a.data), "shards": []}
+    print("primitives:", json.dumps(res["machine"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for task, shot, extra in SHARDS:
-            predicted = predict(a.model, task, shot, extra, machine, data)
-            t0 = time.time()
-            measured = run_shard(a.model, task, shot, extra, Path(tmp) / task, data)
-            res["shards"].append({"task": task, "shot": shot, "overrides": COMMON + extra,
-                                  "predicted_s": round(predicted, 1), "measured_s": round(measured, 1),
-                                  "ratio": round(predicted / measured, 3), "job_wall_s": round(time.time() - t0, 1)})
+        for name, model, task, shot, extra in SHARDS:
+            res["shards"].append(row(name, model, task, shot, extra, res["machine"], a.data, Path(tmp) / name))
             res["within_tolerance"] = all(abs(r["ratio"] - 1) <= TOLERANCE for r in res["shards"])
             res["complete"] = len(res["shards"]) == len(SHARDS)
+            res["loadavg_end"] = loadavg()
             write_json(a.out, res)  # after every shard: a stopped run keeps what it measured
-            print(res["shards"][-1], flush=True)
-    print(json.dumps(res, indent=1))
-    return 0
+            write_bytes(Path(a.out).with_suffix(".md"), markdown(res).encode())
+            print(json.dumps(res["shards"][-1]), flush=True)
+    print(markdown(res))
+    return 0 if res["within_tolerance"] else 1
 
 
 if __name__ == "__main__":

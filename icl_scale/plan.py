@@ -114,7 +114,8 @@ def shard_time(cfg: dict, c: TaskCounts, gpus: int, lists: ShardLists | None = N
     a, _, nb, offload = machine(cfg)
     p = cfg["plan"]
     lists = lists or request_lists(cfg, c, a)
-    sched = shard_schedule(cfg, lists, a, gpus)
+    device = "cpu" if str(cfg["model"].get("device")) == "cpu" else "cuda"  # the scorer's pass cost depends on it
+    sched = shard_schedule(cfg, lists, a, gpus, device)
     zero = zero3(cfg, gpus)
     compute = shard_flops(cfg, c, a, sched, zero) / (gpus * float(p["peak_tflops"]) * 1e12 * float(p["utilization"]))
     calls = sched.total

@@ -1042,6 +1042,10 @@ PLAN: list[tuple[str, str]] = [
     ("pruning.levels=[0,50,50]", "pruning.levels=[0, 50, 50] lists [50] more than once; list each level once, e.g. "
      "pruning.levels=[0,50]"),
     ("sweep.seeds=[0,0]", "sweep.seeds=[0, 0] lists [0] more than once; list each seed once, e.g. sweep.seeds=[0]"),
+    ("layer_call_ms=-1", "layer_call_ms=-1 must be a number > 0, e.g. layer_call_ms=1"),
+    ("startup_s=soon", "startup_s='soon' must be a number > 0, e.g. startup_s=1"),
+    ("load_gbs=0", "load_gbs=0 must be a number > 0, e.g. load_gbs=1"),
+    ("tokenize_ktok_s=0", "tokenize_ktok_s=0 must be a number > 0, e.g. tokenize_ktok_s=1"),
 ]
 for _ov, _msg in PLAN:
     error("plan", f"plan {_ov}", f"`python -m icl_scale.plan {_ov}`", lambda env, ov=_ov: _plan_checked(ov),
