@@ -2,16 +2,18 @@
 
     python bench/plan_calibration.py [--out bench/results/plan_calibration.json]
 
-1. Primitives, from a separate micro-run on 2 ranks (torchrun, gloo, one torch thread per rank) with a
-   random OPT of its own size (not one of the three shards'):
+1. Primitives, from a separate micro-run on 2 ranks (torchrun, gloo, one torch thread per rank) with
+   random OPTs of their own sizes (none of the three shards'), run again just before each shard so that
+   both see the same load from other work:
    * `peak_tflops` (with `utilization=1`): the FLOP rate of the plain model's forward at 4 x 128 tokens,
      both ranks working at once as in a job;
-   * `bandwidth_gbs`: an all-gather of 32 MB between the two ranks;
-   * `layer_call_ms`, the one fitted constant: a one-token forward under ZeRO-3 minus its gathered
-     bytes over `bandwidth_gbs` and its FLOPs, divided by (layers + 1);
-   * `startup_s` and `load_gbs`: the job's fixed start and end (torchrun, imports, rendezvous, the
-     config, exit) plus the intercept of the model's load, and the load's bytes per second (a line
-     through the load times of two model sizes under ZeRO-3);
+   * `bandwidth_gbs`, `pass_call_ms` and `layer_call_ms`, the fitted constants: a one-token forward
+     under ZeRO-3 (less its FLOPs) of three models (3 layers at two widths, 9 layers), fitted (least
+     squares, non-negative) as per pass + (layers + 1) x per block + bytes received / bandwidth; an
+     all-gather of 32 MB is recorded beside it (`allgather_gbs`);
+   * `load_gbs`: a line through the (warm) load times of those models under ZeRO-3;
+   * `startup_s`: the micro-run's own start as a job makes it (launch, interpreter, imports, the
+     config, the ranks' rendezvous, the first model's load, less its bytes at `load_gbs`) and its exit;
    * `tokenize_ktok_s`: rendering train docs and tokenising them, as a shard does.
 2. The planner predicts each of three shards from those numbers and its formula (icl_scale/plan.py:
    the scorer's pass schedule, FLOPs, gathered bytes, fixed costs); nothing is tuned to the shards.
@@ -46,8 +48,8 @@ def opt(layers: int, hidden: int, heads: int) -> list[str]:
             f"+model.config.word_embed_proj_dim={hidden}"]
 
 
-MICRO = opt(3, 192, 6)  # the micro-run's model (layer_call_ms is fitted on it)
-LOAD_PROBE = opt(3, 768, 12)  # a second size for the load line
+MICRO = opt(3, 192, 6)  # the micro-run's model
+PROBES = [opt(3, 768, 12), opt(9, 192, 6)]  # wider, deeper: the fits separate bytes, blocks and passes
 SHARDS = [  # (name, model, task, shot, overrides): different sizes, tasks, shots, answer kinds, list sizes
     ("copa-1shot-L4-h256", opt(4, 256, 8), "copa", 1,
      ["eval.limit=20", "importance.n_examples=12", "knockout.split=heldout", "knockout.limit=8"]),
@@ -73,16 +75,24 @@ t0 = float(sys.argv[1])
 import torch, torch.distributed as td
 from icl_scale import plan as P
 from icl_scale.config import compose
-from icl_scale.distributed import init_process_group
 from icl_scale.models.loading import load_model
+from icl_scale.runs import start_ranks
 from icl_scale.shard import run_shard  # noqa: F401  (what the job imports)
 from icl_scale.tasks import build_requests
+micro, probes, data = json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+
+
+def spec(overrides, zero=True):
+    return compose("config", overrides + [f"model.deepspeed.enabled={str(zero).lower()}", "task=copa",
+                                          f"data.dir={data}"])["model"]
+
+
+# a job's start, as the job makes it: launch, interpreter, imports, the config, the ranks, the first model
+start_ranks()
 torch.set_num_threads(1)
-de = init_process_group("gloo")
-micro, probe, data = json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-cfg = compose("config", micro + ["model.deepspeed.enabled=true", "task=copa", f"data.dir={data}"])
+lm = load_model(spec(micro))
 td.barrier()
-started = time.time() - t0  # launch, interpreter, imports, rendezvous, the config
+started = time.time() - t0
 
 
 def timed(fn, n):
@@ -95,48 +105,57 @@ def timed(fn, n):
 
 
 def load(overrides):
-    spec = compose("config", overrides + ["model.deepspeed.enabled=true"])["model"]
+    s = spec(overrides)
     td.barrier()
     t = time.perf_counter()
-    lm = load_model(spec)
-    return lm, time.perf_counter() - t, P.n_params(P.Arch.from_spec(spec)) * 4
+    model = load_model(s)
+    return model, time.perf_counter() - t, P.n_params(P.Arch.from_spec(s)) * 4
+
+
+def one_token_pass(model):
+    one = torch.tensor([[100]])
+    with torch.inference_mode():
+        return timed(lambda: model.model.base_model(input_ids=one), 10)
 
 
 # the FLOP rate of the plain model, both ranks at once
-plain_spec = {**cfg["model"], "deepspeed": {**cfg["model"]["deepspeed"], "enabled": False}}
-plain = load_model(plain_spec)
-arch = P.Arch.from_spec(cfg["model"])
+plain = load_model(spec(micro, zero=False))
+arch = P.Arch.from_spec(spec(micro))
 ids = torch.randint(100, 1000, (4, 128))
 with torch.inference_mode():
     dt = timed(lambda: plain.model.model(input_ids=ids), 3)
 tflops = 4 * P.forward_flops(arch, 128, 0) / dt / 1e12
 del plain
-# the all-gather bandwidth: each rank receives the other's 16 MB
+# an all-gather of 32 MB (each rank receives the other's 16 MB), for the record
 x, out = torch.ones(2**22), torch.empty(2**23)
-gather = timed(lambda: td.all_gather_into_tensor(out, x), 5)
-bandwidth = x.numel() * 4 / gather / 1e9
-# loads of two sizes under ZeRO-3 (random weights: built, then partitioned)
-probe_lm, probe_s, probe_bytes = load(probe)
-del probe_lm
-lm, load_s, model_bytes = load(micro)
-# a one-token forward under ZeRO-3: the fixed cost per pass, less its bytes and FLOPs
-one = torch.tensor([[100]])
-with torch.inference_mode():
-    pass_s = timed(lambda: lm.model.base_model(input_ids=one), 20)
-fixed = pass_s - model_bytes / 2 / (bandwidth * 1e9) - P.forward_flops(arch, 1, 0) / (tflops * 1e12)
+allgather = x.numel() * 4 / timed(lambda: td.all_gather_into_tensor(out, x), 5) / 1e9
+# warm loads under ZeRO-3 (random weights: built, then partitioned) and a one-token pass of each model
+loads, passes = [], []
+for overrides in [*probes, micro]:
+    model, seconds, nbytes = load(overrides)
+    n_layers = P.Arch.from_spec(spec(overrides)).layers
+    loads.append([nbytes, seconds])
+    passes.append([nbytes, n_layers, one_token_pass(model) - P.forward_flops(arch, 1, 0) / (tflops * 1e12)])
+    del model
 # rendering and tokenising train docs, as a shard does
 t = time.perf_counter()
 reqs = build_requests("piqa", split="train", shot=1, data_dir=data)
 strings = sorted({s for r in reqs for s in (*r.contexts, *r.continuations)})
 n_tok = sum(len(i) for i in lm.tokenizer(strings, add_special_tokens=False)["input_ids"])
 tokenize = n_tok / (time.perf_counter() - t) / 1e3
-if de.rank == 0:
+if td.get_rank() == 0:
     print("MEASURED " + json.dumps({
-        "peak_tflops": tflops, "bandwidth_gbs": bandwidth, "layer_call_ms": fixed / (arch.layers + 1) * 1e3,
-        "started_s": started, "loads": [[probe_bytes, probe_s], [model_bytes, load_s]],
-        "tokenize_ktok_s": tokenize, "one_token_pass_ms": pass_s * 1e3}), flush=True)
+        "peak_tflops": tflops, "allgather_gbs": allgather, "started_s": started, "tokenize_ktok_s": tokenize,
+        "loads": loads, "one_token_passes": passes}), flush=True)
 print("ENDED " + str(time.time()), flush=True)
 """
+
+
+def fit(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0 (scipy's nnls)."""
+    from scipy.optimize import nnls
+
+    return list(nnls([list(map(float, r)) for r in rows], [float(y) for y in ys])[0])
 
 
 def measure(data: str) -> dict:
@@ -145,7 +164,7 @@ def measure(data: str) -> dict:
         script = Path(tmp) / "measure.py"
         script.write_text(MEASURE)
         t0 = time.time()
-        p = subprocess.run(torchrun(str(script), str(t0), json.dumps(MICRO), json.dumps(LOAD_PROBE), data), env=ENV,
+        p = subprocess.run(torchrun(str(script), str(t0), json.dumps(MICRO), json.dumps(PROBES), data), env=ENV,
                            capture_output=True, text=True, timeout=1200)
         ended = time.time()
     lines = [x for x in p.stdout.splitlines() if x.startswith("MEASURED ")]
@@ -153,17 +172,21 @@ def measure(data: str) -> dict:
     if p.returncode or not lines or not ends:
         raise SystemExit(f"measuring failed:\n{(p.stdout + p.stderr)[-3000:]}")
     m = json.loads(lines[0].removeprefix("MEASURED "))
-    (b1, s1), (b2, s2) = m.pop("loads")
-    per_byte = max((s1 - s2) / (b1 - b2), 1e-12)  # the load line through the two sizes
-    intercept = max(s2 - per_byte * b2, 0.0)
+    _, per_byte = fit([[1, b] for b, _ in m["loads"]], [t for _, t in m["loads"]])  # load = a + bytes x per_byte
+    m["load_gbs"] = 1 / max(per_byte, 1e-12) / 1e9
+    # a one-token pass (less its FLOPs) = per pass + (layers + 1) x per block + bytes received (half) / bandwidth
+    c_pass, c_block, per_byte_pass = fit([[1, layers + 1, b / 2] for b, layers, _ in m["one_token_passes"]],
+                                         [t for *_, t in m["one_token_passes"]])
+    m["bandwidth_gbs"] = 1 / max(per_byte_pass, 1e-12) / 1e9
+    m["pass_call_ms"], m["layer_call_ms"] = max(c_pass, 1e-6) * 1e3, max(c_block, 1e-6) * 1e3
     m["exit_s"] = ended - max(ends)
-    m["load_intercept_s"] = intercept
-    m["load_gbs"] = 1 / per_byte / 1e9
-    m["startup_s"] = m["started_s"] + intercept + m["exit_s"]
-    return {k: round(v, 6) for k, v in m.items()}
+    micro_bytes = m["loads"][-1][0]
+    m["startup_s"] = m["started_s"] - micro_bytes * per_byte + m["exit_s"]
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
 
 
-PLAN_KEYS = ("peak_tflops", "bandwidth_gbs", "layer_call_ms", "startup_s", "load_gbs", "tokenize_ktok_s")
+PLAN_KEYS = ("peak_tflops", "bandwidth_gbs", "pass_call_ms", "layer_call_ms", "startup_s", "load_gbs",
+             "tokenize_ktok_s")
 
 
 def predict(model: list[str], task: str, shot: int, extra: list[str], machine: dict, data: str):
@@ -204,12 +227,10 @@ def row(name, model, task, shot, extra, machine, data, root) -> dict:
 
 
 def markdown(res: dict) -> str:
-    m = res["machine"]
     lines = [f"# Planner calibration ({res['date']})", "",
-             "`python bench/plan_calibration.py`: primitives from a micro-run, then three shard jobs on 2 CPU ranks "
-             "under ZeRO-3 predicted by the planner and timed (launch to exit). Load average at start "
-             f"{res['loadavg_start']}, at end {res.get('loadavg_end')}.", "",
-             "Primitives: " + ", ".join(f"{k}={m[k]:.4g}" for k in (*PLAN_KEYS, "one_token_pass_ms")), "",
+             "`python bench/plan_calibration.py`: before each of three shard jobs on 2 CPU ranks under ZeRO-3, "
+             "the machine's primitives from a micro-run; the planner's prediction from them; the job timed "
+             f"(launch to exit). Load average at start {res['loadavg_start']}, at end {res.get('loadavg_end')}.", "",
              "| shard | predicted s | measured s | ratio | start / compute / comm / calls s | forwards | gathers "
              "planned / counted |", "|---|---|---|---|---|---|---|"]
     for r in res["shards"]:
@@ -217,7 +238,11 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['shard']} | {r['predicted_s']} | {r['measured_s']} | {r['ratio']} | {p['start']} / "
                      f"{p['compute']} / {p['comm']} / {p['calls']} | {r['planned_forwards']} | "
                      f"{r['planned_gathers']} / {r['measured_gathers']} |")
-    lines += ["", f"Within {TOLERANCE:.0%}: {res.get('within_tolerance')} (complete: {res.get('complete')})", ""]
+    lines += ["", f"Within {TOLERANCE:.0%}: {res.get('within_tolerance')} (complete: {res.get('complete')})", "",
+              "Primitives measured before each shard:", ""]
+    lines += [f"* {r['shard']}: " + ", ".join(f"{k}={r['machine'][k]:.4g}" for k in (*PLAN_KEYS, "allgather_gbs"))
+              for r in res["shards"]]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -231,11 +256,13 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {"date": now(), "loadavg_start": loadavg(), "host": machine_info(), "ranks": 2, "data": "tests/data/fixtures"
            if Path(a.data).resolve() == (REPO / "tests" / "data" / "fixtures").resolve() else "--data",
-           "tolerance": TOLERANCE, "machine": measure(a.data), "shards": []}
-    print("primitives:", json.dumps(res["machine"]), flush=True)
+           "tolerance": TOLERANCE, "shards": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, task, shot, extra in SHARDS:
-            res["shards"].append(row(name, model, task, shot, extra, res["machine"], a.data, Path(tmp) / name))
+            machine = measure(a.data)  # just before the shard: both see the same load from other work
+            print("primitives:", json.dumps(machine), flush=True)
+            res["shards"].append({**row(name, model, task, shot, extra, machine, a.data, Path(tmp) / name),
+                                  "machine": machine})
             res["within_tolerance"] = all(abs(r["ratio"] - 1) <= TOLERANCE for r in res["shards"])
             res["complete"] = len(res["shards"]) == len(SHARDS)
             res["loadavg_end"] = loadavg()

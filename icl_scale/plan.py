@@ -84,7 +84,7 @@ class ShardTime:
     start_s: float  # job start and end, the model's load, rendering and every tokenisation
     compute_s: float  # FLOPs at utilization x peak
     comm_s: float  # gathered bytes over the interconnect (and PCIe with offload=cpu)
-    calls_s: float  # fixed cost per block per forward and backward pass (Python, hooks, gather latency)
+    calls_s: float  # fixed cost per forward and backward pass and per block in it (Python, hooks, gather latency)
     schedule: Schedule
     gathered_bytes: float
 
@@ -127,7 +127,8 @@ def shard_time(cfg: dict, c: TaskCounts, gpus: int, lists: ShardLists | None = N
     comm = gathered / (interconnect_bandwidth(p) * 1e9)
     if offload == "cpu":
         comm += whole / gpus / (PCIE_GBS * 1e9)
-    overhead = (calls.forwards + calls.backward) * (a.layers + 1) * float(p["layer_call_ms"]) / 1e3
+    per_pass = float(p["pass_call_ms"]) + (a.layers + 1) * float(p["layer_call_ms"])
+    overhead = (calls.forwards + calls.backward) * per_pass / 1e3
     return ShardTime(start_seconds(cfg, c, a, nb, sched), compute, comm, overhead, sched, gathered)
 
 
@@ -230,8 +231,9 @@ def render(pl: Plan, cfg: dict) -> str:
         ("largest batches", f"eval.batch_size={pl.max_eval_batch}, importance.batch_size={pl.max_importance_batch}"),
         ("speed", f"{p['utilization']:.0%} of {p['peak_tflops']} TFLOP/s per GPU; all-gathers over {p['interconnect']} "
                   f"at {bw:g} GB/s" + ("" if p.get("bandwidth_gbs") else f" ({INTERCONNECTS[p['interconnect']][1]})")),
-        ("fixed costs", f"{p['layer_call_ms']:g} ms per block per pass, {p['startup_s']:g} s to start a job, weights "
-                        f"read at {p['load_gbs']:g} GB/s, {p['tokenize_ktok_s']:g}k tokens/s tokenised"),
+        ("fixed costs", f"{p['pass_call_ms']:g} ms per pass + {p['layer_call_ms']:g} ms per block, "
+                        f"{p['startup_s']:g} s to start a job, weights read at {p['load_gbs']:g} GB/s, "
+                        f"{p['tokenize_ktok_s']:g}k tokens/s tokenised"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
@@ -260,7 +262,8 @@ def render_shards(shards: list[ShardPlan], cfg: dict) -> str:
 
 
 PLAN_KEYS = ("gpus", "gpu_mem_gb", "offload", "peak_tflops", "utilization", "scored_tokens", "interconnect",
-             "bandwidth_gbs", "layer_call_ms", "startup_s", "load_gbs", "tokenize_ktok_s", "token_sample", "out")
+             "bandwidth_gbs", "layer_call_ms", "pass_call_ms", "startup_s", "load_gbs", "tokenize_ktok_s",
+             "token_sample", "out")
 
 
 def compose(overrides: list[str]) -> dict:

@@ -195,8 +195,8 @@ def machine(cfg: dict) -> tuple[Arch, int, int, str]:
     offload = p.get("offload") or "none"
     if offload not in ("none", "cpu"):
         raise PlanError(f"offload={offload!r}: use offload=none or offload=cpu")
-    for key in ("gpus", "gpu_mem_gb", "peak_tflops", "utilization", "token_sample", "layer_call_ms", "startup_s",
-                "load_gbs", "tokenize_ktok_s"):
+    for key in ("gpus", "gpu_mem_gb", "peak_tflops", "utilization", "token_sample", "layer_call_ms", "pass_call_ms",
+                "startup_s", "load_gbs", "tokenize_ktok_s"):
         v = p.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (key == "utilization" and v > 1):
             rng = "a number in (0, 1]" if key == "utilization" else "a number > 0"

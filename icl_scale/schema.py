@@ -277,6 +277,9 @@ class PlanConfig(Config):
     layer_call_ms: Any = setting(1.0, float, "fixed cost of one decoder block in one forward or backward pass (ms): "
                                  "Python, hooks, ZeRO-3's per-module gather latency; an assumption for GPUs, "
                                  "bench/plan_calibration.py measures it on a machine")
+    pass_call_ms: Any = setting(1.0, float, "fixed cost of one forward or backward pass whatever the model's depth "
+                                "(ms): the scorer's and DeepSpeed's per-call work; an assumption for GPUs, "
+                                "bench/plan_calibration.py measures it on a machine")
     startup_s: Any = setting(60.0, float, "a shard job's fixed start and end (s): interpreter, imports, rendezvous, "
                              "DeepSpeed's set-up, exit")
     load_gbs: Any = setting(2.0, float, "GB/s at which a job reads (or builds) the model's weights")

@@ -215,7 +215,8 @@ def check_plan(cfg: dict) -> None:
 
     plan = cfg["plan"]
     integer(plan, "gpus", lo=1)
-    for key in ("gpu_mem_gb", "peak_tflops", "layer_call_ms", "startup_s", "load_gbs", "tokenize_ktok_s"):
+    for key in ("gpu_mem_gb", "peak_tflops", "layer_call_ms", "pass_call_ms", "startup_s", "load_gbs",
+                "tokenize_ktok_s"):
         _positive(plan, key)
     _positive(plan, "utilization", hi=1)
     integer(plan, "scored_tokens", lo=1)

@@ -1043,6 +1043,7 @@ PLAN: list[tuple[str, str]] = [
      "pruning.levels=[0,50]"),
     ("sweep.seeds=[0,0]", "sweep.seeds=[0, 0] lists [0] more than once; list each seed once, e.g. sweep.seeds=[0]"),
     ("layer_call_ms=-1", "layer_call_ms=-1 must be a number > 0, e.g. layer_call_ms=1"),
+    ("pass_call_ms=[1]", "pass_call_ms=[1] must be a number > 0, e.g. pass_call_ms=1"),
     ("startup_s=soon", "startup_s='soon' must be a number > 0, e.g. startup_s=1"),
     ("load_gbs=0", "load_gbs=0 must be a number > 0, e.g. load_gbs=1"),
     ("tokenize_ktok_s=0", "tokenize_ktok_s=0 must be a number > 0, e.g. tokenize_ktok_s=1"),

@@ -45,6 +45,16 @@ from icl_scale.models.loading import load_model
 from icl_scale.models.zero import gathered
 
 path, dtype = Path(sys.argv[1]), sys.argv[2]
+import deepspeed.comm as dscomm  # count what zero.Init broadcasts while the model is built (nothing, now)
+real, sent = dscomm.broadcast, []
+
+
+def counted(tensor, *a, **k):
+    sent.append(tensor.numel() * tensor.element_size())
+    return real(tensor, *a, **k)
+
+
+dscomm.broadcast = counted
 lm = load_model({"name": "sharded", "source": "local", "path": str(path), "dtype": dtype, "doc_start": "none",
                  "deepspeed": {"enabled": True, "offload_param": "none"}})
 index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
@@ -59,6 +69,8 @@ for name, p in lm.model.named_parameters():
         out["checked"] += 1
         if not torch.equal(p.data, want):
             out["differ"].append(name)
+out["broadcast_bytes"] = sum(sent)
+out["model_bytes"] = sum(p.ds_numel * p.ds_tensor.element_size() for p in lm.model.parameters())
 out["tied"] = lm.model.lm_head.weight is lm.model.model.decoder.embed_tokens.weight
 out["dtypes"] = sorted(out["dtypes"])
 (Path(sys.argv[3]) / f"rank{out['rank']}.json").write_text(json.dumps(out))
@@ -78,6 +90,9 @@ def test_each_rank_holds_its_partition_of_the_checkpoint(checkpoint, tmp_path, d
     for r in res:
         assert r["checked"] == n_tensors and r["differ"] == [], r
         assert r["dtypes"] == [f"torch.{dtype}"] and r["tied"]
+        # no parameter is broadcast from rank 0 while the model is built (the checkpoint fills every
+        # partition; a broadcast's receive copy was rank 1's load transient)
+        assert r["broadcast_bytes"] < 0.01 * r["model_bytes"], r["broadcast_bytes"]
         # a rank keeps half of every parameter (rounded up), never the whole model
         assert r["numel"] / 2 <= r["partition_numel"] < r["numel"] / 2 + 100
 

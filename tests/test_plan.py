@@ -91,7 +91,7 @@ def test_passes_gathers_flops_and_seconds_by_hand():
     cfg = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "eval.batch_size=4", "importance.batch_size=3",
                    "importance.n_examples=5", "knockout.split=heldout", "knockout.limit=4", "pruning.levels=[0,50]",
                    "pruning.combined_levels=[0,50]", gpus=2, peak_tflops=100, utilization=0.5, interconnect="pcie",
-                   layer_call_ms=2.0, startup_s=30.0, load_gbs=1.0, tokenize_ktok_s=10.0)
+                   layer_call_ms=2.0, pass_call_ms=0.5, startup_s=30.0, load_gbs=1.0, tokenize_ktok_s=10.0)
     a = P.Arch.from_spec(cfg["model"])
     assert P.doc_counts(cfg, COUNTS) == (10, 5, 4)
     t = P.shard_time(cfg, COUNTS, 2)  # no data: the table's documents, every one 192 + 8 tokens
@@ -111,7 +111,7 @@ def test_passes_gathers_flops_and_seconds_by_hand():
     model, unembed = P.n_params(a) * 4, 49152 * 64 * 4  # tied: the base pass gathers the embedding too
     assert t.gathered_bytes == pytest.approx(((23 + 1) * model + (12 + 1) * unembed) / 2)  # the other rank's half
     assert t.comm_s == pytest.approx(t.gathered_bytes / 32e9)  # PCIe 4.0 x16
-    assert t.calls_s == pytest.approx((23 + 1) * 3 * 2e-3)  # forwards + backward, 2 blocks + the rest
+    assert t.calls_s == pytest.approx((23 + 1) * (0.5e-3 + 3 * 2e-3))  # forwards + backward: a pass, 2 blocks + 1
     tokens = (1 + 4) * 10 * 200 + (1 + 3) * 4 * 200 + 2 * 5 * 150
     assert t.start_s == pytest.approx(30 + model / 1e9 + tokens / 10e3)
     assert t.total_s == pytest.approx(t.start_s + t.compute_s + t.comm_s + t.calls_s)
