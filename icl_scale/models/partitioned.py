@@ -179,6 +179,11 @@ def build_partitioned(path: Path, dtype: torch.dtype, attn: str, ds_config: dict
     # own `dtype=` argument is overridden by the accelerator's half type on CPUs (deepspeed 0.19).
     with zero3_construction(ds_config), no_init_weights(), unbroadcast_init(ds_config):
         model = model_class(config)
+    # zero.Init's broadcasts kept the ranks together while they built the model; without them the ranks
+    # meet here, before any other collective (DeepSpeed's CPU shared-memory ops abort on a late rank)
+    import deepspeed.comm
+
+    deepspeed.comm.barrier()
     bad = {str(p.ds_tensor.dtype) for p in model.parameters()} - {str(dtype)}
     if bad:
         raise PartitionError(f"{label}: zero.Init built {sorted(bad)} partitions instead of {dtype}; check the "
