@@ -155,7 +155,8 @@ def report_md(name: str, data: dict, problems: list[dict], why: list[str]) -> st
     lines += ["## Prunable fraction against size", "", "![prunable](scale_prunable.png)", "",
               f"The largest fraction pruned (least important first) with accuracy within {100 * data['tolerance']:g} "
               "point of unpruned at every level up to it; in brackets, from the fraction at which a larger drop is "
-              "ruled out to the one at which it is established (95% paired intervals over docs, pointwise).", "",
+              "ruled out to the one at which it is established (95% paired intervals over docs, pointwise). The "
+              "highest pruning level tried caps all three.", "",
               "| task | shot | model | parameters | heads | FFNs | docs |", "|---|---|---|---|---|---|---|"]
     by = {(r["task"], r["shot"], r["model"], r["kind"]): r for r in data["prunable"]}
     for r in (r for r in data["prunable"] if r["kind"] == "heads"):
@@ -184,7 +185,7 @@ def reduce_scale(root: Path | str, name: str, models: list[dict], expected: list
     cols = {m["name"]: collect(root, m["name"], expected) for m in models}
     params = {m["name"]: model_parameters(cols[m["name"]], m) for m in models}
     data = scale_data(cols, params)
-    problems = [{**p, "shard": f"{n}/{p['shard']}"} for n, col in cols.items() for p in col.problems]
+    problems = [p for col in cols.values() for p in col.problems]  # shard names begin with the model's
     why = not_drawn(data)
     figures = {}
     if len(sized(data)) >= 2:

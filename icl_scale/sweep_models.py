@@ -62,15 +62,20 @@ def model_section(entry, i: int, common: dict) -> dict:
 
     name, own = _entry(entry, i)
     try:
-        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"),
-                               common or {}, own)
-        return to_dict(OmegaConf.create({"model": node}))["model"]
+        preset = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+        # A `???` of the preset does not survive the merge over the schema's default: look at the preset.
+        missing = [k for k in preset if OmegaConf.is_missing(preset, k) and k not in own and k not in (common or {})]
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, common or {}, own)
+        model = to_dict(OmegaConf.create({"model": node}))["model"]
     except ConfigKeyError as e:
         raise ConfigError(f"sweep.models[{i}] ({name}): {getattr(e, 'key', None) or e!s} is not a model setting; "
                           "`python jobs/score.py --help` lists them (model.*)") from None
     except (MissingMandatoryValue, InterpolationToMissingValueError):
-        raise ConfigError(f"sweep.models[{i}]: preset {name} needs an id, e.g. {{preset: {name}, id: org/name}} "
-                          "(a hub id or a local folder)") from None
+        missing = ["id"]
+    if missing:
+        raise ConfigError(f"sweep.models[{i}]: preset {name} needs {missing[0]}, e.g. {{preset: {name}, {missing[0]}: "
+                          + ("org/name} (a hub id or a local folder)" if missing[0] == "id" else "...}"))
+    return model
 
 
 def model_sections(cfg: dict) -> list[dict]:
