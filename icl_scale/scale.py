@@ -36,9 +36,12 @@ SLACK = 1e-12  # 0.6 - 0.01 is not below 0.59
 
 
 def planned_parameters(model: dict) -> int | None:
-    """The planner's parameter count of a model section (None without architecture numbers)."""
+    """The planner's parameter count of a model section (None without architecture numbers, or for a
+    random model whose `config` overrides make its preset's arch block stale: its shards count it)."""
     from .plan import Arch, PlanError, n_params
 
+    if model.get("source") == "random" and model.get("config"):
+        return None
     try:
         return n_params(Arch.from_spec(model))
     except (PlanError, TypeError, ValueError, OSError):

@@ -141,10 +141,12 @@ def plan_gpus(cfg: dict) -> dict:
     """`launcher.gpus_per_node=auto`: the fewest GPUs the planner fits one shard of the model on, and
     ZeRO-3 (model.deepspeed.enabled) when that is more than one; any other value is left as it is."""
     from .plan import PlanError
+    from .schema import check_section
 
     la = cfg["launcher"]
     if la["gpus_per_node"] != "auto":
         return cfg
+    check_section(cfg, "launcher.", skip=("launcher.name",))
     name = cfg["model"]["name"]
     if la["gpu_mem_gb"] is None:
         raise ConfigError("launcher.gpus_per_node=auto needs launcher.gpu_mem_gb, the memory of one GPU of the "
