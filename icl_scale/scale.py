@@ -159,7 +159,8 @@ def report_md(name: str, data: dict, problems: list[dict], why: list[str]) -> st
               f"The largest fraction pruned (least important first) with accuracy within {100 * data['tolerance']:g} "
               "point of unpruned at every level up to it; in brackets, from the fraction at which a larger drop is "
               "ruled out to the one at which it is established (95% paired intervals over docs, pointwise). The "
-              "highest pruning level tried caps all three.", "",
+              f"highest pruning level tried caps all three; under {1 / data['tolerance']:.0f} docs one doc is worth "
+              "more than the tolerance.", "",
               "| task | shot | model | parameters | heads | FFNs | docs |", "|---|---|---|---|---|---|---|"]
     by = {(r["task"], r["shot"], r["model"], r["kind"]): r for r in data["prunable"]}
     for r in (r for r in data["prunable"] if r["kind"] == "heads"):

@@ -206,3 +206,18 @@ def test_one_model_of_known_size_draws_nothing_and_says_why(two_models):
     res = scale.reduce_scale(two_models, "s", [{"name": "big"}], None, two_models / "one")
     assert res["figures"] == {} and "two or more models of known size (1 here)" in res["not_drawn"][0]
     assert "not drawn: the cross-model figures need" in (two_models / "one" / "report.md").read_text()
+
+
+def test_reduce_by_hand_redraws_every_model_then_the_cross_model_figures(two_models):
+    """`python jobs/reduce.py` with sweep.models: each model's own summary, then the cross-model one."""
+    from icl_scale.reduce import reduce_sweep
+
+    cfg = compose(f"store.root={two_models}", "sweep.name=s", "wandb.mode=disabled",
+                  "sweep.models=[{preset: tiny-opt, name: small},{preset: tiny-llama, name: big}]")
+    *per_model, across = reduce_sweep(cfg, [("copa", 1, 0)])
+    assert [r["model"] for r in per_model] == ["small", "big"] and all(r["n_complete"] == 1 for r in per_model)
+    assert (two_models / "small" / "summary" / "report.md").exists()
+    assert across["summary_dir"] == str(two_models / "_sweeps" / "s" / "summary") and len(across["figures"]) == 2
+    # Without sweep.models: the one model's reduction, as before.
+    only = reduce_sweep(compose(f"store.root={two_models}", "model=tiny-opt", "model.name=big", "wandb.mode=disabled"))
+    assert [r["model"] for r in only] == ["big"]
