@@ -17,7 +17,7 @@ from icl_scale.slurm_env import NodeType
 from icl_scale.store import Shard, write_json, write_jsonl, write_tensors
 from icl_scale.sweep_models import model_cfgs, model_sections, presets, sweep_dir
 
-from conftest import compose
+from conftest import compose, get_model
 from wandb_offline import find_offline_runs, read_offline_run
 
 OPT = [f"opt-{s}" for s in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")]
@@ -89,6 +89,22 @@ def test_memory_and_ranks_per_model_follow_the_planned_gpus():
     assert (small["gpus"], small["tasks"], small["cpus_per_task"]) == (1, 1, 64)
     assert (big["gpus"], big["tasks"], big["cpus_per_task"]) == (8, 8, 8)
     assert small["mem_gb"] < 10 < big["mem_gb"] < 8 * 40  # 66b: partitioned loading, about 1/8 per rank
+
+
+def test_an_hf_folder_entry_gets_its_geometry_and_size_from_config_json(tmp_path):
+    """{preset: hf, id: <folder>}: the planner reads config.json for the GPUs and the manifest's count,
+    which equals the loaded model's (what the shard's manifest records)."""
+    from icl_scale.models.loading import n_parameters
+    from icl_scale.sweep_models import manifest_entry
+
+    lm = get_model("tiny-qwen3")
+    lm.model.save_pretrained(tmp_path / "qwen3-small")
+    cfg = compose(f"sweep.models=[tiny-opt,{{preset: hf, id: {tmp_path / 'qwen3-small'}}}]",
+                  "launcher.gpus_per_node=auto", "launcher.gpu_mem_gb=1")
+    opt, qwen = model_cfgs(cfg)
+    assert qwen["model"]["name"] == "qwen3-small" and qwen["launcher"]["gpus_per_node"] == 1
+    assert manifest_entry(qwen, [], {})["parameters"] == n_parameters(lm.model)
+    assert manifest_entry(opt, [], {})["parameters"] == n_parameters(get_model("tiny-opt").model)
 
 
 def test_experiment_scale_sweeps_opt_125m_to_66b_from_the_hub():
