@@ -47,7 +47,8 @@ def main(c: dict) -> None:
           + ("" if not sub.models else f" of {len(sub.models)} models ({models})")
           + f", reducer [{sub.reduce_job.job_id}]; {len(sub.skipped)} already complete"
           + (f", {len(sub.running)} being computed by other jobs ({', '.join(sub.running)})" if sub.running else ""))
-    print(f"results: {root}/<model>/<task>/<shot>shot   figures: {summary}   "
+    where = "<model>" if c["sweep"]["models"] else c["model"]["name"]
+    print(f"results: {root}/{where}/<task>/<shot>shot   figures: {summary}   "
           f"W&B ({c['wandb']['mode']}): {Path(c['wandb']['dir']).resolve()}/wandb"
           + (f"   manifest: {sub.manifest}" if sub.manifest else ""))
     if sub.reduce_job.done():
