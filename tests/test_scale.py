@@ -116,6 +116,9 @@ def test_experiment_scale_sweeps_opt_125m_to_66b_from_the_hub():
     assert (cfgs[0]["launcher"]["gpus_per_node"], cfgs[-1]["launcher"]["gpus_per_node"]) == (1, 4)
     assert cfgs[-1]["model"]["deepspeed"]["enabled"] and not cfgs[0]["model"]["deepspeed"]["enabled"]
     assert sweep_dir(cfg).parts[-2:] == ("_sweeps", "scale-opt")
+    # One shard by hand (model=opt-13b) has the model settings the sweep gives that model.
+    by_hand = compose("experiment=scale", "model=opt-13b")["model"]
+    assert by_hand == next(c["model"] for c in cfgs if c["model"]["name"] == "opt-13b")
 
 
 # --- the cross-model reducer on a synthetic store ----------------------------------------------------------
