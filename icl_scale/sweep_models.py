@@ -46,7 +46,7 @@ def _entry(entry, i: int) -> tuple[str, dict]:
     else:
         raise ConfigError(f"{where}={entry!r} must be a model preset name (e.g. opt-1.3b) or a mapping with a "
                           "preset, e.g. {preset: hf, id: Qwen/Qwen2.5-0.5B}")
-    if not (CONF_DIR / "model" / f"{name}.yaml").is_file():
+    if name not in presets():
         raise ConfigError(f"{where}: unknown model preset {name!r}; the presets (conf/model/) are: "
                           f"{', '.join(presets())}")
     return name, own
