@@ -22,12 +22,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) jobs/demo.py $(ARGS)
 
+# A pytest-xdist worker per core; the Slurm tests share one worker (one cluster). ARGS="-n 0": serial.
+XDIST := -n auto --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
 # Everything but the real-model, torchrun, end-to-end and Slurm tests (5.5 min on 2 cores; README: test tiers).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not slurm and not mirror" $(ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not slurm and not mirror" $(ARGS)
 
 bench: $(STAMP)
 	# lm-eval 0.4.13 is the scoring benchmark's reference (bench only; torch stays pinned).

@@ -275,3 +275,65 @@ def rankings_compare(ds: list, path: Path) -> Path | None:
     fig.suptitle("Pruning heads by task importance vs induction score vs random", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --- the role of scale (icl_scale.scale): a sweep's models against their parameter count -------------
+
+def _by_size(ax, rows: list[dict], value: str, style: str, label: str) -> None:
+    """One series against parameter count (log x) with its interval as error bars (none where NaN)."""
+    rows = sorted((r for r in rows if r["parameters"] and not math.isnan(r[value])), key=lambda r: r["parameters"])
+    if not rows:
+        return
+    y = np.array([r[value] for r in rows])
+    lo = np.nan_to_num(y - np.array([r["ci_lo"] for r in rows], dtype=float), nan=0.0)
+    hi = np.nan_to_num(np.array([r["ci_hi"] for r in rows], dtype=float) - y, nan=0.0)
+    ax.errorbar([r["parameters"] for r in rows], y, yerr=[lo, hi], fmt=style, capsize=2, label=label)
+
+
+def _size_panels(rows: list[dict]):
+    cells = sorted({(r["task"], r["shot"]) for r in rows})
+    if not cells:
+        return None, []
+    fig, axes = panels(len(cells))
+    return fig, list(zip(axes, cells))
+
+
+def _size_axes(ax, title: str, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def scale_prunable(rows: list[dict], path: Path) -> Path | None:
+    """The fraction of heads and of FFNs prunable within the tolerance against parameter count, with
+    its paired interval: one panel per (task, shot)."""
+    fig, cells = _size_panels(rows)
+    if fig is None:
+        return None
+    for ax, (task, shot) in cells:
+        mine = [r for r in rows if (r["task"], r["shot"]) == (task, shot)]
+        for kind, style, label in (("heads", "o-", "heads"), ("ffn", "s--", "FFNs")):
+            _by_size(ax, [r for r in mine if r["kind"] == kind], "fraction", style, label)
+        ax.set_ylim(-0.03, 1.0)
+        _size_axes(ax, f"{task} {shot}-shot", "fraction prunable")
+    fig.suptitle("Prunable within the tolerance, against model size (95% paired intervals)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def scale_depth(rows: list[dict], path: Path) -> Path | None:
+    """Mean relative depth of the most important heads against parameter count: one panel per (task, shot)."""
+    fig, cells = _size_panels(rows)
+    if fig is None:
+        return None
+    for ax, (task, shot) in cells:
+        _by_size(ax, [r for r in rows if (r["task"], r["shot"]) == (task, shot)], "mean_depth", "o-", "top heads")
+        ax.axhline(0.5, color="0.5", ls="--", lw=0.8, label="spread evenly")
+        ax.set_ylim(0, 1)
+        _size_axes(ax, f"{task} {shot}-shot", "relative depth (l + 0.5) / L")
+    fig.suptitle("Where the important heads sit, against model size (95% t-intervals over heads)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""The reducer job: aggregate every shard of a model, draw the figures, log to W&B.
+"""The reducer job: aggregate every shard of a model, draw the figures, log to W&B; with several
+models (`sweep.models`) also the cross-model figures (icl_scale.scale).
 
 W&B layout: one run per shard (job_type `shard`, grouped by the sweep name) holding its curves as
 a table and its unpruned/pruned metrics, and one `reduce` run with the tables behind the figures
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from .live import shard_run_id, shard_run_name
 from .report import reduce_store
+from .scale import reduce_scale
+from .sweep_models import model_sections, sweep_dir, with_model
 from .tracking import start_run
 from .validation import ConfigError, check_no_secrets
 
@@ -95,3 +98,49 @@ def run_reduce(cfg: dict, expected: list[tuple] | None = None) -> dict:
     for w in res["warnings"]:
         log.warning("%s", w)
     return res
+
+
+def wandb_where(cfg: dict) -> dict:
+    wb = cfg["wandb"]
+    return dict(mode=wb["mode"], project=wb["project"], entity=wb["entity"], dir=wb["dir"])
+
+
+def run_reduce_scale(cfg: dict, models: list[dict], expected: list[tuple] | None = None) -> dict:
+    """The cross-model reduction of a sweep's models into <store.root>/_sweeps/<sweep.name>/summary/
+    (icl_scale.scale), and its W&B run (`reduce-scale-<sweep.name>`, in the sweep's group)."""
+    check_no_secrets(cfg)
+    root, name = cfg["store"]["root"], cfg["sweep"]["name"]
+    if not Path(root).is_dir():
+        raise ConfigError(f"store.root={root} does not exist: set store.root to the folder the shards were "
+                          "written to")
+    res = reduce_scale(root, name, models, expected, sweep_dir(cfg) / "summary")
+    runs = []
+    if cfg["wandb"]["mode"] != "disabled":
+        group = cfg["wandb"]["group"] or name
+        with start_run({k: cfg[k] for k in ("sweep", "pruning", "importance", "eval") if k in cfg} | {
+                        "models": [m["name"] for m in models]}, name=f"reduce-scale-{name}", group=group,
+                       job_type="reduce_scale", **wandb_where(cfg)) as run:
+            for table in ("models", "prunable", "depth"):
+                cols = list(dict.fromkeys(k for r in res[table] for k in r))
+                if cols:
+                    run.log_table(f"scale_{table}", cols, [[_cell(r.get(c)) for c in cols] for r in res[table]])
+            run.log_table("problems", ["shard", "status", "reason"],
+                          [[p["shard"], p["status"], p["reason"]] for p in res["problems"]])
+            for file, path in res["figures"].items():
+                run.log_image(file.removesuffix(".png"), path)
+            run.log_summary({"n_models": len(models), "n_complete": res["n_complete"],
+                             "n_problems": len(res["problems"])})
+            runs.append(run.name)
+    for p in res["problems"]:
+        log.warning("shard %s: %s (%s)", p["shard"], p["status"], p["reason"])
+    keep = ("n_complete", "problems", "warnings", "figures", "summary_dir", "not_drawn")
+    return {**{k: res[k] for k in keep}, "wandb_runs": runs}
+
+
+def reduce_sweep(cfg: dict, expected: list[tuple] | None = None) -> list[dict]:
+    """What `python jobs/reduce.py` does: the model's reduction, or with `sweep.models` every model's
+    and then the cross-model one (the last result)."""
+    if not cfg["sweep"]["models"]:
+        return [run_reduce(cfg, expected)]
+    models = model_sections(cfg)
+    return [*(run_reduce(with_model(cfg, m), expected) for m in models), run_reduce_scale(cfg, models, expected)]

@@ -128,6 +128,11 @@ class SweepConfig:
     induction: Any = setting(True, bool, "run the model's induction-score job")
     transfer: Any = setting(False, bool, "after the shards: transfer curves for every (task, shot, seed)")
     wait: Any = setting(None, bool, "null: local waits for the jobs, slurm returns after submitting")
+    models: Any = setting([], list, "a sweep over models: presets of conf/model/ (e.g. [opt-125m,opt-1.3b]) or "
+                          "{preset: hf, id: org/name, <model settings>}; each gets its shards, resources and "
+                          "summary, then the cross-model figures; []: the one model=")
+    model_settings: Any = setting(None, dict, "model settings for every entry of sweep.models, over its preset "
+                                  "(e.g. {dtype: float16}); model.* overrides do not reach sweep.models")
 
 
 @dataclass
@@ -216,7 +221,10 @@ class LauncherConfig:
     partition: Any = setting(None, str, "null = the cluster's default partition")
     timeout_min: Any = setting(120, int, "job time limit (minutes)", lo=1)
     array_parallelism: Any = setting(1, int, "shards at a time", lo=1)
-    gpus_per_node: Any = setting(0, int, "GPUs of one shard job", lo=0)
+    gpus_per_node: Any = setting(0, int, "GPUs of one shard job; auto = the fewest (1, 2, 4, ... max_gpus) the "
+                                 "planner fits the model on, ZeRO-3 across more than one", lo=0, options=("auto",))
+    gpu_mem_gb: Any = setting(None, float, "memory of one GPU of the nodes (GB), for gpus_per_node=auto", lo=1)
+    max_gpus: Any = setting(8, int, "the most GPUs gpus_per_node=auto gives a shard job (one node's)", lo=1)
     tasks_per_node: Any = setting(None, int, "ranks of a shard job; null = one per GPU, 1 without GPUs", lo=1)
     cpus_per_task: Any = setting(2, int, "CPUs per rank; auto = the node's CPUs / tasks per node (sinfo, at "
                                  "submission); null = not requested", lo=1, options=("auto",), none_ok=True)

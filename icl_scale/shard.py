@@ -31,7 +31,7 @@ from .importance import ImportanceState, gradient_importance
 from .knockout import KnockoutState, checkpoint_name, knockout_drops, knockout_mask, knockout_scores
 from .lease import LeaseHeld, shard_lease
 from .live import LiveRun
-from .models.loading import LoadedModel, load_model
+from .models.loading import LoadedModel, load_model, n_parameters
 from .models.zero import count_gathers
 from .runs import ResumableRun, start_ranks
 from .schema import hashed_settings
@@ -197,7 +197,8 @@ class ShardRun(CurvesStage, ResumableRun):
         self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg,
                                   resolved=sanitize_config(self.cfg), versions=library_versions(),
                                   started=t_start, data_sources=self.data_sources, truncated=self.truncated,
-                                  ranks=dp_world()[1])  # data-parallel ranks that split the work
+                                  ranks=dp_world()[1],  # data-parallel ranks that split the work
+                                  parameters=n_parameters(self.lm.model))
 
     # --- stages ---------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""The distributed batch job: one submitit array element per (task, shot, demonstration seed), the
-induction job, with `sweep.transfer=true` a transfer array after the shards (icl_scale.transfer),
-and a reducer that waits for all of them (afterany, so it can report failures).
+"""The distributed batch job: per model (`sweep.models`, icl_scale.sweep_models) one submitit array
+element per (task, shot, demonstration seed), the induction job, with `sweep.transfer=true` a transfer
+array after the shards (icl_scale.transfer), a reducer that waits for all of them (afterany, so it can
+report failures), and with several models a cross-model reducer after those.
 
 Launchers (conf/launcher/): `local` runs the jobs as local processes through submitit's
 LocalExecutor (the laptop default); `slurm` submits sbatch job arrays with a dependent reducer.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +22,17 @@ import submitit
 from .collect import read_induction
 from .config import setup_environment
 from .lease import describe, is_live, read_holder
+from .resources import SweepError, check_request, job_resources, slurm_resources, tasks_per_node
 from .store import Shard, check_writable, shard_seed
+from .sweep_models import manifest_entry, model_cfgs, write_manifest
 from .tracking import sanitize_config
+
+__all__ = ["SweepError", "check_request", "job_resources", "make_executor", "shard_cfgs", "submit", "tasks_per_node",
+           "transfer_cfgs"]
 
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "slurm")
-
-
-class SweepError(RuntimeError):
-    pass
 
 
 def shard_cfgs(cfg: dict) -> list[dict]:
@@ -65,10 +66,9 @@ def shard_label(c: dict) -> str:
 def shard_state(c: dict) -> str:
     """"done" (complete with the same settings and data, files readable), "clobber" (a complete shard
     made with other settings or data, not to be replaced without store.force), "running" (another
-    job holds its live lease, icl_scale.lease) or "todo". Settings
-    that do not fit the data (e.g. shot or knockout.limit too large) stop the sweep before it submits;
-    data rows that cannot be read are "todo": the shard job then fails with the reason, which the
-    reducer reports."""
+    job holds its live lease, icl_scale.lease) or "todo". Settings that do not fit the data (e.g. shot
+    or knockout.limit too large) stop the sweep before it submits; data rows that cannot be read are
+    "todo": the shard job then fails with the reason, which the reducer reports."""
     from .shard import ShardRun
     from .tasks import TaskDataError
 
@@ -133,6 +133,16 @@ class ReduceJob:
         return {k: res[k] for k in ("n_complete", "problems", "warnings", "figures", "wandb_runs")}
 
 
+class ScaleJob:
+    """The cross-model reducer (icl_scale.scale): each model's numbers against its size."""
+
+    def __call__(self, cfg: dict, models: list[dict], expected: list[tuple[str, int, int]]) -> dict:
+        _job_env()
+        from .reduce import run_reduce_scale
+
+        return run_reduce_scale(cfg, models, expected)
+
+
 def _job_env() -> None:
     setup_environment(log_level=logging.INFO)
     # W&B exports WANDB_SERVICE so that child processes reuse the parent's service; a job inherits
@@ -142,72 +152,6 @@ def _job_env() -> None:
 
 
 # --- executors -----------------------------------------------------------------------------------------
-
-def tasks_per_node(la: dict) -> int:
-    """Ranks of a shard job: `launcher.tasks_per_node`, by default one per GPU (1 without GPUs)."""
-    n = la["tasks_per_node"]
-    return int(n) if n else max(1, int(la["gpus_per_node"]))
-
-
-def job_resources(cfg: dict, nodes: list) -> dict:
-    """A shard job's request on one node: GPUs, tasks (ranks), CPUs per task and memory in GB.
-    `launcher.cpus_per_task=auto` is the node's CPUs / tasks per node, `launcher.mem_gb=auto` the plan's
-    host memory of the job's ranks (icl_scale.plan.host_bytes_per_rank); with several kinds of node
-    that have the GPUs, the smallest, so that any of them can run it. null: not requested."""
-    from .plan import PlanError, host_bytes_per_rank
-
-    la = cfg["launcher"]
-    gpus, tasks = int(la["gpus_per_node"]), tasks_per_node(la)
-    usable = [n for n in nodes if n.gpus >= gpus] or nodes
-    cpus, mem = la["cpus_per_task"], la["mem_gb"]
-    if cpus == "auto":
-        cpus = max(1, min(n.cpus for n in usable) // tasks) if usable else 1
-    if mem == "auto":
-        try:
-            mem = math.ceil(tasks * host_bytes_per_rank(cfg, tasks) / 2**30)
-        except PlanError as e:
-            raise SweepError(f"launcher.mem_gb=auto needs the plan's host memory: {e}; "
-                             "or set launcher.mem_gb") from None
-    return {"gpus": gpus, "tasks": tasks, "cpus_per_task": cpus, "mem_gb": mem}
-
-
-def check_request(res: dict, nodes: list, partition: str | None) -> None:
-    """Refuse, before anything is submitted, a request no node of the partition can satisfy (Slurm
-    would leave it pending forever): one line naming the setting and the largest node."""
-    where = f"partition {partition}" if partition else "the default partition"
-    if not nodes:
-        raise SweepError(f"launcher.partition={partition}: sinfo lists no nodes in {where}; set launcher.partition "
-                         "to one that `sinfo` shows")
-    cpus, mem = res["cpus_per_task"] or 1, res["mem_gb"] or 0
-    needs = [("launcher.gpus_per_node", res["gpus"], res["gpus"], lambda n: n.gpus, "GPUs"),
-             ("launcher.cpus_per_task", cpus, cpus * res["tasks"], lambda n: n.cpus, "CPUs"),
-             ("launcher.mem_gb", mem, mem * 1024, lambda n: n.mem_mb, "MB of memory")]
-    if any(n.gpus >= res["gpus"] and n.cpus >= cpus * res["tasks"] and n.mem_mb >= mem * 1024 for n in nodes):
-        return
-    for key, value, total, have, unit in needs:
-        largest = max(nodes, key=have)
-        if total > have(largest):
-            per = f" x {res['tasks']} tasks per node" if key == "launcher.cpus_per_task" else ""
-            raise SweepError(f"{key}={value}{per} needs {total} {unit} on one node but the largest node of {where} "
-                             f"has {have(largest)} ({largest.describe()}); lower {key} (cpus_per_task and mem_gb "
-                             "also take auto) or pick a partition with bigger nodes")
-    kinds = "; ".join(n.describe() for n in nodes)
-    raise SweepError(f"no node of {where} has {res['gpus']} GPUs, {cpus * res['tasks']} CPUs and {mem} GB together "
-                     f"(nodes: {kinds}); lower launcher.cpus_per_task or launcher.mem_gb")
-
-
-def slurm_resources(cfg: dict) -> dict:
-    """The shard job's request, derived and checked against the partition's nodes (`sinfo`)."""
-    from .slurm_env import partition_nodes
-
-    found = partition_nodes(cfg["launcher"]["partition"])
-    if isinstance(found, str):
-        raise SweepError(f"cannot check the job's request against the cluster ({found}); is Slurm up?")
-    partition, nodes = found
-    res = job_resources(cfg, nodes)
-    check_request(res, nodes, partition)
-    return res
-
 
 def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submitit.Executor:
     la = cfg["launcher"]
@@ -246,12 +190,7 @@ def make_executor(cfg: dict, job: str, dependency: str | None = None) -> submiti
     if la["partition"]:
         params["slurm_partition"] = la["partition"]
     extra = dict(la["additional"] or {})
-    if la["account"]:
-        extra["account"] = la["account"]
-    if la["qos"]:
-        extra["qos"] = la["qos"]
-    if dependency:
-        extra["dependency"] = dependency
+    extra.update({k: v for k, v in (("account", la["account"]), ("qos", la["qos"]), ("dependency", dependency)) if v})
     if extra:
         params["slurm_additional_parameters"] = extra
     ex.update_parameters(**params)
@@ -263,19 +202,54 @@ class Submitted:
     shard_jobs: list = field(default_factory=list)
     induction_job: object = None
     transfer_jobs: list = field(default_factory=list)
-    reduce_job: object = None
+    reduce_job: object = None  # several models: the cross-model reducer (ScaleJob)
     skipped: list[str] = field(default_factory=list)
     running: list[str] = field(default_factory=list)  # shards another job is computing (live lease): not submitted
+    models: dict = field(default_factory=dict)  # several models: {name: that model's Submitted}
+    manifest: str | None = None  # the sweep's manifest (icl_scale.sweep_models.write_manifest)
 
     def all_jobs(self) -> list:
-        return [j for j in (*self.shard_jobs, self.induction_job, *self.transfer_jobs, self.reduce_job)
+        per_model = [j for m in self.models.values() for j in (m.induction_job, m.reduce_job)]
+        return [j for j in (*self.shard_jobs, self.induction_job, *self.transfer_jobs, *per_model, self.reduce_job)
                 if j is not None]
 
 
+@dataclass
+class ModelSweep:
+    """One model's part of the sweep: its shard configs and their states, what is left to submit."""
+
+    cfg: dict
+    cfgs: list[dict]
+    states: list[str]
+    need_induction: bool
+
+    @classmethod
+    def of(cls, cfg: dict) -> ModelSweep:
+        cfgs = shard_cfgs(cfg)
+        return cls(cfg, cfgs, [shard_state(c) for c in cfgs], cfg["sweep"]["induction"] and not induction_done(cfg))
+
+    def labels(self, *states: str) -> list[str]:
+        return [shard_label(c) for c, st in zip(self.cfgs, self.states) if st in states]
+
+    @property
+    def todo(self) -> list[dict]:
+        return [c for c, st in zip(self.cfgs, self.states) if st == "todo"]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.todo or self.need_induction or self.cfg["sweep"].get("transfer"))
+
+    @property
+    def expected(self) -> list[tuple]:  # the reducer's list
+        return [(c["task"], c["shot"], c["seed"]) for c in self.cfgs]
+
+
 def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submitted:
-    """Submit the sweep. Complete shards (same config hash) are not resubmitted. With the local
-    launcher the array runs in waves of `launcher.array_parallelism` and the reducer after it;
-    with Slurm the reducer depends on the array and the induction job (afterany).
+    """Submit the sweep: every model of `sweep.models` (else the one `model`), each with its own
+    resources (icl_scale.sweep_models), and with several models a cross-model reducer after theirs.
+    Complete shards (same config hash) are not resubmitted. With the local launcher the array runs in
+    waves of `launcher.array_parallelism`, a model's reducer after it, model after model; with Slurm
+    each model's reducer depends on its array and induction job, the cross-model one on those (afterany).
 
     A credential-like setting (e.g. +wandb.api_key=...) is refused before anything is written or
     pickled for the jobs: W&B reads WANDB_API_KEY or `wandb login` on the node."""
@@ -288,26 +262,61 @@ def submit(cfg: dict, wait: bool | None = None, progress: bool = False) -> Submi
     if la.get("name") not in LAUNCHERS:
         raise ValueError(f"launcher={la.get('name')!r} is unknown; use launcher=local or launcher=slurm")
     check_writable(la["folder"], "launcher.folder")
-    cfgs = shard_cfgs(cfg)
-    states = [shard_state(c) for c in cfgs]
-    clobber = [shard_label(c) for c, st in zip(cfgs, states) if st == "clobber"]
+    parts = [ModelSweep.of(c) for c in model_cfgs(cfg)]
+    several = len(parts) > 1
+    clobber = [f"{p.cfg['model']['name']}/" * several + label for p in parts for label in p.labels("clobber")]
     if clobber:
         raise SweepError(f"store.root={cfg['store']['root']} has complete shards made with other settings or data "
                          f"({', '.join(clobber)}); add store.force=true to replace them, or use another store.root")
-    todo = [c for c, st in zip(cfgs, states) if st == "todo"]
-    for c in (c for c, st in zip(cfgs, states) if st == "running"):
-        holder = read_holder(Shard(cfg['store']['root'], cfg['model']['name'], c['task'], c['shot'], c['seed']).path)
-        log.warning("%s is being computed by %s: not submitted", shard_label(c), describe(holder or {}))
-    need_induction = bool(cfg["sweep"].get("induction", True)) and not induction_done(cfg)
-    out = Submitted(skipped=[shard_label(c) for c, st in zip(cfgs, states) if st in ("done", "clobber")],
-                    running=[shard_label(c) for c, st in zip(cfgs, states) if st == "running"])
-    expected = [(c["task"], c["shot"], c["seed"]) for c in cfgs]
-    if not todo and not need_induction and not cfg["sweep"].get("transfer"):
+    for p in parts:
+        for c in (c for c, st in zip(p.cfgs, p.states) if st == "running"):
+            holder = read_holder(Shard(cfg["store"]["root"], c["model"]["name"], c["task"], c["shot"], c["seed"]).path)
+            log.warning("%s is being computed by %s: not submitted", shard_label(c), describe(holder or {}))
+    if not several:
+        out = _submit_model(parts[0], wait, progress)
+        if out.all_jobs():
+            out.manifest = str(write_manifest(cfg, [_manifest_entry(parts[0], out)]))
         return out
-    if la["name"] == "local":
-        return _submit_local(cfg, todo, need_induction, expected, out, wait=True if wait is None else wait,
+    return _submit_models(cfg, parts, wait, progress)
+
+
+def _manifest_entry(p: ModelSweep, sub: Submitted) -> dict:
+    jobs = {"shards": [j.job_id for j in sub.shard_jobs], "transfer": [j.job_id for j in sub.transfer_jobs],
+            "induction": getattr(sub.induction_job, "job_id", None), "reduce": getattr(sub.reduce_job, "job_id", None)}
+    return manifest_entry(p.cfg, [shard_label(c) for c in p.cfgs], jobs)
+
+
+def _submit_model(p: ModelSweep, wait: bool | None, progress: bool) -> Submitted:
+    out = Submitted(skipped=p.labels("done", "clobber"), running=p.labels("running"))
+    if not p.pending:
+        return out
+    if p.cfg["launcher"]["name"] == "local":
+        return _submit_local(p.cfg, p.todo, p.need_induction, p.expected, out, wait=True if wait is None else wait,
                              progress=progress)
-    return _submit_slurm(cfg, todo, need_induction, expected, out, wait=bool(wait))
+    return _submit_slurm(p.cfg, p.todo, p.need_induction, p.expected, out, wait=bool(wait))
+
+
+def _submit_models(cfg: dict, parts: list[ModelSweep], wait: bool | None, progress: bool) -> Submitted:
+    """Each model's jobs, the sweep's manifest, then the cross-model reducer (ScaleJob) over all."""
+    named = [(p.cfg["model"]["name"], p) for p in parts]
+    out = Submitted(skipped=[f"{n}/{s}" for n, p in named for s in p.labels("done", "clobber")],
+                    running=[f"{n}/{s}" for n, p in named for s in p.labels("running")])
+    if not any(p.pending for p in parts):
+        return out
+    local = cfg["launcher"]["name"] == "local"
+    for name, p in named:
+        sub = out.models[name] = _submit_model(p, local, progress)  # locally: one model after another
+        out.shard_jobs += sub.shard_jobs
+        out.transfer_jobs += sub.transfer_jobs
+    out.manifest = str(write_manifest(cfg, [_manifest_entry(p, out.models[n]) for n, p in named]))
+    reducers = [s.reduce_job.job_id for s in out.models.values() if s.reduce_job is not None]
+    dep = "afterany:" + ":".join(reducers) if reducers and not local else None
+    out.reduce_job = make_executor(cfg, "reduce", dependency=dep).submit(
+        ScaleJob(), cfg, [p.cfg["model"] for p in parts], parts[0].expected)
+    if wait or (local and wait is None):
+        for j in out.all_jobs():
+            _wait_quietly(j)
+    return out
 
 
 def _submit_local(cfg, todo, need_induction, expected, out: Submitted, wait: bool, progress: bool) -> Submitted:

@@ -13,7 +13,11 @@ TINY = ["tiny-opt", "tiny-llama", "tiny-gpt2", "tiny-gpt-neox"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs a worker per core) each worker gets one thread.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+if _WORKERS > 1:  # and so do the jobs and ranks its tests start
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 FIXTURES = REPO / "tests" / "data" / "fixtures"  # small verbatim slices of every task (tests/data/make_fixtures.py)
@@ -74,6 +78,9 @@ def pytest_collection_modifyitems(config, items):
     unmarked = _unmarked_heavy(items)
     if unmarked:
         raise pytest.UsageError(f"mark these tests slow (real model, torchrun or Slurm): {unmarked}")
+    for item in items:  # one Slurm cluster: its tests run one at a time, on one xdist worker
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
     if not is_unset(os.environ.get("ICL_SCALE_DATA_DIR")):
         return
     deselected = [item for item in items if item.get_closest_marker("mirror")]

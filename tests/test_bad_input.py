@@ -995,6 +995,43 @@ error("launcher", "launcher.gpus_per_node=-1", "`launcher=slurm launcher.gpus_pe
 error("launcher", "launcher.tasks_per_node=0", "`launcher=slurm launcher.tasks_per_node=0`",
       lambda env: env.sweep("launcher=slurm", "launcher.tasks_per_node=0"), ConfigError,
       "launcher.tasks_per_node=0 must be >= 1")
+PRESETS_START = "hf, local, opt-1.3b, opt-125m, opt-13b, …"
+for _models, _why, _message in [
+    ("[opt-9b]", "(an unknown preset)",
+     f"sweep.models[0]: unknown model preset 'opt-9b'; the presets (conf/model/) are: {PRESETS_START}"),
+    ("[tiny-opt,{preset: hf}]", "(hf without an id)",
+     "sweep.models[1]: preset hf needs id, e.g. {preset: hf, id: org/name} (a hub id or a local folder)"),
+    ("[{preset: tiny-opt, layers: 2}]", "(not a model setting)",
+     "sweep.models[0] (tiny-opt): layers is not a model setting; `python jobs/score.py --help` lists them (model.*)"),
+    ("[{id: org/x}]", "(no preset)", "sweep.models[0]={'id': 'org/x'} must be a model preset name (e.g. opt-1.3b) "
+                                     "or a mapping with a preset, e.g. {preset: hf, id: Qwen/Qwen2.5-0.5B}"),
+    ("[tiny-opt,tiny-opt]", "(a duplicate)", "sweep.models lists tiny-opt more than once (the store keeps one folder "
+                                             "per model name); drop the repeat or give one entry its own name, e.g. "
+                                             "{preset: ..., name: tiny-opt-b}"),
+    ("tiny-opt", "(not a list)", "sweep.models='tiny-opt' must be a list of model presets, e.g. "
+                                 "sweep.models=[opt-125m,opt-1.3b]"),
+]:
+    error("launcher", f"sweep.models={_models}", f"`sweep.models={_models}` {_why}",
+          lambda env, m=_models: env.sweep(f"sweep.models={m}"), ConfigError, _message)
+error("launcher", "sweep.model_settings=[a]", "`sweep.models=[tiny-opt] sweep.model_settings=[a]`",
+      lambda env: env.sweep("sweep.models=[tiny-opt]", "sweep.model_settings=[a]"), ConfigError,
+      "sweep.model_settings=['a'] must be a mapping of model settings, e.g. {dtype: float16}")
+error("launcher", "sweep.models-job", "`python jobs/sweep.py sweep.models=[opt-9b]`",
+      lambda env: env.job("sweep.py", "sweep.models=[opt-9b]"), JobFailed,
+      f"sweep.models[0]: unknown model preset 'opt-9b'; the presets (conf/model/) are: {PRESETS_START}")
+error("launcher", "launcher.gpus_per_node=auto", "`launcher.gpus_per_node=auto` without launcher.gpu_mem_gb",
+      lambda env: env.sweep("launcher.gpus_per_node=auto"), ConfigError,
+      "launcher.gpus_per_node=auto needs launcher.gpu_mem_gb, the memory of one GPU of the nodes (e.g. "
+      "launcher.gpu_mem_gb=80), or set launcher.gpus_per_node to a number")
+error("launcher", "launcher.gpu_mem_gb=0.5", "`launcher.gpus_per_node=auto launcher.gpu_mem_gb=0.5`",
+      lambda env: env.sweep("launcher.gpus_per_node=auto", "launcher.gpu_mem_gb=0.5"), ConfigError,
+      "launcher.gpu_mem_gb=0.5 must be >= 1")
+error("launcher", "sweep.models-does-not-fit", "`sweep.models=[opt-66b]` on at most 2 GPUs of 24 GB (auto)",
+      lambda env: env.sweep("sweep.models=[opt-66b]", "launcher.gpus_per_node=auto", "launcher.gpu_mem_gb=24",
+                            "launcher.max_gpus=2"), ConfigError,
+      "opt-66b does not fit 2 GPUs of 24 GB at eval.batch_size=… importance.batch_size=… (python -m icl_scale.plan "
+      "model=opt-66b gpus=2 gpu_mem_gb=24); raise launcher.max_gpus, lower the batch sizes or set "
+      "model.deepspeed.offload_param=cpu")
 error("launcher", "sweep.tasks=[copa,nope]", "`sweep.tasks=[copa,nope]`",
       lambda env: env.sweep("sweep.tasks=[copa,nope]"), ValueError, "unknown task 'nope'; valid tasks: …")
 error("launcher", "sweep-bad-shard-setting", "`eval.batch_size=0` in a sweep",

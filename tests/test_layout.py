@@ -20,8 +20,9 @@ LAYERS = [
     {"passes"},
     {"scoring", "importance", "knockout", "validation", "live", "plan_machine", "plan_data"},
     {"evaluator", "runs", "plan", "plan_passes"},
-    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims"},
-    {"reduce", "sweep"},
+    {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims",
+     "scale"},
+    {"reduce", "sweep", "sweep_models", "resources"},
     {"cli"},
 ]
 MAX_FUNCTION_LINES = 80  # longer only with "Long:" and the reason in the docstring
@@ -121,12 +122,14 @@ def test_functions_are_short_or_say_why():
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_and_validates(experiment):
     """A typo in a preset fails here, not on the cluster: compose it and run the sweep's validation
-    of every (task, shot) it schedules."""
+    of every (task, shot) it schedules, for every model it sweeps (with the GPUs the planner gives it)."""
     from icl_scale.sweep import shard_cfgs
+    from icl_scale.sweep_models import model_cfgs
 
     cfg = compose(f"experiment={experiment}")
-    cfgs = shard_cfgs(cfg)
-    assert len(cfgs) == len(cfg["sweep"]["tasks"]) * len(cfg["sweep"]["shots"])
+    for model_cfg in model_cfgs(cfg):
+        cfgs = shard_cfgs(model_cfg)
+        assert len(cfgs) == len(cfg["sweep"]["tasks"]) * len(cfg["sweep"]["shots"])
 
 
 # --- nothing executes what it loads ---------------------------------------------------------------------

@@ -105,3 +105,7 @@ def test_shard_under_zero3_from_a_sharded_checkpoint_equals_one_plain_process(ch
     out = score(tmp_path / "two", "local", *model, "model.deepspeed.enabled=true", ranks=2)
     assert "partitioned loading" in out  # the log line of models/partitioned.py: not the whole-model path
     assert_same_store(shard_dir(tmp_path / "one", "sharded"), shard_dir(tmp_path / "two", "sharded"))
+    # The manifest's parameter count (the cross-model figures' x) is the whole model's under ZeRO-3 too.
+    counts = [json.loads((shard_dir(tmp_path / run, "sharded") / "manifest.json").read_text())["parameters"]
+              for run in ("one", "two")]
+    assert counts[0] == counts[1] > 0

@@ -213,3 +213,67 @@ def test_demo_entry_point_on_a_tiny_model(tmp_path):
         assert r["heads_prunable"].startswith(f"too few docs to tell (n={r['n_eval']}: one doc is")
     assert f"figures and report.md in {tmp_path / 'tiny-opt' / 'summary'}" in p.stdout
     assert (tmp_path / "tiny-opt" / "summary" / "fig5_curves_heads.png").exists()
+
+
+# --- a sweep over two models (sweep.models): each model's shards and reducer, then the cross-model one -----
+
+TINY_TWO = "sweep.models=[tiny-llama,{preset: tiny-llama, name: tiny-llama-4l, config: {num_hidden_layers: 4}}]"
+
+
+def check_two_model_store(root: Path, name: str, models: list[str]) -> dict:
+    """Each model's shard and summary, the sweep's one manifest, the cross-model summary and W&B runs."""
+    for m in models:
+        assert Shard(root, m, "copa", 1).is_complete()
+        assert (root / m / "summary" / "fig5_curves_heads.png").exists()
+    manifest = json.loads((root / "_sweeps" / name / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["models"]] == models and manifest["tasks"] == ["copa"]
+    assert all(m["shards"] == ["copa/1shot/seed0"] and m["jobs"]["shards"] and m["jobs"]["reduce"]
+               for m in manifest["models"])
+    summary = root / "_sweeps" / name / "summary"
+    scale = json.loads((summary / "scale.json").read_text())
+    assert {m["model"] for m in scale["models"]} == set(models) and scale["problems"] == []
+    recorded = {m: json.loads(Shard(root, m, "copa", 1).file("manifest.json").read_text())["parameters"]
+                for m in models}
+    assert {m["model"]: m["parameters"] for m in scale["models"]} == recorded  # the loaded models' counts
+    assert {(r["model"], r["kind"]) for r in scale["prunable"]} == {(m, k) for m in models for k in ("heads", "ffn")}
+    assert all(0 <= r["fraction"] <= 0.5 for r in scale["prunable"]) and len(scale["depth"]) == 2
+    assert set(scale["figures"]) == {"scale_prunable.png", "scale_depth.png"}
+    assert all((summary / f).stat().st_size > 1000 for f in scale["figures"])
+    assert "the role of scale over 2 models" in (summary / "report.md").read_text()
+    runs = wandb_runs(root)
+    assert {f"reduce-{m}" for m in models} | {f"reduce-scale-{name}"} <= set(runs)
+    assert runs[f"reduce-scale-{name}"][-1]["job_type"] == "reduce_scale"
+    return scale
+
+
+@pytest.mark.slow
+def test_two_model_sweep_with_the_embedded_model_locally(tmp_path, mirror):
+    """A random tiny model and the real SmolLM2-135M, through shards, each reducer and the cross-model one."""
+    cfg = cfg_for(tmp_path, "sweep.models=[tiny-opt,smollm2-135m]", "sweep.tasks=[copa]", "sweep.shots=[1]",
+                  "sweep.induction=false", "sweep.name=two-local", "knockout.split=heldout")
+    sub = submit(cfg)
+    assert set(sub.models) == {"tiny-opt", "smollm2-135m"} and len(sub.shard_jobs) == 2
+    res = sub.reduce_job.result()
+    assert res["n_complete"] == 2 and res["problems"] == [] and len(res["figures"]) == 2
+    scale = check_two_model_store(tmp_path, "two-local", ["tiny-opt", "smollm2-135m"])
+    assert [m["model"] for m in scale["models"]] == ["tiny-opt", "smollm2-135m"]  # by size
+    assert 134_000_000 < scale["models"][1]["parameters"] < 135_000_000
+    again = submit(cfg)  # nothing left to do
+    assert again.all_jobs() == [] and again.skipped == ["tiny-opt/copa/1shot/seed0", "smollm2-135m/copa/1shot/seed0"]
+
+
+@slurm
+@pytest.mark.slow
+def test_two_model_sweep_on_slurm(cluster, tmp_path):
+    """`jobs/sweep.py` with two tiny models of different depth on the local cluster: two arrays, two
+    induction jobs, two reducers and the cross-model reducer after them (afterany)."""
+    root = tmp_path / "store"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "sweep.py"), *slurm_args(root), TINY_TWO,
+                        "sweep.tasks=[copa]", "sweep.shots=[1]", "sweep.name=two-slurm",
+                        f"launcher.folder={tmp_path / 'submitit'}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "2 shard jobs" in p.stdout and "of 2 models (tiny-llama, tiny-llama-4l)" in p.stdout, p.stdout
+    scale = check_two_model_store(root, "two-slurm", ["tiny-llama", "tiny-llama-4l"])
+    assert {m["model"]: m["n_layers"] for m in scale["models"]} == {"tiny-llama": 2, "tiny-llama-4l": 4}

@@ -64,6 +64,11 @@ class LoadedModel:
         return d
 
 
+def n_parameters(model: torch.nn.Module) -> int:
+    """The model's parameter count (tied weights once; under ZeRO-3 each parameter's full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def cache_dir() -> Path:
     """Where converted weights live (env ICL_SCALE_CACHE, default ~/.cache/icl_scale)."""
     return Path(os.environ.get("ICL_SCALE_CACHE", Path.home() / ".cache" / "icl_scale"))

@@ -37,12 +37,22 @@ def find_gguf(package: str, filename: str) -> Path:
 
 def convert_gguf_to_cache(gguf_path: Path, target: Path) -> Path:
     """Dequantise a GGUF once and save it as safetensors; later loads take ~1 s instead of ~35 s.
-    The directory appears atomically (written under a temp name, then renamed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    The directory appears atomically (written under a temp name, then renamed), and one process
+    converts while the others (ranks, test workers) wait on a file lock and then reuse it."""
+    from filelock import FileLock
 
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            _convert(gguf_path, target)
+    return target
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     t0 = time.time()
     log.info("converting %s to safetensors in %s (one time, ~30 s)", gguf_path.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
@@ -57,15 +67,12 @@ def convert_gguf_to_cache(gguf_path: Path, target: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").exists():
-                raise
+        if target.exists():  # a folder left without its config (an interrupted older version)
+            shutil.rmtree(target)
+        os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted in %.1f s", time.time() - t0)
-    return target
 
 
 RANDOM_FAMILIES = ("opt", "llama", "gpt2", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
