@@ -44,6 +44,27 @@ def masks_per_pass(setting, batch_size: int, requests) -> int:
     return max(1, batch_size // max(1, len({tuple(r.contexts) for r in requests})))
 
 
+def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: int) -> int:
+    """Masks per pass under ZeRO-3 ("auto"): every pass gathers the whole model once, whatever its rows,
+    so as many of the `n_masks` masks share each pass as the memory beside the live-parameter budget
+    holds (half of it, the least over the ranks), each mask with its own `batch_size` prefixes
+    (scoring.score_masks). A mask's pass is costed at its heaviest: the `batch_size` longest requests,
+    every choice's row with its own copy of the prefix's KV cache, the working set of one layer per
+    token and float32 log-probs of every scored token."""
+    from .models.zero import least_free_memory
+    from .passes import Tokenised
+
+    tk, g, cfg = Tokenised(lm, requests), lm.adapter.geometry, lm.model.config
+    width = lm.dtype.itemsize
+    per_token = width * (2 * g.n_layers * g.n_kv_heads * g.head_dim + 6 * g.hidden)
+    costs = sorted((sum(len(tk.context(r.pair(j)[0])) * per_token
+                        + len(tk.continuation(r.pair(j)[1])) * (per_token + 8 * cfg.vocab_size)
+                        for j in range(r.n_choices)) for r in requests), reverse=True)
+    per_mask = max(1, sum(costs[:batch_size]))
+    live = int(lm.spec["deepspeed"]["stage3_max_live_parameters"]) * width
+    return int(max(1, min(n_masks, (least_free_memory() - live) // 2 // per_mask)))
+
+
 @dataclass
 class Evaluator:
     """Scores a request list under (head, FFN) masks and computes the task metrics.
@@ -101,13 +122,20 @@ class Evaluator:
         return score_requests(prune_physically(self.lm, _keep(head_mask), _keep(ffn_mask)), requests,
                               batch_size=self.batch_size, progress=self.progress, desc=f"{desc} (pruned copy)")
 
+    def per_pass(self, requests, n_masks: int) -> int:
+        """Masks sharing a pass over `requests` when `n_masks` are asked for: eval.masks_per_pass, whose
+        auto is `masks_per_pass`'s, or under ZeRO-3 `zero3_masks_per_pass`'s (sized from memory)."""
+        if self.masks_per_pass == "auto" and self.lm.engine is not None:
+            return zero3_masks_per_pass(self.lm, requests, self.batch_size, n_masks)
+        return masks_per_pass(self.masks_per_pass, self.batch_size, requests)
+
     def prefetch(self, requests, masks, desc="eval") -> None:
         """Before each call of a run of calls on `masks` ([(head_mask, ffn_mask)], all of them, in the
         order they are asked for): the first `masks_per_pass` that are neither memoised nor cheaper on
         a pruned copy, scored together in shared passes (scoring.score_masks) and memoised. The masks
         already asked for are memoised, so the group starts at the one needed now, and a job that
         stops loses at most the group being scored. Nothing when fewer than two would share."""
-        k = masks_per_pass(self.masks_per_pass, self.batch_size, requests)
+        k = self.per_pass(requests, len(masks))
         group, seen = [], set()
         for hm, fm in masks:
             key = self.key(requests, hm, fm)

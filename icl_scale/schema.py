@@ -161,6 +161,17 @@ class DeepSpeedConfig:
     enabled: Any = setting(False, bool, "ZeRO-3 inference across the GPUs of a job (big models)")
     offload_param: Any = setting("none", str, "none | cpu (stream parameters from host memory)",
                                  options=("none", "cpu"))
+    # Stage-3 inference knobs (models/zero.py::stage3_knobs resolves auto the same on every rank)
+    max_live_parameters: Any = setting("auto", int, "most parameters whole at once on a rank (prefetch and reuse "
+                                       "stop there); auto = what a quarter of the free device memory holds (the "
+                                       "least over the ranks), at most the model, at least two decoder blocks",
+                                       lo=1, options=("auto",))
+    prefetch_bucket_size: Any = setting("auto", int, "parameters gathered ahead of the module that needs them (the "
+                                        "next blocks while this one runs); auto = the largest decoder block's, at "
+                                        "most max_live_parameters", lo=1, options=("auto",))
+    persistence_threshold: Any = setting("auto", int, "parameters of at most this many elements stay whole on "
+                                         "every rank, never gathered; auto = the hidden size (norms and biases)",
+                                         lo=0, options=("auto",))
 
 
 @dataclass
