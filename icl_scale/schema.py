@@ -43,7 +43,8 @@ class EvalConfig:
                                   "compute is scored on a physically pruned copy; null = always gate (ZeRO-3 gates)",
                                   none_ok=True)
     masks_per_pass: Any = setting("auto", int, "gated masks sharing one batched forward: auto = as many as fill one "
-                                  "pass when the eval list is shorter than batch_size, else 1; or an int >= 1",
+                                  "pass when the eval list is shorter than batch_size, else 1 (under ZeRO-3: as many "
+                                  "as memory holds, each with batch_size prefixes); or an int >= 1",
                                   lo=1, options=("auto",))
 
 

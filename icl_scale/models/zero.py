@@ -8,6 +8,11 @@ forward, our hooks sit on the same submodules, and gate gradients come from
 different documents but make the same sequence of module calls (icl_scale/distributed.py,
 scoring.Lockstep); rank 0 writes results.
 
+How often the model is gathered: every forward call gathers each parameter once (persistent ones
+never), so the scorer makes few, full calls under ZeRO-3 (icl_scale/packed.py, scoring.score_masks);
+`stage3_knobs` sets what may be whole at once (model.deepspeed.max_live_parameters and the rest), and
+`GatherCount` counts what was gathered.
+
 Facts this relies on (measured with deepspeed 0.19 / transformers 5.x): `deepspeed.initialize` on
 an already-built model partitions it correctly, whereas `zero.Init` during construction breaks
 transformers 5.x weight initialisation; `engine.module(...)` + autograd.grad gives gate gradients
@@ -66,30 +71,34 @@ def least_free_memory() -> int:
     return -max_over_ranks(-free_memory_bytes())
 
 
-def model_numbers(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters of the model, of its largest decoder block), each parameter once, whole or partitioned."""
+def model_numbers(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(parameters of the model, of its largest decoder block, of its largest tensor), each parameter
+    once, whole or partitioned."""
     def numel(params):
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
 
     blocks = [numel(b.parameters()) for m in model.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
-    return numel(model.parameters()), max(blocks, default=0)
+    return numel(model.parameters()), max(blocks, default=0), max(numel([p]) for p in model.parameters())
 
 
 def stage3_knobs(model: torch.nn.Module, ds: dict, dtype: torch.dtype) -> dict:
     """The stage-3 inference knobs of `ds` (model.deepspeed), "auto" resolved from memory and the model,
     identical on every rank (prefetches are collectives: ranks that fetched different sets would wait
-    on each other). The live budget is also the reuse distance: a parameter needed again later in the
-    same forward stays whole only within the budget (the tied embedding of a small model), never the
-    whole model."""
-    total, block = model_numbers(model)
+    on each other). `max_live_parameters` bounds what is whole at once: DeepSpeed always gathers the
+    module about to run, whatever its budget, and bounds only what it keeps and prefetches beside it,
+    so its budget is ours less the largest block, and less the largest tensor (a prefetch may pass its
+    bound by one). That is also the reuse distance: a parameter needed again later in the same forward
+    stays whole only within it (a small model's tied embedding)."""
+    total, block, tensor = model_numbers(model)
     live = ds["max_live_parameters"]
     if live == "auto":
         live = min(total, max(2 * block, least_free_memory() // 4 // dtype.itemsize))
-    prefetch = min(block, live) if ds["prefetch_bucket_size"] == "auto" else ds["prefetch_bucket_size"]
+    beside = max(0, int(live) - block - tensor)  # what may be whole beside the module running
+    prefetch = block if ds["prefetch_bucket_size"] == "auto" else int(ds["prefetch_bucket_size"])
     persist = ds["persistence_threshold"]
     persist = int(getattr(model.config, "hidden_size", 0)) if persist == "auto" else persist
-    return {"stage3_max_live_parameters": int(live), "stage3_max_reuse_distance": int(live),
-            "stage3_prefetch_bucket_size": int(max(1, prefetch)), "stage3_param_persistence_threshold": int(persist)}
+    return {"stage3_max_live_parameters": beside, "stage3_max_reuse_distance": beside,
+            "stage3_prefetch_bucket_size": min(prefetch, beside), "stage3_param_persistence_threshold": int(persist)}
 
 
 def zero_inference(model: torch.nn.Module, dtype: torch.dtype, offload_param: str = "none", ds: dict | None = None):
