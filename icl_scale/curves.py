@@ -39,20 +39,24 @@ class CurvesStage:
             todo += [(f"ffn_random{k}", P.random_ranking(self.ffn_rank.shape, k), "ffn", False)
                      for k in range(int(pr["random_seeds"]))]
         # Under ZeRO-3 every pass gathers the model once, whatever its masks: the masks of the whole
-        # stage known ahead (all but re-ranked levels) share passes across curves and the grid.
-        self.ahead = None if self.lm.engine is None else [
-            m for kind, ranking, component, rescore in todo if not rescore
-            for m in self.level_masks(kind, ranking, component)] + [(hm, fm) for *_, hm, fm in self.grid_todo()]
+        # stage known ahead (all but re-ranked levels, done or not: the groups must not depend on how
+        # far a resumed job got) share passes across curves and the grid (Evaluator.plan).
+        self.planned = self.lm.engine is not None
+        if self.planned:
+            self.evaluate.plan(self.requests.eval, [
+                m for kind, ranking, component, rescore in todo if not rescore
+                for m in self.level_masks(kind, ranking, component, done=True)] + self.grid_masks())
         for kind, ranking, component, rescore in todo:
             self.curve(kind, ranking, component, rescore_each_level=rescore)
         self.combined_grid()
 
-    def level_masks(self, kind: str, ranking: torch.Tensor, component: str) -> list[tuple]:
-        """The (head mask, FFN mask) of every level of curve `kind` not yet done, in the order asked for."""
+    def level_masks(self, kind: str, ranking: torch.Tensor, component: str, done: bool = False) -> list[tuple]:
+        """The (head mask, FFN mask) of every level of curve `kind` not yet done (`done`: also those done),
+        in the order asked for."""
         pr = self.cfg["pruning"]
-        done = {float(k) for k in self.state("curves").get(kind, {})}
+        skip = set() if done else {float(k) for k in self.state("curves").get(kind, {})}
         masks = [P.prune_mask(ranking, p, count=pr["count"]) for p in sorted(P.check_levels(pr["levels"]))
-                 if p not in done]
+                 if p not in skip]
         return [(m, None) if component == "heads" else (None, m) for m in masks]
 
     def curve(self, kind: str, ranking: torch.Tensor, component: str, rescore_each_level: bool = False) -> None:
@@ -65,7 +69,7 @@ class CurvesStage:
 
         done = {float(k): v for k, v in saved.items()}
         # The levels' masks, known ahead unless each level is re-ranked: shared passes (prefetch).
-        ahead = [] if rescore_each_level else self.ahead or self.level_masks(kind, ranking, component)
+        ahead = [] if rescore_each_level or self.planned else self.level_masks(kind, ranking, component)
 
         def evaluate(mask):
             hm, fm = pair(mask)
@@ -109,19 +113,20 @@ class CurvesStage:
                              f"`python jobs/induction.py model={name}`")
         return self.induction["prefix_matching"].float()
 
-    def grid_todo(self) -> list[tuple]:
-        """(key, head level, FFN level, head mask, FFN mask) of every grid point not yet done."""
-        grid = self.state("curves").get("combined", {})
+    def grid_points(self) -> list[tuple]:
+        """(key, head level, FFN level, head mask, FFN mask) of every grid point."""
         levels, count = P.check_levels(self.cfg["pruning"]["combined_levels"]), self.cfg["pruning"]["count"]
-        todo = [(f"h{level_key(ph)}_f{level_key(pf)}", ph, pf) for ph, pf in itertools.product(levels, levels)]
-        return [(key, ph, pf, P.prune_mask(self.imp["heads"], ph, count=count),
-                 P.prune_mask(self.ffn_rank, pf, count=count)) for key, ph, pf in todo if key not in grid]
+        return [(f"h{level_key(ph)}_f{level_key(pf)}", ph, pf, P.prune_mask(self.imp["heads"], ph, count=count),
+                 P.prune_mask(self.ffn_rank, pf, count=count)) for ph, pf in itertools.product(levels, levels)]
+
+    def grid_masks(self) -> list[tuple]:
+        return [(hm, fm) for *_, hm, fm in self.grid_points()]
 
     def combined_grid(self) -> None:
         """Heads pruned at p_h and FFNs at p_f together, for every pair of `pruning.combined_levels`."""
         grid = self.state("curves").setdefault("combined", {})
-        todo = self.grid_todo()
-        masks = self.ahead or [(hm, fm) for *_, hm, fm in todo]
+        todo = [point for point in self.grid_points() if point[0] not in grid]
+        masks = [] if self.planned else [(hm, fm) for *_, hm, fm in todo]
         for key, ph, pf, hm, fm in todo:
             self.evaluate.prefetch(self.requests.eval, masks, desc="combined")
             metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")

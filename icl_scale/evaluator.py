@@ -73,7 +73,7 @@ class Evaluator:
     heads x FFN grid's edges are the single-kind curves, and different rankings often give the same
     mask at a level, so a shard never evaluates one mask twice (a third of the evaluations in the
     demo). Results are deep-copied out, so callers may change them. `prefetch` scores several
-    masks in shared passes ahead of their calls."""
+    masks in shared passes ahead of their calls; `plan` fixes such groups for a whole run of calls."""
 
     lm: LoadedModel
     task: str
@@ -84,6 +84,7 @@ class Evaluator:
 
     def __post_init__(self):
         self.memo: dict[tuple, tuple] = {}
+        self.planned: dict[tuple, list[tuple]] = {}  # mask key -> the group it is scored with (plan())
         self.n_scored = self.n_physical = self.n_shared = 0
 
     def key(self, requests, head_mask=None, ffn_mask=None) -> tuple:
@@ -103,6 +104,9 @@ class Evaluator:
         return self.memo[key][1:]
 
     def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
+        planned = self.planned.get(self.key(requests, head_mask, ffn_mask))
+        if planned and self.key(requests, head_mask, ffn_mask) not in self.memo:
+            self.score_group(requests, planned, desc)
         if self.key(requests, head_mask, ffn_mask) not in self.memo:
             self.remember(requests, head_mask, ffn_mask, self.score(requests, head_mask, ffn_mask, desc))
         return copy.deepcopy(self.memo[self.key(requests, head_mask, ffn_mask)][1:])
@@ -145,13 +149,33 @@ class Evaluator:
                 continue
             seen.add(key)
             group.append((hm, fm))
-        if len(group) < 2:
-            return
+        if len(group) >= 2:
+            self.score_group(requests, group, desc)
+
+    def plan(self, requests, masks) -> None:
+        """Fixes which masks share passes in a run of calls on `masks` ([(head_mask, ffn_mask)], every
+        one the run has, done or not, in the order asked for): those not memoised now, distinct, in
+        consecutive groups of `per_pass`; a call on one of them scores its whole group. A mask is then
+        always scored beside the same others, so a resumed job gets the bits an uninterrupted one got
+        (a pass's rounding depends on its rows), as long as the group size is the same."""
+        todo, seen = [], set()
+        for hm, fm in masks:
+            key = self.key(requests, hm, fm)
+            if key not in self.memo and key not in seen and not self.on_pruned_copy(hm, fm):
+                seen.add(key)
+                todo.append((hm, fm))
+        k = self.per_pass(requests, len(todo))
+        for s in range(0, len(todo), k):
+            for hm, fm in todo[s: s + k]:
+                self.planned[self.key(requests, hm, fm)] = todo[s: s + k]
+
+    def score_group(self, requests, group, desc="eval") -> None:
+        """Masks scored together in shared passes (scoring.score_masks) and memoised (those not yet)."""
         scores = score_masks(self.lm, requests, group, batch_size=self.batch_size, progress=self.progress,
                              desc=f"{desc} ({len(group)} masks per pass)")
         for (hm, fm), sc in zip(group, scores):
             self.remember(requests, hm, fm, sc)
-        self.n_shared += len(group)
+        self.n_shared += len(group) if len(group) > 1 else 0
 
 
 def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:

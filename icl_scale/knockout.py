@@ -238,13 +238,13 @@ def _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, p
 
 
 def _full(lm, requests, head_mask, batch_size, state, on_batch, progress, per_pass: int) -> None:
-    """The old way: every request scored per knock-out, `per_pass` knock-outs sharing passes
-    (scoring.score_masks; under ZeRO-3 one gather of the model serves them all); checkpointed per group."""
-    n = state.logprobs.shape[0] - 1
-    pairs = torch.arange(state.logprobs.shape[1])
-    todo = [row for row in range(n + 1) if not bool(state.done[row].all())]
-    for s in tqdm(range(0, len(todo), per_pass), disable=not progress, desc="ffn knock-out", leave=False):
-        rows = todo[s: s + per_pass]
+    """Every request scored per knock-out, fixed groups of `per_pass` knock-outs sharing passes (scoring.
+    score_masks; a resumed job scores each beside the same others: the same bits); checkpointed per group."""
+    n, pairs = state.logprobs.shape[0] - 1, torch.arange(state.logprobs.shape[1])
+    for start in tqdm(range(0, n + 1, per_pass), disable=not progress, desc="ffn knock-out", leave=False):
+        rows = list(range(start, min(n + 1, start + per_pass)))
+        if bool(state.done[rows].all()):
+            continue
         masks = [(head_mask, knockout_mask(n, row - 1)) for row in rows]
         for row, scores in zip(rows, score_masks(lm, requests, masks, batch_size=batch_size)):
             state.put(row, pairs, torch.tensor([c.logprob for s in scores for c in s], dtype=torch.float64),
