@@ -93,15 +93,16 @@ def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero)
 def test_zero3_with_a_quarter_of_the_model_live_gathers_once_per_step_and_writes_the_one_process_store(
         reference, tmp_path):
     """Under ZeRO-3 with a live-parameter budget of a quarter of the model, the knock-outs (3 masks on
-    tiny-opt) share one packed call per step, and the curves' masks (heads, FFN and the grid at 50%)
-    one more: the store is still the one process's. tiny-opt is mostly its tied embedding, which a
-    quarter budget releases between the embedding and the unembedding: ~2 model-sized gathers per call."""
+    tiny-opt) share packed calls, and so do the curves' masks (heads, FFN and the grid at 50%): at most
+    two calls per stage on a rank's 7 docs, and the store is still the one process's. tiny-opt is
+    mostly its tied embedding, which a quarter budget releases between the embedding and the
+    unembedding: ~2 model-sized gathers per call (one mask per pass: 3 knock-outs x 3 calls)."""
     out = score(tmp_path, "tiny-opt", "model.deepspeed.enabled=true", "model.deepspeed.max_live_parameters=800000",
                 ranks=2)
     assert out.count("done in") == 2
     assert_same_store(shard_dir(reference, "tiny-opt"), shard_dir(tmp_path, "tiny-opt"))
     stages = json.loads((shard_dir(tmp_path, "tiny-opt") / "manifest.json").read_text())["zero"]["stages"]
-    assert stages["knockout"]["gathers"] <= 2.5 and stages["curves"]["gathers"] <= 2.5, stages
+    assert stages["knockout"]["gathers"] <= 4.2 and stages["curves"]["gathers"] <= 4.2, stages
 
 
 @pytest.mark.slow  # torchrun ranks

@@ -125,8 +125,11 @@ def test_packed_steps_make_the_same_calls_on_every_rank_and_give_the_cached_scor
     masks = _masks(lm, d["masks"], rng)
     ranks = _run_ranks(lm, reqs, masks, d["batch_size"], d["world"], packed=True)
     assert all(calls == ranks[0][0] for calls, _, _ in ranks), d
-    calls = ranks[0][0]  # every call goes through the whole model (DeepSpeed's hooks run), nothing beside it
-    assert calls and calls == ["model", "base", "unembed"] * (len(calls) // 3), d
+    # every call goes through the whole model (DeepSpeed's hooks run), nothing beside it (OPT's causal
+    # LM calls its decoder, not the base model: no "base" there)
+    calls = ranks[0][0]
+    assert calls[0] == "model" and all(c.split() in (["base", "unembed"], ["unembed"])
+                                       for c in " ".join(calls).split("model")[1:]), d
     whole = score_masks(lm, reqs, masks, batch_size=d["batch_size"])
     for _, idx, res in ranks:
         for k in range(len(masks)):
