@@ -256,7 +256,8 @@ def _maskgates_for(lm: LoadedModel, masks: Sequence[tuple], n: int):
     if heads is None and ffns is None:
         return nullcontext(), None
     gates = RowGates(lm.adapter, heads, ffns)
-    return gates, lambda idx: gates.select(torch.tensor(idx, dtype=torch.long) // n)
+    # (a rank with no requests, n = 0, runs its placeholder rows under mask 0)
+    return gates, lambda idx: gates.select(torch.tensor(idx, dtype=torch.long) // max(n, 1))
 
 
 def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int,
