@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""ZeRO-3 section: one small shard under DeepSpeed ZeRO-3 on CPU ranks (torchrun, gloo, 1 thread each),
-on 1 and 2 ranks, for this checkout and for an earlier commit of the project (`--base`, default
-6fe03b8, the commit before the pass schedule): wall time and model parameters gathered per stage, and
-whether the 2-rank store equals the 1-rank one.
+"""ZeRO-3 section: one small shard under DeepSpeed ZeRO-3 on CPU ranks (torchrun, gloo, 1 thread per
+rank), on 1 and 2 ranks, for this checkout and for earlier commits of the project (`--base`, default
+6fe03b8, the commit before the pass schedule; `--main`, default 6bb1021, the commit before the gathers
+were cut, 2 ranks only): wall time and model parameters gathered per stage, the peak share of the
+model whole at once, and whether the stores equal this checkout's 1-rank one.
 
     python bench/zero3.py                       # writes bench/results/zero3.json and .md
-    python bench/zero3.py --base 6fe03b8 --collective-timeout-min 3
+    python bench/zero3.py --base 6fe03b8 --main 6bb1021 --collective-timeout-min 3
+
+The model is a random OPT whose decoder blocks hold ~92% of its parameters (12 blocks of d=512,
+FFN 2048; the embedding projected to 64), so that a live-parameter budget of a quarter of the model
+(`model.deepspeed.max_live_parameters`, this checkout's runs) is ~3 blocks, as at paper scale where
+the model never fits one device whole. The earlier commits have no such setting: their ranks never
+complete DeepSpeed's trace, so they keep one module whole at a time (measured, not set).
 
 Gathers are counted in DeepSpeed's parameter coordinator by this file's `--worker` wrapper (the same
-rule as icl_scale.models.zero.GatherCount, so the earlier commit, which has no counter, is measured
-the same way): the bytes of every partitioned parameter fetched whole, per rank, divided by the
-model's bytes ("full-model gathers"); `peak_live_frac` is the most parameters whole at once, as a
-share of the model. A run that does not finish within the collective timeout is recorded as such
-(the earlier commit's ranks can wait on each other until then).
+rule as icl_scale.models.zero.GatherCount, so the earlier commits, which have no counter, are
+measured the same way): the bytes of every partitioned parameter fetched whole, per rank, divided by
+the model's bytes ("full-model gathers"); `peak_live_frac` is the most parameters whole at once
+(gathered, as the coordinator counts them), as a share of the model, and `resident_frac` adds the
+parameters that stay whole on every rank (persistent: this checkout's norms and biases). A run that
+does not finish within the collective timeout is recorded as such.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARD = ["task=copa", "shot=1", "eval.limit=8", "importance.n_examples=4", "importance.batch_size=2",
          "knockout.limit=2", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
          "wandb.mode=disabled", "model=tiny-opt"]
-# a random OPT bigger than the tests' (8 layers, d=256): ~19M parameters, 2/3 of them the embedding
-CONFIG = dict(num_hidden_layers=8, hidden_size=256, ffn_dim=1024, num_attention_heads=8, word_embed_proj_dim=256)
+# a random OPT whose decoder blocks dominate: 41M parameters, 12 blocks of 7.7% each, the embedding 7.6%
+CONFIG = dict(num_hidden_layers=12, hidden_size=512, ffn_dim=2048, num_attention_heads=8, word_embed_proj_dim=64)
 SHARD += [f"+model.config.{k}={v}" for k, v in CONFIG.items()]
 STAGES = ("importance", "knockout", "curves")
 
@@ -64,6 +72,19 @@ def worker() -> None:
         if os.environ.get("RANK", "0") == "0":
             Path(os.environ["ZERO3_BENCH_OUT"]).write_text(json.dumps(stages))
 
+    import icl_scale.shard as shard_module
+
+    def timed(name, method):  # this rank's CPU seconds in the stage (what the load of other jobs inflates least)
+        def run(self, *a, **k):
+            t0 = time.process_time()
+            try:
+                return method(self, *a, **k)
+            finally:
+                count[f"cpu_{name}"] = round(time.process_time() - t0, 2)
+        return run
+
+    for stage in STAGES:
+        setattr(shard_module.ShardRun, stage, timed(stage, getattr(shard_module.ShardRun, stage)))
     try:  # the stage callbacks of the run skeleton (icl_scale/runs.py)
         from icl_scale import runs
 
@@ -83,21 +104,23 @@ def worker() -> None:
     runpy.run_path(str(score), run_name="__main__")
 
 
-def run_one(tree: Path, ranks: int, store: Path, timeout_min: float, model_bytes: int, log=print) -> dict:
-    """One shard on `ranks` ZeRO-3 ranks with the code in `tree`: wall, per-stage times and gathers."""
+def run_one(tree: Path, ranks: int, store: Path, timeout_min: float, model_bytes: int, extra=(), log=print) -> dict:
+    """One shard on `ranks` ZeRO-3 ranks with the code in `tree` (`extra` settings): wall, per-stage
+    times and gathers."""
     out = store / "counts.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(tree),
            "ZERO3_BENCH_OUT": str(out), "ICL_SCALE_COLLECTIVE_TIMEOUT_MIN": str(timeout_min)}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker", *SHARD,
-           f"store.root={store}", "model.deepspeed.enabled=true"]
-    t0 = time.time()
+           f"store.root={store}", "model.deepspeed.enabled=true", *extra]
+    t0, cpu0 = time.time(), _children_cpu()
     p = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=timeout_min * 60 + 900)
-    wall = round(time.time() - t0, 1)
+    wall, cpu = round(time.time() - t0, 1), round(_children_cpu() - cpu0, 1)
     shard = store / "tiny-opt" / "copa" / "1shot" / "seed0"
     manifest = json.loads((shard / "manifest.json").read_text()) if (shard / "manifest.json").exists() else {}
     counts = json.loads(out.read_text()) if out.exists() else {}
-    res = {"ranks": ranks, "returncode": p.returncode, "wall_s": wall, "status": manifest.get("status"),
+    res = {"ranks": ranks, "returncode": p.returncode, "wall_s": wall, "cpu_s_all_ranks": cpu,
+           "status": manifest.get("status"),
            "error": manifest.get("error"), "timings": manifest.get("timings", {}), "stages": {}}
     if p.returncode != 0:
         res["log_tail"] = [x for x in (p.stdout + p.stderr).splitlines() if "rror" in x][-5:]
@@ -107,25 +130,37 @@ def run_one(tree: Path, ranks: int, store: Path, timeout_min: float, model_bytes
             c = counts[st]
             res["stages"][st] = {"gathers": round((c["bytes"] - prev["bytes"]) / model_bytes, 2),
                                  "gathered_gb": round((c["bytes"] - prev["bytes"]) / 2**30, 4),
-                                 "params": c["params"] - prev["params"], "seconds": res["timings"].get(st)}
-            prev = c
+                                 "params": c["params"] - prev["params"], "seconds": res["timings"].get(st),
+                                 "rank0_cpu_s": c.get(f"cpu_{st}")}
+            prev = {"bytes": c["bytes"], "params": c["params"]}
     res["gathers"] = round(prev["bytes"] / model_bytes, 2)
     res["gathered_gb"] = round(prev["bytes"] / 2**30, 4)
     res["peak_live_frac"] = round(max((c["peak_live"] for c in counts.values()), default=0) * 4 / model_bytes, 4)
-    code = "this" if tree == REPO else "base"
-    log(f"[zero3] {code} {ranks} rank(s): {res['status']} in {wall} s, {res['gathers']} full-model gathers")
+    res["rank0_cpu_s"] = round(sum(s["rank0_cpu_s"] or 0 for s in res["stages"].values()), 2)
+    log(f"[zero3] {tree.name} {ranks} rank(s): {res['status']} in {wall} s, {res['gathers']} full-model gathers")
     return res
 
 
-def model_bytes() -> int:
-    """The bench model's float32 bytes (each parameter once: tied weights are one)."""
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: all ranks of a run, with the
+    launcher and the start-up (a measure the other jobs' load on the cores does not inflate much)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def model_numbers() -> tuple[int, int]:
+    """The bench model's float32 bytes (each parameter once: tied weights are one), and those of the
+    parameters this checkout keeps whole on every rank (persistence threshold auto: the hidden size)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from icl_scale.models.loading import load_tokenizer, preset, random_config
 
     cfg = random_config("opt", len(load_tokenizer(preset("tiny-opt"))), **CONFIG)
-    return sum(p.numel() * 4 for p in AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).parameters())
+    params = list(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).parameters())
+    return sum(p.numel() * 4 for p in params), sum(p.numel() * 4 for p in params if p.numel() <= cfg.hidden_size)
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -146,25 +181,33 @@ def compare(a: Path, b: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="6fe03b8", help="the earlier commit to compare with")
+    ap.add_argument("--main", default="6bb1021", help="a second earlier commit (2 ranks only); '' to skip")
     ap.add_argument("--collective-timeout-min", type=float, default=3.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "zero3"))
     a = ap.parse_args(argv)
     from bench.common import machine_info, now
     from icl_scale.store import write_bytes
 
-    mb = model_bytes()
-    res = {"date": now(), "machine": machine_info(), "shard": SHARD, "base": a.base, "model_mb": round(mb / 2**20, 1),
-           "runs": {}}
+    mb, persistent = model_numbers()
+    budget = mb // 4 // 4  # a quarter of the model's parameters
+    res = {"date": now(), "machine": machine_info(), "shard": SHARD, "base": a.base, "main": a.main,
+           "model_mb": round(mb / 2**20, 1), "max_live_parameters": budget, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", a.base], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-        for label, tree in (("base", base), ("this", REPO)):
-            for ranks in (1, 2):
-                store = Path(tmp) / f"{label}{ranks}"
-                res["runs"][f"{label}_{ranks}"] = run_one(tree, ranks, store, a.collective_timeout_min, mb)
-        res["same_results"] = {k: compare(Path(tmp) / "this1", Path(tmp) / k) for k in ("this2", "base1", "base2")}
+        trees = {"base": Path(tmp) / "base", "main": Path(tmp) / "main", "this": REPO}
+        for label, commit in (("base", a.base), ("main", a.main)):
+            if commit:
+                trees[label].mkdir()
+                archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True,
+                                         check=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(trees[label])], input=archive, check=True)
+        todo = [("base", 1), ("base", 2)] + ([("main", 2)] if a.main else []) + [("this", 1), ("this", 2)]
+        for label, ranks in todo:
+            extra = [f"model.deepspeed.max_live_parameters={budget}"] if label == "this" else []
+            r = run_one(trees[label], ranks, Path(tmp) / f"{label}{ranks}", a.collective_timeout_min, mb, extra)
+            r["resident_frac"] = round(r["peak_live_frac"] + (persistent / mb if label == "this" else 0), 4)
+            res["runs"][f"{label}_{ranks}"] = r
+        res["same_results"] = {k: compare(Path(tmp) / "this1", Path(tmp) / k)
+                               for k in ("this2", "base1", "base2", "main2") if (Path(tmp) / k).exists()}
     res["ratios"] = _ratios(res["runs"])
     out = Path(a.out)
     write_bytes(out.with_suffix(".json"), (json.dumps(res, indent=2) + "\n").encode())
@@ -175,28 +218,49 @@ def main(argv=None) -> int:
 
 def _ratios(runs: dict) -> dict:
     r = {}
-    b, t = runs.get("base_2", {}), runs.get("this_2", {})
-    if b.get("gathers") and t.get("gathers"):
-        r["gathers_base2_over_this2"] = round(b["gathers"] / t["gathers"], 2)
-    if runs["this_1"].get("timings", {}).get("total") and t.get("timings", {}).get("total"):
-        r["wall_this2_over_this1"] = round(t["timings"]["total"] / runs["this_1"]["timings"]["total"], 2)
+    t1, t2 = runs.get("this_1", {}), runs.get("this_2", {})
+    for label in ("base", "main"):
+        b = runs.get(f"{label}_2", {})
+        if b.get("gathers") and t2.get("gathers") and b.get("status") == "complete":
+            r[f"gathers_{label}2_over_this2"] = round(b["gathers"] / t2["gathers"], 2)
+    stages = sum(v.get("seconds") or 0 for v in t2.get("stages", {}).values())
+    stages1 = sum(v.get("seconds") or 0 for v in t1.get("stages", {}).values())
+    if stages and stages1:
+        r["stages_wall_this2_over_this1"] = round(stages / stages1, 2)
+    if t1.get("rank0_cpu_s") and t2.get("rank0_cpu_s"):
+        r["stages_rank0_cpu_this2_over_this1"] = round(t2["rank0_cpu_s"] / t1["rank0_cpu_s"], 2)
+    if t1.get("timings", {}).get("total") and t2.get("timings", {}).get("total"):
+        r["total_wall_this2_over_this1"] = round(t2["timings"]["total"] / t1["timings"]["total"], 2)
+    b1, b2 = runs.get("base_1", {}), runs.get("base_2", {})
+    if b1.get("timings", {}).get("total") and b2.get("timings", {}).get("total"):
+        r["total_wall_base2_over_base1"] = round(b2["timings"]["total"] / b1["timings"]["total"], 2)
     return r
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# ZeRO-3 section ({res['date']})", "", f"Shard: `{' '.join(res['shard'])}`; base commit {res['base']}.",
-             "", "| code | ranks | status | wall s | stage | seconds | full-model gathers | GiB gathered |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# ZeRO-3 section ({res['date']})", "", f"Shard: `{' '.join(res['shard'])}`; base commit {res['base']}, "
+             f"main {res['main']}.", "",
+             "| code | ranks | status | wall s | stage | seconds | rank 0 CPU s | full-model gathers | GiB gathered |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, r in res["runs"].items():
         label = key.rsplit("_", 1)[0]
         for st in STAGES:
             s = r["stages"].get(st, {})
             lines.append(f"| {label} | {r['ranks']} | {r['status']} | {r['wall_s']} | {st} | {s.get('seconds', '-')} "
-                         f"| {s.get('gathers', '-')} | {s.get('gathered_gb', '-')} |")
-        lines.append(f"| {label} | {r['ranks']} | {r['status']} | {r['wall_s']} | **total** "
-                     f"| {r['timings'].get('total', '-')} | {r.get('gathers', '-')} | {r.get('gathered_gb', '-')} |")
-    lines += ["", "Peak parameters whole at once (share of the model): "
+                         f"| {s.get('rank0_cpu_s', '-')} | {s.get('gathers', '-')} | {s.get('gathered_gb', '-')} |")
+        lines.append(f"| {label} | {r['ranks']} | {r['status']} | {r['wall_s']} | **stages** "
+                     f"| {round(sum(s.get('seconds') or 0 for s in r['stages'].values()), 2)} "
+                     f"| {r.get('rank0_cpu_s', '-')} | {r.get('gathers', '-')} | {r.get('gathered_gb', '-')} |")
+        lines.append(f"| {label} | {r['ranks']} | {r['status']} | {r['wall_s']} | whole job (total; CPU all ranks) "
+                     f"| {r['timings'].get('total', '-')} | {r.get('cpu_s_all_ranks', '-')} | | |")
+    lines += ["", f"Live-parameter budget of this checkout: {res['max_live_parameters']} parameters "
+              f"(model {res['model_mb']} MiB float32).",
+              "", "Peak parameters whole at once, gathered (share of the model): "
               + ", ".join(f"{k} {r['peak_live_frac']}" for k, r in res["runs"].items()),
+              "", "Peak resident, gathered + persistent (share of the model): "
+              + ", ".join(f"{k} {r['resident_frac']}" for k, r in res["runs"].items()),
+              "", f"Load average at the start: {res['machine'].get('loadavg_start')} (2 CPU cores shared "
+              "with other jobs: wall times are disturbed by that load).",
               "", f"Ratios: {json.dumps(res['ratios'])}", "", "Same results as this checkout on 1 rank:"]
     for k, v in res["same_results"].items():
         lines.append(f"- {k}: " + (json.dumps({x: v[x] for x in ('curves_equal', 'knockout_equal', 'same_pred_frac',

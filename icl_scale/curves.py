@@ -27,19 +27,37 @@ class CurvesStage:
         pr = self.cfg["pruning"]
         heads = self.imp["heads"]
         self.ffn_rank = self.imp["ffn_knockout"] if pr["ffn_ranking"] == "knockout" else self.imp["ffn"]
-        self.curve("heads", heads, "heads", rescore_each_level=bool(pr["rescore_each_level"]))
-        self.curve("ffn", self.ffn_rank, "ffn")
+        todo = [("heads", heads, "heads", bool(pr["rescore_each_level"])), ("ffn", self.ffn_rank, "ffn", False)]
         # Beyond the paper: prune heads by a task-agnostic ranking (prefix matching, lowest first) and
         # by random rankings, to compare with pruning by task importance at the same levels.
         compare = list(pr["compare"])
         if "induction" in compare:
-            self.curve("heads_by_induction", self.induction_ranking(), "heads")
+            todo.append(("heads_by_induction", self.induction_ranking(), "heads", False))
         if "random" in compare:  # chance: the same counts of heads, and of FFNs, removed at random
-            for k in range(int(pr["random_seeds"])):
-                self.curve(f"heads_random{k}", P.random_ranking(heads.shape, k), "heads")
-            for k in range(int(pr["random_seeds"])):
-                self.curve(f"ffn_random{k}", P.random_ranking(self.ffn_rank.shape, k), "ffn")
+            todo += [(f"heads_random{k}", P.random_ranking(heads.shape, k), "heads", False)
+                     for k in range(int(pr["random_seeds"]))]
+            todo += [(f"ffn_random{k}", P.random_ranking(self.ffn_rank.shape, k), "ffn", False)
+                     for k in range(int(pr["random_seeds"]))]
+        # Under ZeRO-3 every pass gathers the model once, whatever its masks: the masks of the whole
+        # stage known ahead (all but re-ranked levels, done or not: the groups must not depend on how
+        # far a resumed job got) share passes across curves and the grid (Evaluator.plan).
+        self.planned = self.lm.engine is not None
+        if self.planned:
+            self.evaluate.plan(self.requests.eval, [
+                m for kind, ranking, component, rescore in todo if not rescore
+                for m in self.level_masks(kind, ranking, component, done=True)] + self.grid_masks())
+        for kind, ranking, component, rescore in todo:
+            self.curve(kind, ranking, component, rescore_each_level=rescore)
         self.combined_grid()
+
+    def level_masks(self, kind: str, ranking: torch.Tensor, component: str, done: bool = False) -> list[tuple]:
+        """The (head mask, FFN mask) of every level of curve `kind` not yet done (`done`: also those done),
+        in the order asked for."""
+        pr = self.cfg["pruning"]
+        skip = set() if done else {float(k) for k in self.state("curves").get(kind, {})}
+        masks = [P.prune_mask(ranking, p, count=pr["count"]) for p in sorted(P.check_levels(pr["levels"]))
+                 if p not in skip]
+        return [(m, None) if component == "heads" else (None, m) for m in masks]
 
     def curve(self, kind: str, ranking: torch.Tensor, component: str, rescore_each_level: bool = False) -> None:
         """One accuracy curve over `pruning.levels`: masks, samples and results saved per level."""
@@ -51,8 +69,7 @@ class CurvesStage:
 
         done = {float(k): v for k, v in saved.items()}
         # The levels' masks, known ahead unless each level is re-ranked: shared passes (prefetch).
-        ahead = [] if rescore_each_level else [pair(P.prune_mask(ranking, p, count=pr["count"]))
-                                              for p in sorted(P.check_levels(pr["levels"])) if p not in done]
+        ahead = [] if rescore_each_level or self.planned else self.level_masks(kind, ranking, component)
 
         def evaluate(mask):
             hm, fm = pair(mask)
@@ -96,14 +113,20 @@ class CurvesStage:
                              f"`python jobs/induction.py model={name}`")
         return self.induction["prefix_matching"].float()
 
+    def grid_points(self) -> list[tuple]:
+        """(key, head level, FFN level, head mask, FFN mask) of every grid point."""
+        levels, count = P.check_levels(self.cfg["pruning"]["combined_levels"]), self.cfg["pruning"]["count"]
+        return [(f"h{level_key(ph)}_f{level_key(pf)}", ph, pf, P.prune_mask(self.imp["heads"], ph, count=count),
+                 P.prune_mask(self.ffn_rank, pf, count=count)) for ph, pf in itertools.product(levels, levels)]
+
+    def grid_masks(self) -> list[tuple]:
+        return [(hm, fm) for *_, hm, fm in self.grid_points()]
+
     def combined_grid(self) -> None:
         """Heads pruned at p_h and FFNs at p_f together, for every pair of `pruning.combined_levels`."""
         grid = self.state("curves").setdefault("combined", {})
-        levels, count = P.check_levels(self.cfg["pruning"]["combined_levels"]), self.cfg["pruning"]["count"]
-        todo = [(f"h{level_key(ph)}_f{level_key(pf)}", ph, pf) for ph, pf in itertools.product(levels, levels)]
-        todo = [(key, ph, pf, P.prune_mask(self.imp["heads"], ph, count=count),
-                 P.prune_mask(self.ffn_rank, pf, count=count)) for key, ph, pf in todo if key not in grid]
-        masks = [(hm, fm) for *_, hm, fm in todo]
+        todo = [point for point in self.grid_points() if point[0] not in grid]
+        masks = [] if self.planned else [(hm, fm) for *_, hm, fm in todo]
         for key, ph, pf, hm, fm in todo:
             self.evaluate.prefetch(self.requests.eval, masks, desc="combined")
             metrics, per_doc = self.evaluate(self.requests.eval, hm, fm, desc=f"combined {key}")

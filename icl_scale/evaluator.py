@@ -44,6 +44,27 @@ def masks_per_pass(setting, batch_size: int, requests) -> int:
     return max(1, batch_size // max(1, len({tuple(r.contexts) for r in requests})))
 
 
+def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: int) -> int:
+    """Masks per pass under ZeRO-3 ("auto"): every pass gathers the whole model once, whatever its rows,
+    so as many of the `n_masks` masks share each pass as the memory beside the live-parameter budget
+    holds (half of it, the least over the ranks), each mask with its own `batch_size` prefixes
+    (scoring.score_masks). A mask's pass is costed at its heaviest: the `batch_size` longest requests,
+    every choice's row with its own copy of the prefix's KV cache, the working set of one layer per
+    token and float32 log-probs of every scored token."""
+    from .models.zero import least_free_memory
+    from .passes import Tokenised
+
+    tk, g, cfg = Tokenised(lm, requests), lm.adapter.geometry, lm.model.config
+    width = lm.dtype.itemsize
+    per_token = width * (2 * g.n_layers * g.n_kv_heads * g.head_dim + 6 * g.hidden)
+    costs = sorted((sum(len(tk.context(r.pair(j)[0])) * per_token
+                        + len(tk.continuation(r.pair(j)[1])) * (per_token + 8 * cfg.vocab_size)
+                        for j in range(r.n_choices)) for r in requests), reverse=True)
+    per_mask = max(1, sum(costs[:batch_size]))
+    live = int(lm.spec["deepspeed"]["stage3_max_live_parameters"]) * width
+    return int(max(1, min(n_masks, (least_free_memory() - live) // 2 // per_mask)))
+
+
 @dataclass
 class Evaluator:
     """Scores a request list under (head, FFN) masks and computes the task metrics.
@@ -52,7 +73,7 @@ class Evaluator:
     heads x FFN grid's edges are the single-kind curves, and different rankings often give the same
     mask at a level, so a shard never evaluates one mask twice (a third of the evaluations in the
     demo). Results are deep-copied out, so callers may change them. `prefetch` scores several
-    masks in shared passes ahead of their calls."""
+    masks in shared passes ahead of their calls; `plan` fixes such groups for a whole run of calls."""
 
     lm: LoadedModel
     task: str
@@ -63,6 +84,7 @@ class Evaluator:
 
     def __post_init__(self):
         self.memo: dict[tuple, tuple] = {}
+        self.planned: dict[tuple, list[tuple]] = {}  # mask key -> the group it is scored with (plan())
         self.n_scored = self.n_physical = self.n_shared = 0
 
     def key(self, requests, head_mask=None, ffn_mask=None) -> tuple:
@@ -82,6 +104,9 @@ class Evaluator:
         return self.memo[key][1:]
 
     def __call__(self, requests, head_mask=None, ffn_mask=None, desc="eval") -> tuple[dict, list[dict]]:
+        planned = self.planned.get(self.key(requests, head_mask, ffn_mask))
+        if planned and self.key(requests, head_mask, ffn_mask) not in self.memo:
+            self.score_group(requests, planned, desc)
         if self.key(requests, head_mask, ffn_mask) not in self.memo:
             self.remember(requests, head_mask, ffn_mask, self.score(requests, head_mask, ffn_mask, desc))
         return copy.deepcopy(self.memo[self.key(requests, head_mask, ffn_mask)][1:])
@@ -101,13 +126,20 @@ class Evaluator:
         return score_requests(prune_physically(self.lm, _keep(head_mask), _keep(ffn_mask)), requests,
                               batch_size=self.batch_size, progress=self.progress, desc=f"{desc} (pruned copy)")
 
+    def per_pass(self, requests, n_masks: int) -> int:
+        """Masks sharing a pass over `requests` when `n_masks` are asked for: eval.masks_per_pass, whose
+        auto is `masks_per_pass`'s, or under ZeRO-3 `zero3_masks_per_pass`'s (sized from memory)."""
+        if self.masks_per_pass == "auto" and self.lm.engine is not None:
+            return zero3_masks_per_pass(self.lm, requests, self.batch_size, n_masks)
+        return masks_per_pass(self.masks_per_pass, self.batch_size, requests)
+
     def prefetch(self, requests, masks, desc="eval") -> None:
         """Before each call of a run of calls on `masks` ([(head_mask, ffn_mask)], all of them, in the
         order they are asked for): the first `masks_per_pass` that are neither memoised nor cheaper on
         a pruned copy, scored together in shared passes (scoring.score_masks) and memoised. The masks
         already asked for are memoised, so the group starts at the one needed now, and a job that
         stops loses at most the group being scored. Nothing when fewer than two would share."""
-        k = masks_per_pass(self.masks_per_pass, self.batch_size, requests)
+        k = self.per_pass(requests, len(masks))
         group, seen = [], set()
         for hm, fm in masks:
             key = self.key(requests, hm, fm)
@@ -117,13 +149,33 @@ class Evaluator:
                 continue
             seen.add(key)
             group.append((hm, fm))
-        if len(group) < 2:
-            return
+        if len(group) >= 2:
+            self.score_group(requests, group, desc)
+
+    def plan(self, requests, masks) -> None:
+        """Fixes which masks share passes in a run of calls on `masks` ([(head_mask, ffn_mask)], every
+        one the run has, done or not, in the order asked for): those not memoised now, distinct, in
+        consecutive groups of `per_pass`; a call on one of them scores its whole group. A mask is then
+        always scored beside the same others, so a resumed job gets the bits an uninterrupted one got
+        (a pass's rounding depends on its rows), as long as the group size is the same."""
+        todo, seen = [], set()
+        for hm, fm in masks:
+            key = self.key(requests, hm, fm)
+            if key not in self.memo and key not in seen and not self.on_pruned_copy(hm, fm):
+                seen.add(key)
+                todo.append((hm, fm))
+        k = self.per_pass(requests, len(todo))
+        for s in range(0, len(todo), k):
+            for hm, fm in todo[s: s + k]:
+                self.planned[self.key(requests, hm, fm)] = todo[s: s + k]
+
+    def score_group(self, requests, group, desc="eval") -> None:
+        """Masks scored together in shared passes (scoring.score_masks) and memoised (those not yet)."""
         scores = score_masks(self.lm, requests, group, batch_size=self.batch_size, progress=self.progress,
                              desc=f"{desc} ({len(group)} masks per pass)")
         for (hm, fm), sc in zip(group, scores):
             self.remember(requests, hm, fm, sc)
-        self.n_shared += len(group)
+        self.n_shared += len(group) if len(group) > 1 else 0
 
 
 def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:

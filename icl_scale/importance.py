@@ -181,16 +181,18 @@ def _batch_sums(lm: LoadedModel, gates: Gates, chunk, abs_mode: str) -> torch.Te
     """One forward + backward to the gate probes over `chunk`: the step's sums, flat (heads, FFN,
     input tokens, continuation tokens; float64). An empty chunk (a ZeRO-3 rank with no example
     left) runs one pad token with weight zero, so it still makes every call the others make."""
-    base, unembed = lm.model.base_model, lm.model.get_output_embeddings()
     idle = not chunk
     if idle:
         chunk = [([lm.tokenizer.pad_token_id], [lm.tokenizer.pad_token_id])]
     ids, mask, rows_t, pos_t, tgt_t, weight_t = importance_batch(lm, chunk)
     b, t = ids.shape
     gates.clear_probes()
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    keep[rows_t, pos_t] = True  # (rows, pos) are in row-major order, the order logits_to_keep returns
     with torch.enable_grad():
-        h = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = unembed(h[rows_t, pos_t]).float()  # unembed only where the loss needs it
+        # One call of the whole model (under ZeRO-3 its hooks run: a traced step, prefetched), the
+        # unembedding only where the loss needs it.
+        logits = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
         nll = -torch.log_softmax(logits, -1).gather(-1, tgt_t[:, None]).squeeze(-1)
         loss = (nll * weight_t).sum() * (0.0 if idle else 1.0)  # sum over examples of mean NLL
         head_c, ffn_c = gates.probe_grads(loss, (b, t))  # [L, b, t, H], [L, b, t]

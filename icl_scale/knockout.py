@@ -25,14 +25,11 @@ Where the entry is (`restart_mode`):
 
 Cost: knock-out l runs L - l - 1 blocks ("block": L - l) instead of L, on average (L - 1) / 2
 ((L + 1) / 2), plus the embedding and the unembedding at the scored positions, which every knock-out
-still needs. Half the block passes of one full evaluation per knock-out, but on SmolLM2-135M (30
-layers, 49k vocabulary) with COPA 1-shot's short contexts one knock-out's unembedding (one call per
-prefix pass's units, scoring.score_units; ~100 rows, where the CPU GEMM is still far from its peak)
-costs about 3 blocks, so the stage is ~1.8x faster, not 2x (bench/README.md, "Knock-out section");
-longer contexts bring it closer to 2x. Batching the unembedding of all knock-outs into one GEMM would
-remove most of the rest, but a GEMM's rows depend on its row count (MKL: up to 11 rows with 2
-threads), so the results would stop being bit-identical to score_requests', which the shard relies
-on to reuse them for the pruning curves.
+still needs. Half the block passes of one full evaluation per knock-out, but on SmolLM2-135M (30 layers,
+49k vocabulary, COPA 1-shot) one knock-out's unembedding (~100 rows per call, scoring.score_units)
+costs about 3 blocks: ~1.8x faster, not 2x (bench/README.md, "Knock-out section"). One unembedding
+GEMM for all knock-outs would change each row's rounding (a GEMM's depends on its row count), and
+the shard relies on bit-identical results to reuse them for the pruning curves.
 
 Results are score_requests' under the knock-out's FFN mask: the same batches and the same operations
 on the same inputs (bit-identical on CPU in tests/test_knockout.py, which demands <= 1e-4 nats).
@@ -42,15 +39,14 @@ values (SmolLM2-135M, 8 one-shot COPA contexts: ~20 MB; OPT-30B, 8 five-shot con
 ~2.8 GB in bfloat16), and every pass's starting KV cache, which the scorer holds for the batch
 anyway; `eval.batch_size` bounds both.
 
-Mode "full" is the old way, one score_requests per knock-out; it is used under ZeRO-3 (whose
-parameter prefetching follows the module order it traced) and for KV caches other than plain growing
-ones (sliding-window layers). Left-truncated pairs are scored by score_naive per knock-out, as
-score_requests does.
+Mode "full" scores every knock-out from the embeddings, several sharing passes (scoring.score_masks,
+`masks_per_pass`); it is used under ZeRO-3 (one gather of the model per pass, whatever the masks, and
+a module order that stays the one DeepSpeed traced) and for KV caches other than plain growing ones.
+Left-truncated pairs are scored by score_naive per knock-out, as score_requests does.
 
-Data-parallel ranks (icl_scale.distributed): each rank knocks out every FFN on its own
-token-balanced slice of the docs, checkpointed in a file of its own (`checkpoint_name`), and the
-slices are gathered at the end; under ZeRO-3 ("full" mode) each knock-out is one data-parallel
-score_requests.
+Data-parallel ranks (icl_scale.distributed): each rank knocks out every FFN on its own token-balanced
+slice of the docs, checkpointed in a file of its own (`checkpoint_name`), and the slices are gathered
+at the end; under ZeRO-3 ("full" mode) the shared passes are data-parallel themselves.
 
 The hooks here (entries read at a pre-FFN norm's or a block's input, replaced at a block's or the
 final norm's input, the cache lent around each base-model pass) are points of the one hook system
@@ -81,8 +77,8 @@ from .scoring import (
     plan_units,
     regroupable,
     request_cost,
+    score_masks,
     score_naive,
-    score_requests,
     score_units,
 )
 from .tasks.base import Request
@@ -182,18 +178,20 @@ def restart_mode(lm: LoadedModel) -> str:
 def knockout_scores(lm: LoadedModel, requests: Sequence[Request], head_mask: torch.Tensor | None = None,
                     batch_size: int = 8, state: KnockoutState | None = None,
                     on_batch: Callable[[KnockoutState], None] | None = None, mode: str | None = None,
-                    progress: bool = False) -> KnockoutState:
+                    progress: bool = False, masks_per_pass: int = 1) -> KnockoutState:
     """Per-choice log-likelihoods of `requests` with no knock-out and with each FFN knocked out, all
     under `head_mask` (see the module docstring). `batch_size` = distinct contexts per pass, as in
     score_requests. `state` resumes: finished work is skipped; `on_batch(state)` runs after every batch
-    (checkpointing). `mode`: post_attention, block or full (default: restart_mode(lm))."""
+    (checkpointing). `mode`: post_attention, block or full (default: restart_mode(lm)); `masks_per_pass`:
+    knock-outs sharing passes in mode full."""
     mode = mode or restart_mode(lm)
     if mode not in MODES:
         raise ValueError(f"knock-out mode {mode!r}; use one of {', '.join(MODES)}")
     rank, world = dp_world()
     if world > 1 and mode != "full":  # "full" is score_requests per knock-out, data-parallel itself
         return _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, rank, world)
-    return _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress)
+    return _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress,
+                            per_pass=masks_per_pass)
 
 
 def checkpoint_name(lm: LoadedModel) -> str:
@@ -205,7 +203,8 @@ def checkpoint_name(lm: LoadedModel) -> str:
     return f"knockout_state.rank{rank}of{world}.safetensors"
 
 
-def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk=None) -> KnockoutState:
+def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk=None,
+                     per_pass: int = 1) -> KnockoutState:
     n = lm.adapter.geometry.n_layers
     n_pairs = sum(r.n_choices for r in requests)
     if state is not None and not state.fits(n, n_pairs):
@@ -215,7 +214,7 @@ def _knockout_scores(lm, requests, head_mask, batch_size, state, on_batch, mode,
     state = state or KnockoutState.empty(n, n_pairs)
     on_batch = on_batch or (lambda s: None)
     if mode == "full":
-        _full(lm, requests, head_mask, batch_size, state, on_batch, progress)
+        _full(lm, requests, head_mask, batch_size, state, on_batch, progress, per_pass)
     else:
         _restarted(lm, requests, head_mask, batch_size, state, on_batch, mode, progress, tk)
     return state
@@ -238,16 +237,18 @@ def _data_parallel(lm, requests, head_mask, batch_size, state, on_batch, mode, p
     return whole
 
 
-def _full(lm, requests, head_mask, batch_size, state, on_batch, progress) -> None:
-    """The old way: one score_requests of every request per knock-out; checkpointed per knock-out."""
-    n = state.logprobs.shape[0] - 1
-    pairs = torch.arange(state.logprobs.shape[1])
-    for row in tqdm(range(n + 1), disable=not progress, desc="ffn knock-out", leave=False):
-        if bool(state.done[row].all()):
+def _full(lm, requests, head_mask, batch_size, state, on_batch, progress, per_pass: int) -> None:
+    """Every request scored per knock-out, fixed groups of `per_pass` knock-outs sharing passes (scoring.
+    score_masks; a resumed job scores each beside the same others: the same bits); checkpointed per group."""
+    n, pairs = state.logprobs.shape[0] - 1, torch.arange(state.logprobs.shape[1])
+    for start in tqdm(range(0, n + 1, per_pass), disable=not progress, desc="ffn knock-out", leave=False):
+        rows = list(range(start, min(n + 1, start + per_pass)))
+        if bool(state.done[rows].all()):
             continue
-        scores = score_requests(lm, requests, head_mask, knockout_mask(n, row - 1), batch_size=batch_size)
-        state.put(row, pairs, torch.tensor([c.logprob for s in scores for c in s], dtype=torch.float64),
-                  torch.tensor([c.n_tokens for s in scores for c in s]))
+        masks = [(head_mask, knockout_mask(n, row - 1)) for row in rows]
+        for row, scores in zip(rows, score_masks(lm, requests, masks, batch_size=batch_size)):
+            state.put(row, pairs, torch.tensor([c.logprob for s in scores for c in s], dtype=torch.float64),
+                      torch.tensor([c.n_tokens for s in scores for c in s]))
         on_batch(state)
 
 

@@ -199,12 +199,14 @@ class Lockstep:
     Nothing is agreed while the ranks work, so no rank can wait in an all-reduce while another is in a
     parameter gather. None of this is needed (or used) without ZeRO-3: each rank runs its own work."""
 
-    def __init__(self, lm: LoadedModel, works: Sequence[Work], regroup: bool):
+    def __init__(self, lm: LoadedModel, works: Sequence[Work], regroup: bool, packed: bool = False):
         self.lm, self.base, self.unembed = lm, lm.model.base_model, lm.model.get_output_embeddings()
         self.pad = torch.tensor([[lm.tokenizer.pad_token_id]], device=lm.device)
-        self.regroup = regroup
+        self.regroup, self.packed = regroup, packed
         steps = max(len(w.prefixes) for w in works)
-        self.tails = [max((w.tails[s] for w in works if s < len(w.tails)), default=0) for s in range(steps)]
+        # packed (icl_scale/packed.py): a step is one call of the whole model, no continuation passes
+        self.tails = [0 if packed else max((w.tails[s] for w in works if s < len(w.tails)), default=0)
+                      for s in range(steps)]
         self.naive = max(w.naive for w in works)
         self.select = None  # several masks (RowGates): placeholder calls run under mask 0
 
@@ -215,8 +217,8 @@ class Lockstep:
             self.base(input_ids=self.pad)
 
     def idle_unembed(self) -> None:
-        self.unembed(torch.zeros(1, self.lm.model.config.hidden_size, device=self.lm.device,
-                                 dtype=self.lm.dtype))
+        w = self.unembed.weight  # its input width: OPT's word_embed_proj_dim can differ from hidden_size
+        self.unembed(torch.zeros(1, getattr(w, "ds_shape", w.shape)[-1], device=self.lm.device, dtype=self.lm.dtype))
 
     def idle_model(self, n: int) -> None:
         for _ in range(n):
@@ -224,7 +226,12 @@ class Lockstep:
 
     def idle_units(self, step: int) -> None:
         """The calls of `score_units` at schedule step `step` for a rank with no units there:
-        prefix pass, the step's continuation passes, and the unembedding."""
+        prefix pass, the step's continuation passes, and the unembedding (packed: one model call)."""
+        if self.packed:
+            if self.select:
+                self.select([0])
+            self.idle_model(1)
+            return
         self.idle_base(1 + self.tails[step])
         self.idle_unembed()
 

@@ -35,8 +35,8 @@ from .tasks.base import Request
 @dataclass
 class Calls:
     """Module calls one rank makes: base-model forwards (the scorer's prefix, continuation and
-    placeholder passes, the importance forwards), unembedding calls, whole-model calls of the naive
-    path (each one also runs the unembedding), importance backwards."""
+    placeholder passes), unembedding calls, whole-model calls (the naive path, the importance
+    forwards; each one also runs the unembedding), importance backwards."""
 
     base: int = 0
     unembed: int = 0
@@ -75,8 +75,10 @@ def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size
 
 
 def importance_calls(n_examples: int, batch_size: int, ranks: int) -> Calls:
+    """Each importance step is one whole-model forward (its unembedding keeps only the scored
+    positions) and one backward, on every rank."""
     steps = math.ceil(n_examples / (batch_size * ranks))
-    return Calls(base=steps, unembed=steps, backward=steps)
+    return Calls(model=steps, unembed=steps, backward=steps)
 
 
 # --- the masks the curves stage scores ----------------------------------------------------------------

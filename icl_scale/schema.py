@@ -43,7 +43,8 @@ class EvalConfig:
                                   "compute is scored on a physically pruned copy; null = always gate (ZeRO-3 gates)",
                                   none_ok=True)
     masks_per_pass: Any = setting("auto", int, "gated masks sharing one batched forward: auto = as many as fill one "
-                                  "pass when the eval list is shorter than batch_size, else 1; or an int >= 1",
+                                  "pass when the eval list is shorter than batch_size, else 1 (under ZeRO-3: as many "
+                                  "as memory holds, each with batch_size prefixes); or an int >= 1",
                                   lo=1, options=("auto",))
 
 
@@ -166,6 +167,17 @@ class DeepSpeedConfig:
     enabled: Any = setting(False, bool, "ZeRO-3 inference across the GPUs of a job (big models)")
     offload_param: Any = setting("none", str, "none | cpu (stream parameters from host memory)",
                                  options=("none", "cpu"))
+    # Stage-3 inference knobs (models/zero.py::stage3_knobs resolves auto the same on every rank)
+    max_live_parameters: Any = setting("auto", int, "most parameters whole at once on a rank (prefetch and reuse "
+                                       "stop there); auto = what a quarter of the free device memory holds (the "
+                                       "least over the ranks), at most the model, at least two decoder blocks",
+                                       lo=1, options=("auto",))
+    prefetch_bucket_size: Any = setting("auto", int, "parameters gathered ahead of the module that needs them (the "
+                                        "next blocks while this one runs); auto = the largest decoder block's, at "
+                                        "most max_live_parameters", lo=1, options=("auto",))
+    persistence_threshold: Any = setting("auto", int, "parameters of at most this many elements stay whole on "
+                                         "every rank, never gathered; auto = the hidden size (norms and biases)",
+                                         lo=0, options=("auto",))
 
 
 @dataclass

@@ -208,21 +208,29 @@ def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tu
     unit runs once per mask, and a pass mixes the units of several masks, each batch row under its
     own mask (models/gates.RowGates). Fewer, fuller passes when one mask's request list does not
     fill a pass (shard.masks_per_pass decides); the numbers equal one score_requests per mask up to
-    float rounding (a GEMM's rounding depends on its row count)."""
+    float rounding (a GEMM's rounding depends on its row count). Under ZeRO-3 every mask keeps its
+    `batch_size` prefixes per pass: the masks share the pass's one gather of the model, not its rows."""
     from .distributed import balanced_slices, dp_world, gather_objects
 
     rank, world = dp_world()
-    if world == 1:
-        return _score_local(lm, requests, masks, batch_size, progress, desc)
     tk = Tokenised(lm, requests)
+    packed = False
+    if lm.engine is not None:  # ZeRO-3: each pass gathers the model; fewer, fuller passes
+        from .models.zero import least_free_memory
+        from .packed import packable
+
+        batch_size *= len(masks)
+        packed = packable(lm, tk, requests, batch_size, least_free_memory())
+    if world == 1:
+        return _score_local(lm, requests, masks, batch_size, progress, desc, tk=tk, packed=packed)
     slices = balanced_slices([request_cost(tk, r) for r in requests], world)
     mine = slices[rank]
     sync = None
     if lm.engine is not None:  # ZeRO-3: the schedule of every rank's passes, before any work
         cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
         works = [plan_work(tk, [requests[i] for i in s], len(masks), batch_size, cost, regroup) for s in slices]
-        sync = Lockstep(lm, works, regroup)
-    local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk)
+        sync = Lockstep(lm, works, regroup, packed)
+    local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk, packed)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     mine_rows = [[[(c.logprob, c.n_tokens) for c in row] for row in res] for res in local]
     for idx, per_mask in gather_objects((mine, mine_rows)):
@@ -248,14 +256,18 @@ def _maskgates_for(lm: LoadedModel, masks: Sequence[tuple], n: int):
     if heads is None and ffns is None:
         return nullcontext(), None
     gates = RowGates(lm.adapter, heads, ffns)
-    return gates, lambda idx: gates.select(torch.tensor(idx, dtype=torch.long) // n)
+    # (a rank with no requests, n = 0, runs its placeholder rows under mask 0)
+    return gates, lambda idx: gates.select(torch.tensor(idx, dtype=torch.long) // max(n, 1))
 
 
 def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int,
                  progress: bool, desc: str, sync: Lockstep | None = None,
-                 tk: Tokenised | None = None) -> list[list[list[ChoiceScore]]]:
+                 tk: Tokenised | None = None, packed: bool = False) -> list[list[list[ChoiceScore]]]:
     """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks, on
-    its schedule; `tk`: the tokens of a superset of `requests`, when the caller has them)."""
+    its schedule; `tk`: the tokens of a superset of `requests`, when the caller has them; `packed`:
+    each step is one call of the whole model, icl_scale/packed.py)."""
+    from .packed import score_packed
+
     tk = tk or Tokenised(lm, requests)
     n = len(requests)
     dev = lm.device
@@ -275,8 +287,9 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
                 continue
             g = work.prefixes[step]
             lock = (sync, sync.tails[step]) if sync else None
-            for i, j, sc in score_units(base, unembed, tk, copies, [work.units[k] for k in g], pad, dev, cost,
-                                         lock, select):
+            chunk = [work.units[k] for k in g]
+            for i, j, sc in score_packed(lm, tk, copies, chunk, select) if packed else score_units(
+                    base, unembed, tk, copies, chunk, pad, dev, cost, lock, select):
                 out[i // n][i % n][j] = sc
             bar.update(len(g))
         bar.close()

@@ -283,7 +283,8 @@ class ShardRun(CurvesStage, ResumableRun):
             own = name != "knockout_state.safetensors"
             state = knockout_scores(self.lm, reqs, batch_size=ev.batch_size,
                                     state=KnockoutState.from_tensors(saved) if saved else None,
-                                    on_batch=lambda s: self.knockout_batch(path, s, own), progress=self.show_progress)
+                                    on_batch=lambda s: self.knockout_batch(path, s, own), progress=self.show_progress,
+                                    masks_per_pass=ev.per_pass(reqs, n + 1))
             for layer in range(-1, n):
                 mask = knockout_mask(n, layer)
                 done = ev.key(reqs, None, mask) in ev.memo

@@ -168,6 +168,17 @@ CONFIG: list[tuple[str, type[BaseException], str]] = [
                                      "use eval.split=null (the paper's split, validation)"),
     ("pruning.compare=random", ConfigError, "pruning.compare='random' must be a list, e.g. pruning.compare=[random]"),
     ("progress=maybe", ConfigError, "progress='maybe' must be true or false"),
+    ("model.deepspeed.prefetch_bucket_size=0", ConfigError, "model.deepspeed.prefetch_bucket_size=0 must be >= 1"),
+    ("model.deepspeed.prefetch_bucket_size=-5", ConfigError, "model.deepspeed.prefetch_bucket_size=-5 must be >= 1"),
+    ("model.deepspeed.prefetch_bucket_size=2.5", ConfigError, "model.deepspeed.prefetch_bucket_size=2.5 must be "
+     "auto or an integer, e.g. model.deepspeed.prefetch_bucket_size=1"),
+    ("model.deepspeed.prefetch_bucket_size=big", ConfigError, "model.deepspeed.prefetch_bucket_size='big' must be "
+     "auto or an integer, e.g. model.deepspeed.prefetch_bucket_size=1"),
+    ("model.deepspeed.max_live_parameters=0", ConfigError, "model.deepspeed.max_live_parameters=0 must be >= 1"),
+    ("model.deepspeed.max_live_parameters=null", ConfigError, "model.deepspeed.max_live_parameters=None must be "
+     "auto or an integer, e.g. model.deepspeed.max_live_parameters=1"),
+    ("model.deepspeed.persistence_threshold=-1", ConfigError,
+     "model.deepspeed.persistence_threshold=-1 must be >= 0"),
     ("model.max_length=0", ConfigError, "model.max_length=0 must be >= 2"),
     ("model.max_length=x", ConfigError, "model.max_length='x' must be a whole number or null, e.g. model.max_length=2"),
     ("model.attn_implementation=flashy", ConfigError,

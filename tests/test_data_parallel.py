@@ -90,6 +90,22 @@ def test_two_ranks_write_the_one_process_store(reference, tmp_path, model, zero)
 
 
 @pytest.mark.slow  # torchrun ranks
+def test_zero3_with_a_quarter_of_the_model_live_gathers_once_per_step_and_writes_the_one_process_store(
+        reference, tmp_path):
+    """Under ZeRO-3 with a live-parameter budget of a quarter of the model, the knock-outs (3 masks on
+    tiny-opt) share packed calls, and so do the curves' masks (heads, FFN and the grid at 50%): at most
+    two calls per stage on a rank's 7 docs, and the store is still the one process's. tiny-opt is
+    mostly its tied embedding, which a quarter budget releases between the embedding and the
+    unembedding: ~2 model-sized gathers per call (one mask per pass: 3 knock-outs x 3 calls)."""
+    out = score(tmp_path, "tiny-opt", "model.deepspeed.enabled=true", "model.deepspeed.max_live_parameters=800000",
+                ranks=2)
+    assert out.count("done in") == 2
+    assert_same_store(shard_dir(reference, "tiny-opt"), shard_dir(tmp_path, "tiny-opt"))
+    stages = json.loads((shard_dir(tmp_path, "tiny-opt") / "manifest.json").read_text())["zero"]["stages"]
+    assert stages["knockout"]["gathers"] <= 4.2 and stages["curves"]["gathers"] <= 4.2, stages
+
+
+@pytest.mark.slow  # torchrun ranks
 def test_shared_passes_under_zero3_on_two_ranks_equal_one_mask_per_pass_in_one_process(tmp_path):
     """Several masks per batched forward (eval.masks_per_pass) under ZeRO-3 on 2 ranks: the ranks'
     passes stay in call-lockstep (the placeholder calls select a mask too) and the store equals one
@@ -209,7 +225,8 @@ def test_random_shards_under_zero3_on_2_and_3_ranks_write_the_one_process_store(
     # the gather counters: per stage, in the manifest and the stage log (none without ZeRO-3)
     zero = json.loads((shard_dir(tmp_path / "zero", "tiny-opt", task, shot) / "manifest.json").read_text())["zero"]
     assert set(zero["stages"]) == {"importance", "knockout", "curves"}
-    assert all(s["gathers"] >= 1 and s["gathered_gb"] > 0 for s in zero["stages"].values()), zero
+    # (a whole forward gathers a little under the model: the persistent norms and biases never)
+    assert all(s["gathers"] >= 0.5 and s["gathered_gb"] > 0 for s in zero["stages"].values()), zero
     total = sum(s["gathers"] for s in zero["stages"].values())
     assert abs(zero["total"]["gathers"] - total) <= 1e-2 * total
     assert "stage curves: " in out and "full-model gathers" in out

@@ -17,7 +17,7 @@ LAYERS = [
     {"config", "settings", "schema", "store", "lease", "distributed", "slurm_env", "tracking", "pruning", "figures",
      "rankings"},
     {"models", "tasks"},
-    {"passes"},
+    {"passes", "packed"},
     {"scoring", "importance", "knockout", "validation", "live", "plan_machine", "plan_data"},
     {"evaluator", "runs", "plan", "plan_passes"},
     {"induction", "shard", "curves", "export", "collect", "report", "transfer", "paper", "plots", "paired", "claims",

@@ -56,8 +56,9 @@ def _recorded(lm):
     return calls, hooks
 
 
-def _run_ranks(lm, reqs, masks, batch_size, world):
-    """Each simulated rank's (call sequence, scores of its slice), on the schedule of all ranks."""
+def _run_ranks(lm, reqs, masks, batch_size, world, packed=False):
+    """Each simulated rank's (call sequence, scores of its slice), on the schedule of all ranks
+    (`packed`: ZeRO-3's one call of the whole model per step)."""
     tk = Tokenised(lm, reqs)
     slices = balanced_slices([request_cost(tk, r) for r in reqs], world)
     cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
@@ -66,7 +67,8 @@ def _run_ranks(lm, reqs, masks, batch_size, world):
     for s in slices:
         calls, hooks = _recorded(lm)
         try:
-            res = _score_local(lm, [reqs[i] for i in s], masks, batch_size, False, "", Lockstep(lm, works, regroup), tk)
+            res = _score_local(lm, [reqs[i] for i in s], masks, batch_size, False, "",
+                               Lockstep(lm, works, regroup, packed), tk, packed)
         finally:
             for h in hooks:
                 h.remove()
@@ -109,3 +111,28 @@ def test_ranks_with_unequal_continuation_and_naive_passes_still_match():
         assert works[0].tails != works[1].tails or works[0].naive != works[1].naive  # the plans differ
         ranks = _run_ranks(lm, reqs, [(None, None)], 8, 2)
         assert ranks[0][0] == ranks[1][0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_steps_make_the_same_calls_on_every_rank_and_give_the_cached_scores(seed):
+    """ZeRO-3's packed steps (icl_scale/packed.py: a prefix and its continuations in one call of the
+    whole model): every simulated rank makes the same calls, and the scores are the cached path's."""
+    rng = random.Random(100 + seed)
+    d = _draw(rng)
+    base = get_model(d["model"])
+    lm = dataclasses.replace(base, max_length=d["max_length"] or base.max_length)
+    reqs = build_requests(d["task"], shot=d["shot"], limit=d["limit"], data_dir=data_dir(), seed=seed)
+    masks = _masks(lm, d["masks"], rng)
+    ranks = _run_ranks(lm, reqs, masks, d["batch_size"], d["world"], packed=True)
+    assert all(calls == ranks[0][0] for calls, _, _ in ranks), d
+    # every call goes through the whole model (DeepSpeed's hooks run), nothing beside it (OPT's causal
+    # LM calls its decoder, not the base model: no "base" there)
+    calls = ranks[0][0]
+    assert calls[0] == "model" and all(c.split() in (["base", "unembed"], ["unembed"])
+                                       for c in " ".join(calls).split("model")[1:]), d
+    whole = score_masks(lm, reqs, masks, batch_size=d["batch_size"])
+    for _, idx, res in ranks:
+        for k in range(len(masks)):
+            for i, row in zip(idx, res[k]):
+                assert [c.n_tokens for c in row] == [c.n_tokens for c in whole[k][i]], d
+                assert max(abs(a.logprob - b.logprob) for a, b in zip(row, whole[k][i])) <= 1e-4, d

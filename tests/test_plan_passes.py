@@ -96,7 +96,7 @@ def test_the_planned_calls_of_a_scoring_run_are_every_zero3_ranks(world, masks):
 
 
 def test_importance_steps_and_the_tables_mean_documents():
-    assert importance_calls(9, 2, 2).base == 3  # ceil(9 / (2 x 2)) steps, each rank on every step
+    assert importance_calls(9, 2, 2).model == 3  # ceil(9 / (2 x 2)) steps, each rank on every step
     # documents of equal length: ceil(n / batch) prefix passes, one continuation pass after each when
     # continuations have several tokens, none when they have one
     tk = MeanTokens(context_tokens=30, max_length=64)

@@ -147,3 +147,23 @@ def test_lockstep_placeholder_calls_select_a_mask():
         sync.select = gates.select
         sync.idle_units(0)
         sync.idle_base()
+
+
+def test_planned_groups_do_not_depend_on_how_far_a_run_got():
+    """Evaluator.plan (ZeRO-3's curves stage): every mask of the stage, done or not, in fixed groups;
+    a call scores its mask's whole group, so a resumed run (whose earlier masks are done and never
+    asked again) scores each remaining mask beside the same others: the same numbers, bit for bit."""
+    from icl_scale.evaluator import Evaluator
+
+    lm = get_model("tiny-opt")
+    reqs = build_requests("copa", shot=1, limit=4, data_dir=data_dir())
+    g = lm.adapter.geometry
+    gen = torch.Generator().manual_seed(3)
+    masks = [((torch.rand(g.n_layers, g.n_heads, generator=gen) > 0.5).float(), None) for _ in range(5)]
+    runs = []
+    for first in (0, 3):  # an uninterrupted run, and one resumed after the first three masks
+        ev = Evaluator(lm, "copa", batch_size=4, masks_per_pass=2)
+        ev.plan(reqs, masks)
+        runs.append({k: ev(reqs, hm, fm)[1] for k, (hm, fm) in enumerate(masks) if k >= first})
+        assert ev.n_shared == (4 if first == 0 else 2)  # groups [0, 1], [2, 3], [4]: [2, 3] again on resume
+    assert all(runs[1][k] == runs[0][k] for k in runs[1])

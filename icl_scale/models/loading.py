@@ -343,12 +343,13 @@ def _load_partitioned(spec: dict, path: Path, dtype: torch.dtype, attn: str, off
 
 
 def partition_zero3(lm: LoadedModel, offload_param: str) -> None:
-    """Swap lm's model for its ZeRO-3 partitioned module (icl_scale.models.zero)."""
+    """Swap lm's model for its ZeRO-3 partitioned module (icl_scale.models.zero), with the stage-3
+    knobs of lm.spec's model.deepspeed."""
     from .zero import zero_inference
 
-    engine, module, world_size = zero_inference(lm.model, lm.dtype, offload_param)
+    engine, module, world_size, knobs = zero_inference(lm.model, lm.dtype, offload_param, lm.spec["deepspeed"])
     lm.model, lm.adapter = module, Adapter(module)
     lm.device = getattr(engine, "device", lm.device)
     lm.spec = {**lm.spec, "deepspeed": {"enabled": True, "stage": 3, "offload_param": offload_param,
-                                        "world_size": world_size}}
+                                        "world_size": world_size, **knobs}}
     lm.engine = engine

@@ -8,6 +8,11 @@ forward, our hooks sit on the same submodules, and gate gradients come from
 different documents but make the same sequence of module calls (icl_scale/distributed.py,
 scoring.Lockstep); rank 0 writes results.
 
+How often the model is gathered: every forward call gathers each parameter once (persistent ones
+never), so the scorer makes few, full calls under ZeRO-3 (icl_scale/packed.py, scoring.score_masks);
+`stage3_knobs` sets what may be whole at once (model.deepspeed.max_live_parameters and the rest), and
+`GatherCount` counts what was gathered.
+
 Facts this relies on (measured with deepspeed 0.19 / transformers 5.x): `deepspeed.initialize` on
 an already-built model partitions it correctly, whereas `zero.Init` during construction breaks
 transformers 5.x weight initialisation; `engine.module(...)` + autograd.grad gives gate gradients
@@ -17,6 +22,7 @@ identical to plain torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -28,15 +34,11 @@ log = logging.getLogger(__name__)
 OFFLOAD = ("none", "cpu")
 
 
-def ds_config(dtype: torch.dtype, offload_param: str = "none") -> dict:
+def ds_config(dtype: torch.dtype, offload_param: str = "none", knobs: dict | None = None) -> dict:
+    """DeepSpeed's config: stage 3, inference only; `knobs` (stage3_knobs) sets what is whole when."""
     if offload_param not in OFFLOAD:
         raise ValueError(f"model.deepspeed.offload_param={offload_param!r}; use one of {', '.join(OFFLOAD)}")
-    zero = {
-        "stage": 3,
-        # Inference only: never keep full copies, gather per submodule.
-        "stage3_param_persistence_threshold": 0,
-        "stage3_prefetch_bucket_size": 5e7,
-    }
+    zero = {"stage": 3, **(knobs or {})}
     if offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -49,20 +51,72 @@ def ds_config(dtype: torch.dtype, offload_param: str = "none") -> dict:
     }
 
 
-def zero_inference(model: torch.nn.Module, dtype: torch.dtype, offload_param: str = "none"):
-    """Partition `model` with ZeRO-3 across the job's ranks. Returns (engine, module, world size):
-    the caller scores with `module` and keeps `engine` alive (it owns the partitioning hooks)."""
+def free_memory_bytes() -> int:
+    """Free memory of this rank's device: the GPU's, else this rank's share of the host's available memory."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    from ..distributed import ranks_on_this_node
+
+    return int(psutil.virtual_memory().available) // max(1, ranks_on_this_node())
+
+
+@functools.cache
+def least_free_memory() -> int:
+    """`free_memory_bytes` at its first call (while the model loads), the least over the ranks: every
+    rank sizes its passes from the same number, so their schedules stay the same."""
+    from ..distributed import max_over_ranks
+
+    return -max_over_ranks(-free_memory_bytes())
+
+
+def model_numbers(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(parameters of the model, of its largest decoder block, of its largest tensor), each parameter
+    once, whole or partitioned."""
+    def numel(params):
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+
+    blocks = [numel(b.parameters()) for m in model.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
+    return numel(model.parameters()), max(blocks, default=0), max(numel([p]) for p in model.parameters())
+
+
+def stage3_knobs(model: torch.nn.Module, ds: dict, dtype: torch.dtype) -> dict:
+    """The stage-3 inference knobs of `ds` (model.deepspeed), "auto" resolved from memory and the model,
+    identical on every rank (prefetches are collectives: ranks that fetched different sets would wait
+    on each other). `max_live_parameters` bounds what is whole at once: DeepSpeed always gathers the
+    module about to run, whatever its budget, and bounds only what it keeps and prefetches beside it,
+    so its budget is ours less the largest block, and less the largest tensor (a prefetch may pass its
+    bound by one). That is also the reuse distance: a parameter needed again later in the same forward
+    stays whole only within it (a small model's tied embedding)."""
+    total, block, tensor = model_numbers(model)
+    live = ds["max_live_parameters"]
+    if live == "auto":
+        live = min(total, max(2 * block, least_free_memory() // 4 // dtype.itemsize))
+    beside = max(0, int(live) - block - tensor)  # what may be whole beside the module running
+    prefetch = block if ds["prefetch_bucket_size"] == "auto" else int(ds["prefetch_bucket_size"])
+    persist = ds["persistence_threshold"]
+    persist = int(getattr(model.config, "hidden_size", 0)) if persist == "auto" else persist
+    return {"stage3_max_live_parameters": beside, "stage3_max_reuse_distance": beside,
+            "stage3_prefetch_bucket_size": min(prefetch, beside), "stage3_param_persistence_threshold": int(persist)}
+
+
+def zero_inference(model: torch.nn.Module, dtype: torch.dtype, offload_param: str = "none", ds: dict | None = None):
+    """Partition `model` with ZeRO-3 across the job's ranks. Returns (engine, module, world size, knobs):
+    the caller scores with `module` and keeps `engine` alive (it owns the partitioning hooks). `ds`:
+    model.deepspeed, whose stage-3 knobs apply (None: DeepSpeed's own)."""
     import deepspeed
 
     de = init_process_group()
     if torch.cuda.is_available():
         torch.cuda.set_device(de.local_rank)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config(dtype, offload_param))
+    knobs = stage3_knobs(model, ds, dtype) if ds is not None else {}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(dtype, offload_param, knobs))
     module = engine.module
     module.eval()
     module.requires_grad_(False)
-    log.info("ZeRO-3 inference: rank %d/%d, offload_param=%s", de.rank, de.world_size, offload_param)
-    return engine, module, de.world_size
+    log.info("ZeRO-3 inference: rank %d/%d, offload_param=%s, %s", de.rank, de.world_size, offload_param, knobs)
+    return engine, module, de.world_size, knobs
 
 
 @contextlib.contextmanager
