@@ -140,8 +140,11 @@ def shard_lists(cfg: dict, task: str, shot: int, tokenizer, doc_start: list[int]
     eval_reqs = build_requests(task, split=ev["split"], shot=shot, seed=seed, limit=ev["limit"], data_dir=data_dir)
     train = build_requests(task, split="train", shot=shot, seed=seed, data_dir=data_dir)
     on_eval = cfg["knockout"]["split"] == "paper"
-    k = int(cfg["knockout"]["limit"])
-    ko, pool = (eval_reqs, train) if on_eval else (train[-k:], train[:-k])
+    if on_eval:  # knockout.limit is for the held-out split only (the paper preset leaves it null)
+        ko, pool = eval_reqs, train
+    else:
+        k = int(cfg["knockout"]["limit"])
+        ko, pool = train[-k:], train[:-k]
     if cfg["importance"]["docs"] == "training_docs":
         keep = set(demo_pool(task, load_split(get_task(task), "train", data_dir)))
         pool = [r for r in pool if r.doc_id in keep]
