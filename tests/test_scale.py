@@ -34,7 +34,7 @@ def test_entries_are_presets_or_presets_with_settings():
     assert models[1]["source"] == "hf" and models[1]["id"] == "/ckpt/mine"
     assert models[2]["family"] == "llama" and models[2]["config"] == {"num_hidden_layers": 3}
     assert models[0]["deepspeed"] == {"enabled": False, "offload_param": "none", "max_live_parameters": "auto",
-                                      "prefetch_bucket_size": "auto", "persistence_threshold": "auto"}  # schema defaults
+                                      "prefetch_bucket_size": "auto", "persistence_threshold": "auto"}  # the schema's
     with pytest.raises(ConfigError, match=r"sweep.models\[0\] \(tiny-opt\): nope is not a model setting"):
         model_sections(compose("sweep.models=[tiny-opt]", "sweep.model_settings={nope: 1}"))
     # Without sweep.models the sweep is the one model=, as before.
