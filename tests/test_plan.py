@@ -164,6 +164,7 @@ def test_docs_and_tokens_are_counted_from_the_data_or_come_from_the_table():
     assert h.eval_docs == 10042 and h.source == "table: Rowan/hellaswag (Zellers et al. 2019)"
 
 
+@pytest.mark.slow  # the paper's 42 shards through the scorer's schedule: ~35 s on one core
 def test_cli_prints_the_plan_and_names_the_fix_when_it_does_not_fit(capsys):
     assert P.main(["experiment=paper", "gpus=8", "gpu_mem_gb=80"]) == 0  # OPT-66B, float16, its batch sizes
     out = capsys.readouterr().out
