@@ -28,7 +28,7 @@ XDIST := -n auto --dist loadgroup
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
-# Everything but the real-model, torchrun, end-to-end and Slurm tests (5.5 min on 2 cores; README: test tiers).
+# Everything but the real-model, torchrun, end-to-end and Slurm tests (3 min on 2 cores; README: test tiers).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow and not slurm and not mirror" $(ARGS)
 
