@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) jobs/demo.py $(ARGS)
 
-# A pytest-xdist worker per core; the Slurm tests share one worker (one cluster). ARGS="-n 0": serial.
-XDIST := -n auto --dist loadgroup
+# A pytest-xdist worker per core (the Slurm tests take turns: tests/conftest.py). ARGS="-n 0": serial.
+XDIST := -n auto
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) $(ARGS)

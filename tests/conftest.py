@@ -78,15 +78,27 @@ def pytest_collection_modifyitems(config, items):
     unmarked = _unmarked_heavy(items)
     if unmarked:
         raise pytest.UsageError(f"mark these tests slow (real model, torchrun or Slurm): {unmarked}")
-    for item in items:  # one Slurm cluster: its tests run one at a time, on one xdist worker
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
     if not is_unset(os.environ.get("ICL_SCALE_DATA_DIR")):
         return
     deselected = [item for item in items if item.get_closest_marker("mirror")]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("mirror")]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """One Slurm cluster: its tests take turns across pytest-xdist workers (a file lock held from the
+    test's setup, module fixtures included, to its teardown)."""
+    if item.get_closest_marker("slurm") is None:
+        yield
+        return
+    import tempfile
+
+    from filelock import FileLock
+
+    with FileLock(str(Path(tempfile.gettempdir()) / "icl_scale-slurm-tests.lock")):
+        yield
 
 
 def pytest_report_header(config):
