@@ -14,7 +14,9 @@
    * `load_gbs`: a line through the (warm) load times of those models under ZeRO-3;
    * `startup_s`: the micro-run's own start as a job makes it (launch, interpreter, imports, the
      config, the ranks' rendezvous, the first model's load, less its bytes at `load_gbs`) and its exit;
-   * `tokenize_ktok_s`: rendering train docs and tokenising them, as a shard does.
+   * `tokenize_ktok_s`: rendering train docs and tokenising them, as a shard does;
+   * `free_gb`: a rank's free memory as the scorer reads it (models/zero.least_free_memory), which sizes
+     the ZeRO-3 passes (masks per pass, packed steps) the planner then plans.
 2. The planner predicts each of three shards from those numbers and its formula (icl_scale/plan.py:
    the scorer's pass schedule, FLOPs, gathered bytes, fixed costs); nothing is tuned to the shards.
 3. Each shard runs as a job, `torchrun --nproc_per_node 2 jobs/score.py` under ZeRO-3 (random OPTs
@@ -143,9 +145,11 @@ reqs = build_requests("piqa", split="train", shot=1, data_dir=data)
 strings = sorted({s for r in reqs for s in (*r.contexts, *r.continuations)})
 n_tok = sum(len(i) for i in lm.tokenizer(strings, add_special_tokens=False)["input_ids"])
 tokenize = n_tok / (time.perf_counter() - t) / 1e3
+from icl_scale.models.zero import least_free_memory
+free_gb = least_free_memory() / 2**30  # what a shard's ZeRO-3 passes are sized from (as at its load)
 if td.get_rank() == 0:
     print("MEASURED " + json.dumps({
-        "peak_tflops": tflops, "allgather_gbs": allgather, "started_s": started, "tokenize_ktok_s": tokenize,
+        "free_gb": free_gb, "peak_tflops": tflops, "allgather_gbs": allgather, "started_s": started, "tokenize_ktok_s": tokenize,
         "loads": loads, "one_token_passes": passes}), flush=True)
 print("ENDED " + str(time.time()), flush=True)
 """
@@ -194,7 +198,9 @@ def predict(model: list[str], task: str, shot: int, extra: list[str], machine: d
     from icl_scale import plan as P
 
     cfg = P.compose([*model, f"data.dir={data}", f"sweep.tasks=[{task}]", f"sweep.shots=[{shot}]", *COMMON, *extra])
-    cfg["plan"].update(gpus=2, utilization=1.0, **{k: machine[k] for k in PLAN_KEYS})
+    # the memory ZeRO-3 passes are sized from: a rank's free memory (plan.py reads gpu_mem_gb x SAFETY)
+    cfg["plan"].update(gpus=2, utilization=1.0, gpu_mem_gb=machine["free_gb"] / P.SAFETY,
+                       **{k: machine[k] for k in PLAN_KEYS})
     [counts] = P.task_counts(cfg)
     t = P.shard_time(cfg, counts, 2)
     a = P.Arch.from_spec(cfg["model"])
@@ -240,7 +246,7 @@ def markdown(res: dict) -> str:
                      f"{r['planned_gathers']} / {r['measured_gathers']} |")
     lines += ["", f"Within {TOLERANCE:.0%}: {res.get('within_tolerance')} (complete: {res.get('complete')})", "",
               "Primitives measured before each shard:", ""]
-    lines += [f"* {r['shard']}: " + ", ".join(f"{k}={r['machine'][k]:.4g}" for k in (*PLAN_KEYS, "allgather_gbs"))
+    lines += [f"* {r['shard']}: " + ", ".join(f"{k}={r['machine'][k]:.4g}" for k in (*PLAN_KEYS, "allgather_gbs", "free_gb"))
               for r in res["shards"]]
     lines.append("")
     return "\n".join(lines)

@@ -44,25 +44,39 @@ def masks_per_pass(setting, batch_size: int, requests) -> int:
     return max(1, batch_size // max(1, len({tuple(r.contexts) for r in requests})))
 
 
+def pass_token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, hidden: int, width: int) -> int:
+    """Bytes one token of a ZeRO-3 pass holds: its KV cache in every layer and one layer's working set."""
+    return width * (2 * n_layers * n_kv_heads * head_dim + 6 * hidden)
+
+
+def mask_pass_bytes(tk, requests, batch_size: int, per_token: int, vocab: int) -> int:
+    """One mask's share of a ZeRO-3 pass, costed at its heaviest: the `batch_size` longest requests,
+    every choice's row with its own copy of the prefix's KV cache (`per_token`: pass_token_bytes) and
+    float32 log-probs of every scored token."""
+    costs = sorted((sum(len(tk.context(r.pair(j)[0])) * per_token
+                        + len(tk.continuation(r.pair(j)[1])) * (per_token + 8 * vocab)
+                        for j in range(r.n_choices)) for r in requests), reverse=True)
+    return max(1, sum(costs[:batch_size]))
+
+
+def zero3_group_size(per_mask: int, n_masks: int, free_bytes: int, live_bytes: int) -> int:
+    """Masks per ZeRO-3 pass: as many of `n_masks` as half the memory beside the live-parameter budget holds."""
+    return int(max(1, min(n_masks, (free_bytes - live_bytes) // 2 // per_mask)))
+
+
 def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: int) -> int:
     """Masks per pass under ZeRO-3 ("auto"): every pass gathers the whole model once, whatever its rows,
     so as many of the `n_masks` masks share each pass as the memory beside the live-parameter budget
     holds (half of it, the least over the ranks), each mask with its own `batch_size` prefixes
-    (scoring.score_masks). A mask's pass is costed at its heaviest: the `batch_size` longest requests,
-    every choice's row with its own copy of the prefix's KV cache, the working set of one layer per
-    token and float32 log-probs of every scored token."""
+    (scoring.score_masks). The planner (plan_passes.py) sizes its groups with the same functions."""
     from .models.zero import least_free_memory
     from .passes import Tokenised
 
-    tk, g, cfg = Tokenised(lm, requests), lm.adapter.geometry, lm.model.config
-    width = lm.dtype.itemsize
-    per_token = width * (2 * g.n_layers * g.n_kv_heads * g.head_dim + 6 * g.hidden)
-    costs = sorted((sum(len(tk.context(r.pair(j)[0])) * per_token
-                        + len(tk.continuation(r.pair(j)[1])) * (per_token + 8 * cfg.vocab_size)
-                        for j in range(r.n_choices)) for r in requests), reverse=True)
-    per_mask = max(1, sum(costs[:batch_size]))
+    g, width = lm.adapter.geometry, lm.dtype.itemsize
+    per_token = pass_token_bytes(g.n_layers, g.n_kv_heads, g.head_dim, g.hidden, width)
+    per_mask = mask_pass_bytes(Tokenised(lm, requests), requests, batch_size, per_token, lm.model.config.vocab_size)
     live = int(lm.spec["deepspeed"]["stage3_max_live_parameters"]) * width
-    return int(max(1, min(n_masks, (least_free_memory() - live) // 2 // per_mask)))
+    return zero3_group_size(per_mask, n_masks, least_free_memory(), live)
 
 
 @dataclass

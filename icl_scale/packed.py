@@ -92,16 +92,22 @@ def score_packed(lm: LoadedModel, tk: Tokenised, requests, chunk, select=None) -
 
 
 def packable(lm: LoadedModel, tk: Tokenised, requests: Sequence[Request], batch_size: int, free_bytes: int) -> bool:
-    """Whether every step fits one packed call: no sliding-window layer shorter than the longest row,
-    and the heaviest step's attention scores (float32, every head) within half of `free_bytes`. From
-    the whole request list, so every rank decides the same."""
-    units, _ = plan_units(tk, requests)
-    if not units:
-        return False
-    rows = sorted((len(p) + sum(len(suf) + len(tk.continuation(requests[i].pair(j)[1])) for i, j, suf in ijs)
-                   for p, ijs in units), reverse=True)
+    """Whether every step fits one packed call (`packed_fits` of the list's rows). From the whole
+    request list, so every rank decides the same."""
     window = getattr(lm.model.config, "sliding_window", None)
-    if window and rows[0] > int(window):
+    return packed_fits(packed_lengths(tk, requests), batch_size, lm.adapter.geometry.n_heads, window, free_bytes)
+
+
+def packed_lengths(tk: Tokenised, requests: Sequence[Request]) -> list[int]:
+    """Every work unit's packed row length (its prefix and every choice's block), longest first."""
+    units, _ = plan_units(tk, requests)
+    return sorted((len(p) + sum(len(suf) + len(tk.continuation(requests[i].pair(j)[1])) for i, j, suf in ijs)
+                   for p, ijs in units), reverse=True)
+
+
+def packed_fits(rows: list[int], batch_size: int, n_heads: int, window: int | None, free_bytes: int) -> bool:
+    """No sliding-window layer shorter than the longest row (`rows`, longest first), and the heaviest
+    step's attention scores (float32, every head) within half of `free_bytes`."""
+    if not rows or (window and rows[0] > int(window)):
         return False
-    heaviest = min(batch_size, len(rows)) * rows[0] ** 2 * lm.adapter.geometry.n_heads * 4
-    return heaviest <= free_bytes // 2
+    return min(batch_size, len(rows)) * rows[0] ** 2 * n_heads * 4 <= free_bytes // 2

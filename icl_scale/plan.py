@@ -39,7 +39,7 @@ from .plan_machine import (
     make_plan,
     n_params,
 )
-from .plan_passes import Calls, Schedule, ShardLists, doc_counts, shard_lists, shard_schedule, table_lists
+from .plan_passes import Calls, Schedule, ShardLists, Zero3, doc_counts, shard_lists, shard_schedule, table_lists
 
 __all__ = ["BYTES", "HOST_RUNTIME_GB", "INTERCONNECTS", "SAFETY", "Arch", "Calls", "Plan", "PlanError", "Schedule",
            "ShardLists", "TaskCounts", "count_from_data", "host_bytes_per_rank", "interconnect_bandwidth", "kv_bytes",
@@ -103,7 +103,7 @@ def start_seconds(cfg: dict, c: TaskCounts, a: Arch, nb: int, sched: Schedule) -
     more, and a list again for every scoring run of it (each run tokenises its list)."""
     p = cfg["plan"]
     n_eval, n_imp, n_ko = doc_counts(cfg, c)
-    tokens = ((1 + sched.eval_scorings) * n_eval * c.eval_tokens + (1 + sched.knockout_runs) * n_ko * c.eval_tokens
+    tokens = ((1 + sched.eval_scorings) * n_eval * c.eval_tokens + (1 + sched.knockout_scorings) * n_ko * c.eval_tokens
               + 2 * n_imp * c.imp_tokens)
     return (float(p["startup_s"]) + n_params(a) * nb / (float(p["load_gbs"]) * 1e9)
             + tokens / (float(p["tokenize_ktok_s"]) * 1e3))
@@ -115,14 +115,17 @@ def shard_time(cfg: dict, c: TaskCounts, gpus: int, lists: ShardLists | None = N
     p = cfg["plan"]
     lists = lists or request_lists(cfg, c, a)
     device = "cpu" if str(cfg["model"].get("device")) == "cpu" else "cuda"  # the scorer's pass cost depends on it
-    sched = shard_schedule(cfg, lists, a, gpus, device)
     zero = zero3(cfg, gpus)
+    z = zero_sizes(cfg, a, nb) if zero else None
+    sched = shard_schedule(cfg, lists, a, gpus, device, z)
     compute = shard_flops(cfg, c, a, sched, zero) / (gpus * float(p["peak_tflops"]) * 1e12 * float(p["utilization"]))
     calls = sched.total
     model_bytes = n_params(a) * nb
     unembed_bytes = a.vocab * (a.embed_dim or a.hidden) * nb
     base_bytes = model_bytes - (0 if a.tied else unembed_bytes)  # an untied head is the unembedding's own
-    whole = (calls.forwards + calls.backward) * base_bytes + (calls.unembed + calls.backward) * unembed_bytes
+    # a whole-model call's tied unembedding is its embedding, still whole (counted: bench/plan_calibration.py)
+    unembeds = calls.unembed - (calls.model if a.tied else 0)
+    whole = (calls.forwards + calls.backward) * base_bytes + (unembeds + calls.backward) * unembed_bytes
     gathered = whole * (gpus - 1) / gpus if zero else 0.0
     comm = gathered / (interconnect_bandwidth(p) * 1e9)
     if offload == "cpu":
@@ -130,6 +133,13 @@ def shard_time(cfg: dict, c: TaskCounts, gpus: int, lists: ShardLists | None = N
     per_pass = float(p["pass_call_ms"]) + (a.layers + 1) * float(p["layer_call_ms"])
     overhead = (calls.forwards + calls.backward) * per_pass / 1e3
     return ShardTime(start_seconds(cfg, c, a, nb, sched), compute, comm, overhead, sched, gathered)
+
+
+def zero_sizes(cfg: dict, a: Arch, nb: int) -> Zero3:
+    """What sizes the scorer's ZeRO-3 passes, as a rank sees it: its GPU's usable memory free
+    (`gpu_mem_gb` x SAFETY) and `model.deepspeed.max_live_parameters`."""
+    free = int(float(cfg["plan"]["gpu_mem_gb"]) * 2**30 * SAFETY)
+    return Zero3.of(a, free, nb, cfg["model"]["deepspeed"]["max_live_parameters"])
 
 
 def request_lists(cfg: dict, c: TaskCounts, a: Arch) -> ShardLists:

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from .distributed import balanced_slices
-from .evaluator import masks_per_pass
+from .evaluator import mask_pass_bytes, masks_per_pass, pass_token_bytes, zero3_group_size
+from .models.zero import live_beside
+from .packed import packed_fits, packed_lengths
 from .passes import Tokenised, pass_cost_tokens, plan_work, request_cost
 from .plan_data import TaskCounts
-from .plan_machine import Arch
+from .plan_machine import Arch, layer_params, n_params
 from .pruning import n_removed
 from .tasks.base import Request
 
@@ -55,13 +57,45 @@ class Calls:
         return Calls(self.base * k, self.unembed * k, self.model * k, self.backward * k)
 
 
+@dataclass
+class Zero3:
+    """What sizes a ZeRO-3 shard's passes, from the plan's numbers as the scorer has them from the
+    device: free memory per rank (models/zero.least_free_memory), the live-parameter budget beside the
+    running module in bytes (models/zero.live_beside), and the pass's bytes per token."""
+
+    free_bytes: int
+    live_bytes: int
+    live_params: int
+    per_token: int
+    vocab: int
+    heads: int
+
+    @classmethod
+    def of(cls, a: Arch, free_bytes: int, width: int, max_live_parameters="auto") -> Zero3:
+        tensor = max(a.vocab * (a.embed_dim or a.hidden), a.ffn * a.hidden)
+        live = live_beside(max_live_parameters, n_params(a), layer_params(a), tensor, free_bytes, width)
+        return cls(int(free_bytes), live * width, live, pass_token_bytes(a.layers, a.kv_heads, a.head_dim, a.hidden,
+                                                                         width), a.vocab, a.heads)
+
+    def group_size(self, setting, tk: Tokenised, requests: list[Request], batch_size: int, n_masks: int) -> int:
+        """Masks sharing a pass (eval.masks_per_pass; auto: evaluator.zero3_masks_per_pass's rule)."""
+        if setting != "auto":
+            return int(setting)
+        per_mask = mask_pass_bytes(tk, requests, batch_size, self.per_token, self.vocab)
+        return zero3_group_size(per_mask, n_masks, self.free_bytes, self.live_bytes)
+
+
 def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size: int, n_masks: int = 1,
-                  device: str = "cuda", regroup: bool = True) -> Calls:
+                  device: str = "cuda", regroup: bool = True, zero: Zero3 | None = None) -> Calls:
     """The calls of one scoring run (scoring.score_masks) of `requests` under `n_masks` masks on one of
     `ranks` ranks (several: ZeRO-3 call-lockstep). `device` sets the pass cost the scorer groups
     continuations with (passes.pass_cost_tokens); `regroup`: the model's cache can be split
-    (passes.cache_regroupable; plain caches can)."""
-    cost = pass_cost_tokens(device)
+    (passes.cache_regroupable; plain caches can). `zero`: under ZeRO-3 every mask keeps its
+    `batch_size` prefixes per pass, and a step is one call of the whole model when it fits (packed.py)."""
+    cost, packed = pass_cost_tokens(device), False
+    if zero is not None:
+        batch_size *= n_masks
+        packed = packed_fits(packed_lengths(tk, requests), batch_size, zero.heads, None, zero.free_bytes)
     if ranks == 1:
         w = plan_work(tk, requests, n_masks, batch_size, cost, regroup)
         steps, tails, naive = len(w.prefixes), sum(w.tails), w.naive
@@ -71,6 +105,8 @@ def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size
         steps = max(len(w.prefixes) for w in works)
         tails = sum(max((w.tails[s] for w in works if s < len(w.tails)), default=0) for s in range(steps))
         naive = max(w.naive for w in works)
+    if packed:  # one whole-model call per step (its unembedding inside), no continuation passes
+        return Calls(unembed=steps + naive, model=steps + naive)
     return Calls(base=steps + tails, unembed=steps + naive, model=naive)
 
 
@@ -206,25 +242,33 @@ class Schedule:
     curves: Calls
     eval_runs: int  # masks scored over the eval list by the curves
     eval_scorings: int  # scoring runs over the eval list (groups of masks sharing passes)
-    knockout_runs: int  # the knock-out list's scorings: unpruned + one per FFN
+    knockout_runs: int  # the knock-out list's evaluations: unpruned + one per FFN
+    knockout_scorings: int  # scoring runs over the knock-out list (ZeRO-3: groups of knock-outs sharing passes)
 
     @property
     def total(self) -> Calls:
         return self.importance + self.knockout + self.curves
 
 
-def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: str = "cuda") -> Schedule:
-    """Every call one rank makes in the shard (see the module docstring)."""
-    b_eval = int(cfg["eval"]["batch_size"])
+def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: str = "cuda",
+                   zero: Zero3 | None = None) -> Schedule:
+    """Every call one rank makes in the shard (see the module docstring); `zero`: under ZeRO-3."""
+    b_eval, setting = int(cfg["eval"]["batch_size"]), cfg["eval"]["masks_per_pass"]
     imp = importance_calls(len(lists.importance), int(cfg["importance"]["batch_size"]), ranks)
-    one = scoring_calls(lists.tk, lists.knockout, ranks, b_eval, 1, device)
-    ko = one * (a.layers + 1)
+    one = scoring_calls(lists.tk, lists.knockout, ranks, b_eval, 1, device, zero=zero)
     runs = curve_mask_runs(cfg, a, lists.knockout_on_eval)
-    per_pass = masks_per_pass(cfg["eval"]["masks_per_pass"], b_eval, lists.eval)
+    if zero is None:
+        ko, ko_groups = one * (a.layers + 1), [1] * (a.layers + 1)
+        groups = mask_groups(runs, masks_per_pass(setting, b_eval, lists.eval))
+    else:  # fixed groups over the knock-outs (knockout._full) and over the curves stage's masks (Evaluator.plan)
+        k = zero.group_size(setting, lists.tk, lists.knockout, b_eval, a.layers + 1)
+        ko, ko_groups = Calls(), mask_groups([a.layers + 1], k)
+        for g in ko_groups:
+            ko = ko + scoring_calls(lists.tk, lists.knockout, ranks, b_eval, g, device, zero=zero)
+        groups = mask_groups([sum(runs)], zero.group_size(setting, lists.tk, lists.eval, b_eval, sum(runs)))
     curves, memo = Calls(), ({1: one} if lists.knockout is lists.eval else {})
-    groups = mask_groups(runs, per_pass)
     for k in groups:
         if k not in memo:
-            memo[k] = scoring_calls(lists.tk, lists.eval, ranks, b_eval, k, device)
+            memo[k] = scoring_calls(lists.tk, lists.eval, ranks, b_eval, k, device, zero=zero)
         curves = curves + memo[k]
-    return Schedule(imp, ko, curves, sum(runs), len(groups), a.layers + 1)
+    return Schedule(imp, ko, curves, sum(runs), len(groups), a.layers + 1, len(ko_groups))

@@ -87,11 +87,16 @@ COUNTS = P.TaskCounts("copa", 1, eval_docs=10, train_docs=30, eval_tokens=200, e
                       imp_scored=4, multi_token=True, source="by hand")
 
 
+def _by_hand_cfg(*extra: str, **plan) -> dict:
+    return plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "eval.batch_size=4", "importance.batch_size=3",
+                    "importance.n_examples=5", "knockout.split=heldout", "knockout.limit=4", "pruning.levels=[0,50]",
+                    "pruning.combined_levels=[0,50]", *extra, gpus=2, peak_tflops=100, utilization=0.5,
+                    interconnect="pcie", layer_call_ms=2.0, pass_call_ms=0.5, startup_s=30.0, load_gbs=1.0,
+                    tokenize_ktok_s=10.0, **plan)
+
+
 def test_passes_gathers_flops_and_seconds_by_hand():
-    cfg = plan_cfg("model=tiny-llama", "model.deepspeed.enabled=true", "eval.batch_size=4", "importance.batch_size=3",
-                   "importance.n_examples=5", "knockout.split=heldout", "knockout.limit=4", "pruning.levels=[0,50]",
-                   "pruning.combined_levels=[0,50]", gpus=2, peak_tflops=100, utilization=0.5, interconnect="pcie",
-                   layer_call_ms=2.0, pass_call_ms=0.5, startup_s=30.0, load_gbs=1.0, tokenize_ktok_s=10.0)
+    cfg = _by_hand_cfg(gpu_mem_gb=0.001)  # ~1 MB per GPU: one mask per pass, prefix and continuation passes
     a = P.Arch.from_spec(cfg["model"])
     assert P.doc_counts(cfg, COUNTS) == (10, 5, 4)
     t = P.shard_time(cfg, COUNTS, 2)  # no data: the table's documents, every one 192 + 8 tokens
@@ -100,7 +105,7 @@ def test_passes_gathers_flops_and_seconds_by_hand():
     # grid's (50, 50): 4 scorings of 10 docs, 5 per rank: 2 prefix passes + 2 continuation passes each
     assert (s.eval_runs, s.eval_scorings, s.curves.forwards, s.curves.unembed) == (4, 4, 16, 8)
     # knock-out: unpruned + one per FFN (ZeRO-3: whole scorings) of 4 docs, 2 per rank: 1 + 1 passes
-    assert (s.knockout_runs, s.knockout.forwards) == (3, 6)
+    assert (s.knockout_runs, s.knockout_scorings, s.knockout.forwards) == (3, 3, 6)
     assert (s.importance.forwards, s.importance.backward) == (1, 1)  # ceil(5 / (3 x 2)) steps
     blocks = 2 * P.layer_params(a)
     fwd = 2 * blocks * 200 + 2 * 2 * 200**2 * 64 + 2 * 49152 * 64 * 8
@@ -109,13 +114,33 @@ def test_passes_gathers_flops_and_seconds_by_hand():
     flops = 4 * 10 * fwd + 2 * 5 * imp + 3 * 4 * fwd
     assert t.compute_s == pytest.approx(flops / (2 * 100e12 * 0.5))
     model, unembed = P.n_params(a) * 4, 49152 * 64 * 4  # tied: the base pass gathers the embedding too
-    assert t.gathered_bytes == pytest.approx(((23 + 1) * model + (12 + 1) * unembed) / 2)  # the other rank's half
+    # the other rank's half; the unembedding again for each of its own calls and the backward, not
+    # for the importance's whole-model call (tied: its embedding, still whole)
+    assert t.gathered_bytes == pytest.approx(((23 + 1) * model + (12 - 1 + 1) * unembed) / 2)
     assert t.comm_s == pytest.approx(t.gathered_bytes / 32e9)  # PCIe 4.0 x16
     assert t.calls_s == pytest.approx((23 + 1) * (0.5e-3 + 3 * 2e-3))  # forwards + backward: a pass, 2 blocks + 1
     tokens = (1 + 4) * 10 * 200 + (1 + 3) * 4 * 200 + 2 * 5 * 150
     assert t.start_s == pytest.approx(30 + model / 1e9 + tokens / 10e3)
     assert t.total_s == pytest.approx(t.start_s + t.compute_s + t.comm_s + t.calls_s)
     assert P.shard_time(cfg, COUNTS, 1).comm_s == 0  # one rank, no offload: nothing to gather
+
+
+def test_zero3_passes_share_masks_and_pack_as_memory_allows():
+    """The scorer's ZeRO-3 schedule (evaluator.zero3_masks_per_pass, packed.packable) from the plan's
+    GPU memory: with room, a step is one whole-model call, and masks share passes."""
+    one_mask = P.shard_time(_by_hand_cfg("eval.masks_per_pass=1", gpu_mem_gb=80), COUNTS, 2)
+    s = one_mask.schedule  # packed: each scoring of 5 docs per rank at batch 4 is 2 whole-model calls
+    assert (s.curves.base, s.curves.model, s.curves.unembed, s.eval_scorings) == (0, 8, 8, 4)
+    assert (s.knockout.base, s.knockout.model, s.knockout_scorings) == (0, 3, 3)  # 2 docs per rank: 1 call each
+    shared = P.shard_time(_by_hand_cfg(gpu_mem_gb=80), COUNTS, 2)
+    s = shared.schedule  # auto: the 4 curve masks in one scoring (20 units per rank at batch 4 x 4: 2 calls),
+    assert (s.curves.model, s.eval_scorings, s.knockout.model, s.knockout_scorings) == (2, 1, 1, 1)  # 3 knock-outs: 1
+    a = P.Arch.from_spec(_by_hand_cfg()["model"])
+    model, unembed = P.n_params(a) * 4, 49152 * 64 * 4
+    calls = 2 + 1 + 1  # curves, knock-out, importance: whole-model calls, each with its unembedding; + 1 backward
+    assert shared.gathered_bytes == pytest.approx(((calls + 1) * model + 1 * unembed) / 2)  # the backward's
+    assert shared.compute_s == pytest.approx(one_mask.compute_s)  # the same FLOPs in fewer calls
+    assert shared.total_s < one_mask.total_s
 
 
 def test_a_shard_over_the_time_limit_is_flagged_with_what_to_do():

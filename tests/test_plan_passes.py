@@ -11,7 +11,8 @@ import torch
 from icl_scale import plan as P
 from icl_scale.distributed import balanced_slices
 from icl_scale.models.loading import document_start_ids
-from icl_scale.plan_passes import MeanTokens, importance_calls, scoring_calls, shard_lists, shard_schedule
+from icl_scale.packed import packable
+from icl_scale.plan_passes import MeanTokens, Zero3, importance_calls, scoring_calls, shard_lists, shard_schedule
 from icl_scale.scoring import (
     Lockstep,
     Tokenised,
@@ -73,26 +74,33 @@ def test_the_planned_passes_are_the_forward_calls_the_shard_makes(tmp_path, task
     assert (planned.base, planned.unembed, planned.model) == (calls["base"], calls["unembed"], calls["model"])
 
 
-@pytest.mark.parametrize("world,masks", [(2, 1), (3, 2)])
-def test_the_planned_calls_of_a_scoring_run_are_every_zero3_ranks(world, masks):
-    """Simulated ranks in one process (as tests/test_lockstep.py): each makes the planned calls."""
+@pytest.mark.parametrize("world,masks,packed", [(2, 1, False), (3, 2, False), (2, 1, True), (3, 3, True)])
+def test_the_planned_calls_of_a_scoring_run_are_every_zero3_ranks(world, masks, packed):
+    """Simulated ranks in one process (as tests/test_lockstep.py): each makes the planned calls, the
+    scorer's own ZeRO-3 schedule (score_masks: batch x masks per pass; packed: a whole-model call per step)."""
     lm = get_model("tiny-opt")
     reqs = build_requests("winogrande", shot=1, limit=7, data_dir=data_dir())
     tk = Tokenised(lm, reqs)
     slices = balanced_slices([request_cost(tk, r) for r in reqs], world)
     cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
-    works = [plan_work(tk, [reqs[i] for i in s], masks, 2, cost, regroup) for s in slices]
-    planned = scoring_calls(tk, reqs, world, 2, masks, device="cpu", regroup=regroup)
+    batch = 2 * masks
+    works = [plan_work(tk, [reqs[i] for i in s], masks, batch, cost, regroup) for s in slices]
     g = lm.adapter.geometry
+    free = 2**34 if packed else 1  # room to pack every step, or none
+    zero = Zero3(free, 0, 0, 1, lm.model.config.vocab_size, g.n_heads)
+    assert packable(lm, tk, reqs, batch, free) == packed
+    planned = scoring_calls(tk, reqs, world, 2, masks, device="cpu", regroup=regroup, zero=zero)
     mask_list = [(None, None)] + [(torch.ones(g.n_layers, g.n_heads), torch.ones(g.n_layers))] * (masks - 1)
     for s in slices:
         calls, hooks = _counting(lm)
         try:
-            _score_local(lm, [reqs[i] for i in s], mask_list, 2, False, "", Lockstep(lm, works, regroup), tk)
+            _score_local(lm, [reqs[i] for i in s], mask_list, batch, False, "", Lockstep(lm, works, regroup, packed),
+                         tk, packed)
         finally:
             for h in hooks:
                 h.remove()
         assert (calls["base"], calls["unembed"], calls["model"]) == (planned.base, planned.unembed, planned.model)
+        assert calls["model"] > 0 if packed else calls["base"] > calls["model"]
 
 
 def test_importance_steps_and_the_tables_mean_documents():

@@ -90,15 +90,20 @@ def stage3_knobs(model: torch.nn.Module, ds: dict, dtype: torch.dtype) -> dict:
     bound by one). That is also the reuse distance: a parameter needed again later in the same forward
     stays whole only within it (a small model's tied embedding)."""
     total, block, tensor = model_numbers(model)
-    live = ds["max_live_parameters"]
-    if live == "auto":
-        live = min(total, max(2 * block, least_free_memory() // 4 // dtype.itemsize))
-    beside = max(0, int(live) - block - tensor)  # what may be whole beside the module running
+    beside = live_beside(ds["max_live_parameters"], total, block, tensor, least_free_memory(), dtype.itemsize)
     prefetch = block if ds["prefetch_bucket_size"] == "auto" else int(ds["prefetch_bucket_size"])
     persist = ds["persistence_threshold"]
     persist = int(getattr(model.config, "hidden_size", 0)) if persist == "auto" else persist
     return {"stage3_max_live_parameters": beside, "stage3_max_reuse_distance": beside,
             "stage3_prefetch_bucket_size": min(prefetch, beside), "stage3_param_persistence_threshold": int(persist)}
+
+
+def live_beside(setting, total: int, block: int, tensor: int, free_bytes: int, width: int) -> int:
+    """Parameters that may be whole beside the module running (stage3_knobs): model.deepspeed.
+    max_live_parameters (auto: a quarter of the free memory, at least two blocks, at most the model)
+    less the largest block and the largest tensor. The planner sizes ZeRO-3 passes with it too."""
+    live = min(total, max(2 * block, free_bytes // 4 // width)) if setting == "auto" else int(setting)
+    return max(0, live - block - tensor)
 
 
 def zero_inference(model: torch.nn.Module, dtype: torch.dtype, offload_param: str = "none", ds: dict | None = None):
