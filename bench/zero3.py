@@ -7,6 +7,7 @@ model whole at once, and whether the stores equal this checkout's 1-rank one.
 
     python bench/zero3.py                       # writes bench/results/zero3.json and .md
     python bench/zero3.py --base 6fe03b8 --main 6bb1021 --collective-timeout-min 3
+    python bench/zero3.py --scale 4 --main '' --out bench/results/zero3_x4   # 4x the docs
 
 The model is a random OPT whose decoder blocks hold ~92% of its parameters (12 blocks of d=512,
 FFN 2048; the embedding projected to 64), so that a live-parameter budget of a quarter of the model
@@ -35,12 +36,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARD = ["task=copa", "shot=1", "eval.limit=8", "importance.n_examples=4", "importance.batch_size=2",
-         "knockout.limit=2", "pruning.levels=[0,50]", "pruning.combined_levels=[0,50]", "progress=false",
-         "wandb.mode=disabled", "model=tiny-opt"]
 # a random OPT whose decoder blocks dominate: 41M parameters, 12 blocks of 7.7% each, the embedding 7.6%
 CONFIG = dict(num_hidden_layers=12, hidden_size=512, ffn_dim=2048, num_attention_heads=8, word_embed_proj_dim=64)
-SHARD += [f"+model.config.{k}={v}" for k, v in CONFIG.items()]
+
+
+def shard(scale: int = 1) -> list[str]:
+    """The bench shard; `scale` multiplies its eval docs, importance examples and knock-out docs (a
+    bigger shard: the same gathers, more compute per gather)."""
+    return ["task=copa", "shot=1", f"eval.limit={8 * scale}", f"importance.n_examples={4 * scale}",
+            "importance.batch_size=2", f"knockout.limit={2 * scale}", "pruning.levels=[0,50]",
+            "pruning.combined_levels=[0,50]", "progress=false", "wandb.mode=disabled", "model=tiny-opt",
+            *[f"+model.config.{k}={v}" for k, v in CONFIG.items()]]
+
+
+SHARD = shard()
 STAGES = ("importance", "knockout", "curves")
 
 
@@ -104,14 +113,15 @@ def worker() -> None:
     runpy.run_path(str(score), run_name="__main__")
 
 
-def run_one(tree: Path, ranks: int, store: Path, timeout_min: float, model_bytes: int, extra=(), log=print) -> dict:
+def run_one(tree: Path, ranks: int, store: Path, timeout_min: float, model_bytes: int, extra=(), log=print,
+            args=SHARD) -> dict:
     """One shard on `ranks` ZeRO-3 ranks with the code in `tree` (`extra` settings): wall, per-stage
     times and gathers."""
     out = store / "counts.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(tree),
            "ZERO3_BENCH_OUT": str(out), "ICL_SCALE_COLLECTIVE_TIMEOUT_MIN": str(timeout_min)}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker", *SHARD,
+    cmd = [torchrun, "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker", *args,
            f"store.root={store}", "model.deepspeed.enabled=true", *extra]
     t0, cpu0 = time.time(), _children_cpu()
     p = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=timeout_min * 60 + 900)
@@ -184,13 +194,15 @@ def main(argv=None) -> int:
     ap.add_argument("--main", default="6bb1021", help="a second earlier commit (2 ranks only); '' to skip")
     ap.add_argument("--collective-timeout-min", type=float, default=3.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "zero3"))
+    ap.add_argument("--scale", type=int, default=1, help="eval docs, importance examples and knock-out docs x this")
     a = ap.parse_args(argv)
+    args = shard(a.scale)
     from bench.common import machine_info, now
     from icl_scale.store import write_bytes
 
     mb, persistent = model_numbers()
     budget = mb // 4 // 4  # a quarter of the model's parameters
-    res = {"date": now(), "machine": machine_info(), "shard": SHARD, "base": a.base, "main": a.main,
+    res = {"date": now(), "machine": machine_info(), "shard": args, "scale": a.scale, "base": a.base, "main": a.main,
            "model_mb": round(mb / 2**20, 1), "max_live_parameters": budget, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": Path(tmp) / "base", "main": Path(tmp) / "main", "this": REPO}
@@ -203,7 +215,8 @@ def main(argv=None) -> int:
         todo = [("base", 1), ("base", 2)] + ([("main", 2)] if a.main else []) + [("this", 1), ("this", 2)]
         for label, ranks in todo:
             extra = [f"model.deepspeed.max_live_parameters={budget}"] if label == "this" else []
-            r = run_one(trees[label], ranks, Path(tmp) / f"{label}{ranks}", a.collective_timeout_min, mb, extra)
+            r = run_one(trees[label], ranks, Path(tmp) / f"{label}{ranks}", a.collective_timeout_min, mb, extra,
+                        args=args)
             r["resident_frac"] = round(r["peak_live_frac"] + (persistent / mb if label == "this" else 0), 4)
             res["runs"][f"{label}_{ranks}"] = r
         res["same_results"] = {k: compare(Path(tmp) / "this1", Path(tmp) / k)

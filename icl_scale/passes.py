@@ -94,18 +94,70 @@ def length_groups(lengths: list[int], pass_cost: float, max_size: int | None = N
         return []
     m = n if max_size is None else max(1, int(max_size))
     pass_cost = min(float(pass_cost), 1e12)  # "never split" must still respect max_size
-    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i rows; cut[i]: start of the last pass
-    cut = [0] * (n + 1)
-    for i in range(1, n + 1):
-        for j in range(max(0, i - m), i):
-            c = best[j] + pass_cost + (i - j) * lengths[order[j]]  # the pass is padded to its longest row
-            if c < best[i]:
-                best[i], cut[i] = c, j
+    rows = [lengths[k] for k in order]
+    runs = len(set(rows))
+    cut = (_cuts_by_runs if pass_cost.is_integer() and pass_cost <= 2**20 and n >= 4 * runs and n * m > 10**5
+           else _cuts)(rows, pass_cost, m)
     groups, i = [], n
     while i > 0:
         groups.append(order[cut[i]: i])
         i = cut[i]
     return groups[::-1]
+
+
+def _cuts(rows: list[int], pass_cost: float, m: int) -> list[int]:
+    """cut[i]: where the last pass of the best grouping of the first i rows starts (the first such j)."""
+    n = len(rows)
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i rows
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - m), i):
+            c = best[j] + pass_cost + (i - j) * rows[j]  # the pass is padded to its longest row
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    return cut
+
+
+def _cuts_by_runs(rows: list[int], pass_cost: float, m: int) -> list[int]:
+    """`_cuts`, the same cuts in O(n x runs in a window) for rows in runs of equal lengths (a list
+    under several masks: every length at least once per mask). Within a run of length L a pass
+    from j costs best[j] - j L + (pass_cost + i L), so each run keeps its candidates' minimum of
+    best[j] - j L in a sliding-window deque (the first on ties); across runs the first minimum wins,
+    as in `_cuts`. Exact: every cost is an integer below 2**53 (an integral pass cost)."""
+    from collections import deque
+
+    n = len(rows)
+    run_of, starts = [0] * n, []
+    for j, r in enumerate(rows):
+        if j == 0 or r != rows[j - 1]:
+            starts.append(j)
+        run_of[j] = len(starts) - 1
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    cands: dict[int, deque] = {}
+    active: deque = deque()  # runs with candidates, in order
+    for i in range(1, n + 1):
+        j, r = i - 1, run_of[i - 1]
+        q = cands.get(r)
+        if q is None:
+            q = cands[r] = deque()
+            active.append(r)
+        key = best[j] - j * rows[j]
+        while q and best[q[-1]] - q[-1] * rows[j] > key:
+            q.pop()
+        q.append(j)
+        lo = max(0, i - m)
+        for r in list(active):
+            q = cands[r]
+            while q and q[0] < lo:
+                q.popleft()
+            if not q:
+                active.remove(r)
+                del cands[r]
+                continue
+            c = best[q[0]] + pass_cost + (i - q[0]) * rows[q[0]]
+            if c < best[i]:
+                best[i], cut[i] = c, q[0]
+    return cut
 
 
 def pass_cost_tokens(device) -> float:
@@ -177,8 +229,9 @@ class Work:
 
 
 def plan_work(tk: Tokenised, requests: Sequence[Request], n_masks: int, batch_size: int, cost: float,
-              regroup: bool) -> Work:
-    """The passes `_score_local` makes for `requests` (`regroup`: see `regroupable`)."""
+              regroup: bool, packed: bool = False) -> Work:
+    """The passes `_score_local` makes for `requests` (`regroup`: see `regroupable`; `packed`: a step is
+    one call with its continuations inside, icl_scale/packed.py, so no continuation passes are planned)."""
     n = len(requests)
     units, overflow = plan_units(tk, requests)
     units = [(p, [(k * n + i, j, suf) for i, j, suf in ijs]) for k in range(n_masks) for p, ijs in units]
@@ -186,9 +239,14 @@ def plan_work(tk: Tokenised, requests: Sequence[Request], n_masks: int, batch_si
     # Prefix passes of at most `batch_size` prefixes of similar length, longest first (memory
     # peaks early); padding costs as much as real tokens on a CPU.
     prefixes = length_groups([len(u[0]) for u in units], cost, max_size=batch_size)
-    tails = [len(tail_groups(tail_rows(tk, copies, [units[k] for k in g]), cost, regroup)) for g in prefixes]
-    naive = sum(requests[i].n_choices for i in {i for i, _ in overflow}) * n_masks
-    return Work(units, overflow, prefixes, tails, naive)
+    tails = [0 if packed else len(tail_groups(tail_rows(tk, copies, [units[k] for k in g]), cost, regroup))
+             for g in prefixes]
+    return Work(units, overflow, prefixes, tails, naive_calls(requests, overflow, n_masks))
+
+
+def naive_calls(requests: Sequence[Request], overflow, n_masks: int) -> int:
+    """Full-model calls of the naive path: one per choice of an over-length request, per mask."""
+    return sum(requests[i].n_choices for i in {i for i, _ in overflow}) * n_masks
 
 
 class Lockstep:

@@ -27,7 +27,7 @@ from .distributed import balanced_slices
 from .evaluator import mask_pass_bytes, masks_per_pass, pass_token_bytes, zero3_group_size
 from .models.zero import live_beside
 from .packed import packed_fits, packed_lengths
-from .passes import Tokenised, pass_cost_tokens, plan_work, request_cost
+from .passes import Tokenised, length_groups, naive_calls, pass_cost_tokens, plan_units, plan_work, request_cost
 from .plan_data import TaskCounts
 from .plan_machine import Arch, layer_params, n_params
 from .pruning import n_removed
@@ -86,28 +86,47 @@ class Zero3:
 
 
 def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size: int, n_masks: int = 1,
-                  device: str = "cuda", regroup: bool = True, zero: Zero3 | None = None) -> Calls:
+                  device: str = "cuda", regroup: bool = True, zero: Zero3 | None = None,
+                  cache: dict | None = None) -> Calls:
     """The calls of one scoring run (scoring.score_masks) of `requests` under `n_masks` masks on one of
     `ranks` ranks (several: ZeRO-3 call-lockstep). `device` sets the pass cost the scorer groups
     continuations with (passes.pass_cost_tokens); `regroup`: the model's cache can be split
     (passes.cache_regroupable; plain caches can). `zero`: under ZeRO-3 every mask keeps its
-    `batch_size` prefixes per pass, and a step is one call of the whole model when it fits (packed.py)."""
+    `batch_size` prefixes per pass, and a step is one call of the whole model when it fits (packed.py).
+    `cache`: a dict kept across calls on the same lists (their work units)."""
     cost, packed = pass_cost_tokens(device), False
     if zero is not None:
         batch_size *= n_masks
-        packed = packed_fits(packed_lengths(tk, requests), batch_size, zero.heads, None, zero.free_bytes)
-    if ranks == 1:
-        w = plan_work(tk, requests, n_masks, batch_size, cost, regroup)
-        steps, tails, naive = len(w.prefixes), sum(w.tails), w.naive
-    else:
-        slices = balanced_slices([request_cost(tk, r) for r in requests], ranks)
-        works = [plan_work(tk, [requests[i] for i in s], n_masks, batch_size, cost, regroup) for s in slices]
-        steps = max(len(w.prefixes) for w in works)
-        tails = sum(max((w.tails[s] for w in works if s < len(w.tails)), default=0) for s in range(steps))
-        naive = max(w.naive for w in works)
+        cache, key = ({} if cache is None else cache), (id(requests), "rows")
+        if key not in cache:
+            cache[key] = packed_lengths(tk, requests)
+        packed = packed_fits(cache[key], batch_size, zero.heads, None, zero.free_bytes)
+    slices = [list(range(len(requests)))] if ranks == 1 else balanced_slices(
+        [request_cost(tk, r) for r in requests], ranks)
+    works = [_rank_passes(tk, requests, s, n_masks, batch_size, cost, regroup, packed, cache) for s in slices]
+    steps = max(len(tails) for tails, _ in works)
+    tails = sum(max((t[s] for t, _ in works if s < len(t)), default=0) for s in range(steps))
+    naive = max(n for _, n in works)
     if packed:  # one whole-model call per step (its unembedding inside), no continuation passes
         return Calls(unembed=steps + naive, model=steps + naive)
     return Calls(base=steps + tails, unembed=steps + naive, model=naive)
+
+
+def _rank_passes(tk, requests, idx, n_masks, batch_size, cost, regroup, packed, cache) -> tuple[list[int], int]:
+    """(continuation passes after each prefix pass, naive calls) of one rank's slice, as plan_work
+    plans them. Packed, only the prefix passes count: their number depends only on the prefixes'
+    lengths (length_groups sorts them), so they are planned from the units without the mask copies."""
+    reqs = [requests[i] for i in idx]
+    if not packed:
+        w = plan_work(tk, reqs, n_masks, batch_size, cost, regroup)
+        return w.tails, w.naive
+    cache = {} if cache is None else cache
+    key = (id(requests), tuple(idx))
+    if key not in cache:
+        units, overflow = plan_units(tk, reqs)
+        cache[key] = ([len(p) for p, _ in units], naive_calls(reqs, overflow, 1))
+    lengths, naive = cache[key]
+    return [0] * len(length_groups(lengths * n_masks, cost, max_size=batch_size)), naive * n_masks
 
 
 def importance_calls(n_examples: int, batch_size: int, ranks: int) -> Calls:
@@ -255,20 +274,24 @@ def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: st
     """Every call one rank makes in the shard (see the module docstring); `zero`: under ZeRO-3."""
     b_eval, setting = int(cfg["eval"]["batch_size"]), cfg["eval"]["masks_per_pass"]
     imp = importance_calls(len(lists.importance), int(cfg["importance"]["batch_size"]), ranks)
-    one = scoring_calls(lists.tk, lists.knockout, ranks, b_eval, 1, device, zero=zero)
+    cache: dict = {}  # the lists' work units, planned once
+
+    def calls(reqs, n_masks):
+        return scoring_calls(lists.tk, reqs, ranks, b_eval, n_masks, device, zero=zero, cache=cache)
+
     runs = curve_mask_runs(cfg, a, lists.knockout_on_eval)
     if zero is None:
-        ko, ko_groups = one * (a.layers + 1), [1] * (a.layers + 1)
+        ko, ko_groups = calls(lists.knockout, 1) * (a.layers + 1), [1] * (a.layers + 1)
         groups = mask_groups(runs, masks_per_pass(setting, b_eval, lists.eval))
     else:  # fixed groups over the knock-outs (knockout._full) and over the curves stage's masks (Evaluator.plan)
         k = zero.group_size(setting, lists.tk, lists.knockout, b_eval, a.layers + 1)
         ko, ko_groups = Calls(), mask_groups([a.layers + 1], k)
         for g in ko_groups:
-            ko = ko + scoring_calls(lists.tk, lists.knockout, ranks, b_eval, g, device, zero=zero)
+            ko = ko + calls(lists.knockout, g)
         groups = mask_groups([sum(runs)], zero.group_size(setting, lists.tk, lists.eval, b_eval, sum(runs)))
-    curves, memo = Calls(), ({1: one} if lists.knockout is lists.eval else {})
+    curves, memo = Calls(), {}
     for k in groups:
         if k not in memo:
-            memo[k] = scoring_calls(lists.tk, lists.eval, ranks, b_eval, k, device, zero=zero)
+            memo[k] = calls(lists.eval, k)
         curves = curves + memo[k]
     return Schedule(imp, ko, curves, sum(runs), len(groups), a.layers + 1, len(ko_groups))

@@ -228,7 +228,7 @@ def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tu
     sync = None
     if lm.engine is not None:  # ZeRO-3: the schedule of every rank's passes, before any work
         cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
-        works = [plan_work(tk, [requests[i] for i in s], len(masks), batch_size, cost, regroup) for s in slices]
+        works = [plan_work(tk, [requests[i] for i in s], len(masks), batch_size, cost, regroup, packed) for s in slices]
         sync = Lockstep(lm, works, regroup, packed)
     local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk, packed)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
@@ -272,7 +272,7 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
     n = len(requests)
     dev = lm.device
     cost = pass_cost_tokens(dev)
-    work = plan_work(tk, requests, len(masks), batch_size, cost, sync.regroup if sync else cache_regroupable(lm))
+    work = plan_work(tk, requests, len(masks), batch_size, cost, sync.regroup if sync else cache_regroupable(lm), packed)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     copies = list(requests) * len(masks)
     base, unembed, pad = lm.model.base_model, lm.model.get_output_embeddings(), lm.tokenizer.pad_token_id
