@@ -238,9 +238,7 @@ def make_plan(cfg: dict) -> Plan:
     """Memory per rank at the configured batch sizes (worst case: `model.max_length` tokens)."""
     a, gpus, nb, offload = machine(cfg)
     spec, p = cfg["model"], cfg["plan"]
-    mem = float(p["gpu_mem_gb"]) * 2**30 * SAFETY
-    length = int(spec.get("max_length") or a.max_positions)
-    resident = _resident(a, gpus, offload, nb)
+    mem, resident, length, _ = _rank_memory(cfg, a, gpus)
     eval_b, imp_b = int(cfg["eval"]["batch_size"]), planned_importance_batch(cfg, a, gpus)
     scored = int(p["scored_tokens"])
 
@@ -255,6 +253,15 @@ def make_plan(cfg: dict) -> Plan:
     host = host_bytes_per_rank(cfg, gpus) + (n_params(a) * nb / gpus if offload == "cpu" and gpus == 1 else 0)
     return Plan(spec["name"], n_params(a), str(spec.get("dtype") or "auto"), gpus, offload, resident, eval_mem(eval_b),
                 imp_mem(imp_b), host, fits, largest_batch(eval_mem, mem), largest_batch(imp_mem, mem), imp_b)
+
+
+def _rank_memory(cfg: dict, a: Arch, gpus: int) -> tuple[float, float, int, int]:
+    """(usable bytes of one GPU, the bytes its parameters hold, a row's tokens at worst, dtype bytes) on
+    `gpus` ranks."""
+    spec, p = cfg["model"], cfg["plan"]
+    nb = BYTES.get(str(spec.get("dtype") or "auto"), 2)
+    resident = _resident(a, gpus, p.get("offload") or "none", nb)
+    return float(p["gpu_mem_gb"]) * 2**30 * SAFETY, resident, int(spec.get("max_length") or a.max_positions), nb
 
 
 def largest_batch(mem_at, budget: float, cap: int = 4096) -> int:
@@ -288,11 +295,9 @@ def planned_importance_batch(cfg: dict, a: Arch, gpus: int) -> int:
     imp = cfg["importance"]
     if imp["batch_size"] != "auto":
         return int(imp["batch_size"])
-    spec, p = cfg["model"], cfg["plan"]
-    nb = BYTES.get(str(spec.get("dtype") or "auto"), 2)
-    budget = float(p["gpu_mem_gb"]) * 2**30 * SAFETY - _resident(a, gpus, p.get("offload") or "none", nb)
-    return auto_importance_batch(a, budget, int(spec.get("max_length") or a.max_positions), int(p["scored_tokens"]),
-                                 nb, math.ceil(int(imp["n_examples"]) / gpus))
+    mem, resident, length, nb = _rank_memory(cfg, a, gpus)
+    return auto_importance_batch(a, mem - resident, length, int(cfg["plan"]["scored_tokens"]), nb,
+                                 math.ceil(int(imp["n_examples"]) / gpus))
 
 
 INTERCONNECTS = {
