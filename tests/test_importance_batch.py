@@ -4,6 +4,8 @@ the manifest, and planned as a shard resolves it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,6 +51,20 @@ def test_auto_grows_with_memory_and_is_one_when_memory_is_tiny(monkeypatch, copa
     free_memory(monkeypatch, 10**15)  # everything fits: one step of all 7 examples (a rank's share)
     assert importance_batch_size(lm, examples, "auto") == 7
     assert importance_batch_size(lm, examples, 3) == 3  # an int is kept whatever the memory
+
+
+def test_under_zero3_auto_leaves_the_live_parameter_budget_free(monkeypatch, copa):
+    """Under ZeRO-3 the memory beside the parameters is the free memory less what may be whole at once
+    (model.deepspeed.max_live_parameters, resolved): the masks-per-pass sizing's rule too."""
+    lm = get_model("tiny-opt")
+    examples = importance_inputs(lm, copa)
+    live = memory_for(lm, examples, 8)  # parameters (float32 here): more than a step of all 7 examples
+    partitioned = dataclasses.replace(lm, engine=object(), spec={**lm.spec, "deepspeed": {
+        "stage3_max_live_parameters": live}})
+    free_memory(monkeypatch, memory_for(lm, examples, 4) + 4 * live)
+    assert zero.memory_beside_parameters(partitioned) == memory_for(lm, examples, 4)
+    assert importance_batch_size(partitioned, examples, "auto") == 4
+    assert importance_batch_size(lm, examples, "auto") == 7  # unpartitioned, all of it is free: one step
 
 
 @pytest.mark.parametrize("abs_mode", ["per_token", "sum"])
