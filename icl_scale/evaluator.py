@@ -51,7 +51,7 @@ def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: in
     (scoring.score_masks). A mask's pass is costed at its heaviest: the `batch_size` longest requests,
     every choice's row with its own copy of the prefix's KV cache, the working set of one layer per
     token and float32 log-probs of every scored token."""
-    from .models.zero import least_free_memory
+    from .models.zero import memory_beside_parameters
     from .passes import Tokenised
 
     tk, g, cfg = Tokenised(lm, requests), lm.adapter.geometry, lm.model.config
@@ -61,8 +61,7 @@ def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: in
                         + len(tk.continuation(r.pair(j)[1])) * (per_token + 8 * cfg.vocab_size)
                         for j in range(r.n_choices)) for r in requests), reverse=True)
     per_mask = max(1, sum(costs[:batch_size]))
-    live = int(lm.spec["deepspeed"]["stage3_max_live_parameters"]) * width
-    return int(max(1, min(n_masks, (least_free_memory() - live) // 2 // per_mask)))
+    return int(max(1, min(n_masks, memory_beside_parameters(lm) // 2 // per_mask)))
 
 
 @dataclass

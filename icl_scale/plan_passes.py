@@ -27,7 +27,7 @@ from .distributed import balanced_slices
 from .evaluator import masks_per_pass
 from .passes import Tokenised, pass_cost_tokens, plan_work, request_cost
 from .plan_data import TaskCounts
-from .plan_machine import Arch
+from .plan_machine import Arch, planned_importance_batch
 from .pruning import n_removed
 from .tasks.base import Request
 
@@ -216,7 +216,7 @@ class Schedule:
 def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: str = "cuda") -> Schedule:
     """Every call one rank makes in the shard (see the module docstring)."""
     b_eval = int(cfg["eval"]["batch_size"])
-    imp = importance_calls(len(lists.importance), int(cfg["importance"]["batch_size"]), ranks)
+    imp = importance_calls(len(lists.importance), planned_importance_batch(cfg, a, ranks), ranks)
     one = scoring_calls(lists.tk, lists.knockout, ranks, b_eval, 1, device)
     ko = one * (a.layers + 1)
     runs = curve_mask_runs(cfg, a, lists.knockout_on_eval)
