@@ -30,7 +30,6 @@ def forward_only(lm: LoadedModel, examples, batch_size: int, full_logits: bool =
     """The importance pass's forward with no gradients: base model, unembedding at the loss
     positions only, the same loss (`full_logits=True`: the plain HF forward, logits everywhere)."""
     base = lm.model.base_model
-    unembed = lm.model.get_output_embeddings()
     total = 0.0
     for ids, mask, rows, pos, tgt, w in _batches(lm, examples, batch_size):
         if full_logits:
@@ -38,7 +37,7 @@ def forward_only(lm: LoadedModel, examples, batch_size: int, full_logits: bool =
             lp = torch.log_softmax(logits[rows, pos].float(), -1)
         else:
             h = base(input_ids=ids, attention_mask=mask).last_hidden_state
-            lp = torch.log_softmax(unembed(h[rows, pos]).float(), -1)
+            lp = torch.log_softmax(lm.adapter.logits(h[rows, pos]).float(), -1)
         total += float(-(lp.gather(-1, tgt[:, None]).squeeze(-1) * w).sum())
     return total
 

@@ -59,9 +59,10 @@ def mask_pass_bytes(tk, requests, batch_size: int, per_token: int, vocab: int) -
     return max(1, sum(costs[:batch_size]))
 
 
-def zero3_group_size(per_mask: int, n_masks: int, free_bytes: int, live_bytes: int) -> int:
-    """Masks per ZeRO-3 pass: as many of `n_masks` as half the memory beside the live-parameter budget holds."""
-    return int(max(1, min(n_masks, (free_bytes - live_bytes) // 2 // per_mask)))
+def zero3_group_size(per_mask: int, n_masks: int, beside_bytes: int) -> int:
+    """Masks per ZeRO-3 pass: as many of `n_masks` as half the memory beside the live-parameter budget
+    (`beside_bytes`) holds."""
+    return int(max(1, min(n_masks, beside_bytes // 2 // per_mask)))
 
 
 def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: int) -> int:
@@ -69,14 +70,13 @@ def zero3_masks_per_pass(lm: LoadedModel, requests, batch_size: int, n_masks: in
     so as many of the `n_masks` masks share each pass as the memory beside the live-parameter budget
     holds (half of it, the least over the ranks), each mask with its own `batch_size` prefixes
     (scoring.score_masks). The planner (plan_passes.py) sizes its groups with the same functions."""
-    from .models.zero import least_free_memory
+    from .models.zero import memory_beside_parameters
     from .passes import Tokenised
 
     g, width = lm.adapter.geometry, lm.dtype.itemsize
     per_token = pass_token_bytes(g.n_layers, g.n_kv_heads, g.head_dim, g.hidden, width)
     per_mask = mask_pass_bytes(Tokenised(lm, requests), requests, batch_size, per_token, lm.model.config.vocab_size)
-    live = int(lm.spec["deepspeed"]["stage3_max_live_parameters"]) * width
-    return zero3_group_size(per_mask, n_masks, least_free_memory(), live)
+    return zero3_group_size(per_mask, n_masks, memory_beside_parameters(lm))
 
 
 @dataclass

@@ -25,6 +25,7 @@ FFN knock-out importance (the paper's FFN ranking): accuracy drop when FFN l alo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class ImportanceState:
     n_examples: int = 0
     n_tokens: int = 0  # input tokens (positions whose outputs can reach the loss)
     n_cont_tokens: int = 0  # gold-continuation tokens (the loss's positions)
+    batch_size: int = 0  # examples per rank per step, fixed by the run that started it (0: none yet)
 
     @classmethod
     def zeros(cls, lm: LoadedModel) -> ImportanceState:
@@ -61,12 +63,14 @@ class ImportanceState:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"heads_sum": self.heads, "ffn_sum": self.ffn,
-                "counts": torch.tensor([self.n_examples, self.n_tokens, self.n_cont_tokens], dtype=torch.int64)}
+                "counts": torch.tensor([self.n_examples, self.n_tokens, self.n_cont_tokens], dtype=torch.int64),
+                "batch_size": torch.tensor([self.batch_size], dtype=torch.int64)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> ImportanceState:
         n_ex, n_tok, n_cont = (int(x) for x in t["counts"])
-        return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok, n_cont)
+        size = int(t["batch_size"][0]) if "batch_size" in t else 0  # (a checkpoint from before it was kept)
+        return cls(t["heads_sum"].double(), t["ffn_sum"].double(), n_ex, n_tok, n_cont, size)
 
     def add(self, flat: torch.Tensor) -> None:
         """Add one step's sums (`_batch_sums`' flat layout)."""
@@ -108,6 +112,26 @@ def importance_inputs(lm: LoadedModel, requests: Sequence[Request],
     return [tk.pair(*r.importance_pair(continuation)) for r in requests]
 
 
+def importance_batch_size(lm: LoadedModel, examples: Sequence[tuple[list[int], list[int]]], setting) -> int:
+    """Examples per rank per step (`importance.batch_size`): an int, or auto: the planner's memory model
+    (plan_machine.auto_importance_batch) at the longest example's tokens and gold continuation, in
+    the device memory beside the parameters (models.zero.memory_beside_parameters, the least over
+    the ranks, less the planner's SAFETY margin), at most a rank's share of the examples, at least 1.
+    Every rank computes it from the same numbers, so every rank makes the same steps. Fewer, fuller
+    steps: under ZeRO-3 each step gathers the whole model twice (its forward and its backward)."""
+    if setting != "auto":
+        return int(setting)
+    from .models.zero import memory_beside_parameters
+    from .plan_machine import SAFETY, Arch, arch_of_config, auto_importance_batch
+
+    arch = Arch(**arch_of_config(lm.model.config, f"model {lm.spec['name']}", count=False))
+    length = max((len(inp) for inp, _ in examples), default=1)
+    scored = max((len(cont) for _, cont in examples), default=1)
+    per_rank = math.ceil(len(examples) / dp_world()[1])
+    return auto_importance_batch(arch, SAFETY * memory_beside_parameters(lm), length, scored, lm.dtype.itemsize,
+                                 per_rank)
+
+
 def importance_batch(lm: LoadedModel, chunk: Sequence[tuple[list[int], list[int]]]):
     """One batch of (input ids, gold continuation ids) examples on lm.device:
     (ids, mask, rows, pos, targets, weights); (rows[k], pos[k]) predicts targets[k], and weights
@@ -128,7 +152,7 @@ def importance_batch(lm: LoadedModel, chunk: Sequence[tuple[list[int], list[int]
 def gradient_importance(
     lm: LoadedModel,
     requests: Sequence[Request],
-    batch_size: int = 4,
+    batch_size: int | str = 4,
     head_mask: torch.Tensor | None = None,
     ffn_mask: torch.Tensor | None = None,
     abs_mode: str = "per_token",
@@ -145,11 +169,18 @@ def gradient_importance(
 
     With data-parallel ranks (icl_scale.distributed) a step is `batch_size` examples per rank, each
     rank takes a token-balanced share and the step's sums are all-reduced: every rank's state (and
-    the checkpoint rank 0 writes after the step) is the single process's, up to summation order."""
+    the checkpoint rank 0 writes after the step) is the single process's, up to summation order.
+
+    `batch_size="auto"` is sized from memory (`importance_batch_size`); a resumed `state` keeps the size
+    its run recorded (free memory may differ after a restart), so a resumed run makes the steps an
+    unbroken one makes. The sums are per example, so any size gives the same result up to rounding."""
     if abs_mode not in ABS_MODES:
         raise ValueError(f"importance.abs={abs_mode!r}; use one of {', '.join(ABS_MODES)}")
     state = state or ImportanceState.zeros(lm)
     examples = importance_inputs(lm, requests, continuation)
+    if not (batch_size == "auto" and state.batch_size):
+        state.batch_size = importance_batch_size(lm, examples, batch_size)
+    batch_size = state.batch_size
     rank, world = dp_world()
     lockstep = world > 1 and lm.engine is not None  # ZeRO-3: every rank runs every step
     step = batch_size * world  # a step: `batch_size` examples per rank

@@ -347,7 +347,7 @@ def _restart(lm: LoadedModel, start: int, entries: list[torch.Tensor], kv: list)
 
 def _score_chunk(lm: LoadedModel, tk: Tokenised, requests, chunk) -> list[tuple[int, int, ChoiceScore]]:
     base, dev = lm.model.base_model, lm.device
-    return score_units(base, lm.model.get_output_embeddings(), tk, requests, chunk, lm.tokenizer.pad_token_id, dev,
+    return score_units(base, lm.adapter.logits, tk, requests, chunk, lm.tokenizer.pad_token_id, dev,
                         pass_cost_tokens(dev))
 
 

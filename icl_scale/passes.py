@@ -275,6 +275,7 @@ class Lockstep:
             self.base(input_ids=self.pad)
 
     def idle_unembed(self) -> None:
+        # The head alone: a placeholder's output is dropped and Adapter.logits' soft-cap gathers nothing
         w = self.unembed.weight  # its input width: OPT's word_embed_proj_dim can differ from hidden_size
         self.unembed(torch.zeros(1, getattr(w, "ds_shape", w.shape)[-1], device=self.lm.device, dtype=self.lm.dtype))
 

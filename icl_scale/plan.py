@@ -234,7 +234,8 @@ def render(pl: Plan, cfg: dict) -> str:
         ("evaluation", f"{pl.eval_bytes_per_rank / gb:.1f} GB per rank at eval.batch_size={cfg['eval']['batch_size']}, "
                        f"max_length={cfg['model'].get('max_length')}"),
         ("importance", f"{pl.importance_bytes_per_rank / gb:.1f} GB per rank at "
-                       f"importance.batch_size={cfg['importance']['batch_size']}"),
+                       f"importance.batch_size={pl.importance_batch}"
+                       + (" (auto)" if cfg["importance"]["batch_size"] == "auto" else "")),
         ("host memory", f"{pl.host_bytes_per_rank / gb:.1f} GB per rank (partitioned loading), "
                         f"{pl.host_bytes_per_rank * pl.gpus / gb:.0f} GB per job"),
         ("fits", "yes" if pl.fits else "no"),

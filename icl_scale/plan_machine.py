@@ -4,6 +4,7 @@ ranks' ZeRO-3 all-gathers cross."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "auto": 2}
@@ -51,8 +52,10 @@ class Arch:
         return cls(**a)
 
 
-# model_types whose blocks the planner's Llama formulas describe (gated FFN: gate, up, down)
+# model_types whose blocks the planner's Llama formulas describe (gated FFN: gate, up, down), and those
+# its OPT formulas describe (biased projections, one FFN matrix in and one out, two LayerNorms)
 GATED_FFN = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+PLAIN_FFN = ("opt", "gpt2", "gpt_neox")
 
 
 def arch_from_config(spec: dict) -> dict:
@@ -85,27 +88,30 @@ def arch_of_random(spec: dict) -> dict:
     return arch_of_config(cfg, f"model.family={spec['family']}")
 
 
-def arch_of_config(cfg, where: str) -> dict:
-    """The arch block of a transformers config, with the exact parameter count of the model built on
-    the meta device (no memory, no weights)."""
+def arch_of_config(cfg, where: str, count: bool = True) -> dict:
+    """The arch block of a transformers config, with (`count`) the exact parameter count of the model
+    built on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    family = "opt" if cfg.model_type == "opt" else "llama" if cfg.model_type in GATED_FFN else None
+    family = "opt" if cfg.model_type in PLAIN_FFN else "llama" if cfg.model_type in GATED_FFN else None
     if family is None:
-        raise PlanError(f"{where}: model_type={cfg.model_type!r}; the planner knows opt and {', '.join(GATED_FFN)}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        raise PlanError(f"{where}: model_type={cfg.model_type!r}; the planner knows "
+                        f"{', '.join(PLAIN_FFN + GATED_FFN)}")
+    params = None
+    if count:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
     text = cfg.get_text_config()
     heads = text.num_attention_heads
     return dict(family=family, layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads,
                 kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                ffn=getattr(text, "intermediate_size", None) or text.ffn_dim, vocab=text.vocab_size,
+                ffn=(getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None)  # GPT-2: n_inner
+                     or getattr(text, "n_inner", None) or 4 * text.hidden_size), vocab=text.vocab_size,
                 max_positions=text.max_position_embeddings, tied=bool(text.tie_word_embeddings),
                 head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
                 embed_dim=getattr(text, "word_embed_proj_dim", None),  # OPT: may be narrower than hidden
-                final_norm=bool(getattr(text, "do_layer_norm_before", True)),
-                params=sum(p.numel() for p in model.parameters()))
+                final_norm=bool(getattr(text, "do_layer_norm_before", True)), params=params)
 
 
 def layer_params(a: Arch) -> int:
@@ -174,6 +180,7 @@ class Plan:
     fits: bool
     max_eval_batch: int
     max_importance_batch: int
+    importance_batch: int  # importance.batch_size, auto resolved (planned_importance_batch)
 
 
 def _gathered_bytes(a: Arch, nbytes: int) -> int:
@@ -231,10 +238,8 @@ def make_plan(cfg: dict) -> Plan:
     """Memory per rank at the configured batch sizes (worst case: `model.max_length` tokens)."""
     a, gpus, nb, offload = machine(cfg)
     spec, p = cfg["model"], cfg["plan"]
-    mem = float(p["gpu_mem_gb"]) * 2**30 * SAFETY
-    length = int(spec.get("max_length") or a.max_positions)
-    resident = _resident(a, gpus, offload, nb)
-    eval_b, imp_b = int(cfg["eval"]["batch_size"]), int(cfg["importance"]["batch_size"])
+    mem, resident, length, _ = _rank_memory(cfg, a, gpus)
+    eval_b, imp_b = int(cfg["eval"]["batch_size"]), planned_importance_batch(cfg, a, gpus)
     scored = int(p["scored_tokens"])
 
     def eval_mem(b):
@@ -242,21 +247,57 @@ def make_plan(cfg: dict) -> Plan:
                 + logits_bytes(a, b, scored, 2))
 
     def imp_mem(b):
-        return resident + backward_activation_bytes(a, b, length, nb) + logits_bytes(a, b, scored, 3)
+        return resident + importance_step_bytes(a, b, length, scored, nb)
 
     fits = eval_mem(eval_b) <= mem and imp_mem(imp_b) <= mem
     host = host_bytes_per_rank(cfg, gpus) + (n_params(a) * nb / gpus if offload == "cpu" and gpus == 1 else 0)
     return Plan(spec["name"], n_params(a), str(spec.get("dtype") or "auto"), gpus, offload, resident, eval_mem(eval_b),
-                imp_mem(imp_b), host, fits, _largest(eval_mem, mem), _largest(imp_mem, mem))
+                imp_mem(imp_b), host, fits, largest_batch(eval_mem, mem), largest_batch(imp_mem, mem), imp_b)
 
 
-def _largest(mem_at, budget: float, cap: int = 4096) -> int:
+def _rank_memory(cfg: dict, a: Arch, gpus: int) -> tuple[float, float, int, int]:
+    """(usable bytes of one GPU, the bytes its parameters hold, a row's tokens at worst, dtype bytes) on
+    `gpus` ranks."""
+    spec, p = cfg["model"], cfg["plan"]
+    nb = BYTES.get(str(spec.get("dtype") or "auto"), 2)
+    resident = _resident(a, gpus, p.get("offload") or "none", nb)
+    return float(p["gpu_mem_gb"]) * 2**30 * SAFETY, resident, int(spec.get("max_length") or a.max_positions), nb
+
+
+def largest_batch(mem_at, budget: float, cap: int = 4096) -> int:
     """The largest batch (a power of two, up to `cap`) whose memory fits `budget`; 0 if none does."""
     b = 0
     while b * 2 <= cap and mem_at(max(1, b * 2)) <= budget:
         b = max(1, b * 2)
     return b
 
+
+def importance_step_bytes(a: Arch, batch: int, length: int, scored: int, nbytes: int) -> int:
+    """One importance step beside the parameters: `batch` examples of `length` tokens, `scored` of them
+    each in the loss: the activations the backward keeps and the loss's float32 logits, log-softmax
+    and gradient."""
+    return backward_activation_bytes(a, batch, length, nbytes) + logits_bytes(a, batch, scored, 3)
+
+
+def auto_importance_batch(a: Arch, budget: float, length: int, scored: int, nbytes: int, per_rank: int) -> int:
+    """`importance.batch_size=auto`: the largest batch whose step (`importance_step_bytes`) fits `budget`
+    bytes beside the parameters, at most `per_rank` (a rank's share of the examples: one step does
+    them all), at least 1. A shard sizes it from its device's free memory and longest example
+    (importance.importance_batch_size), the planner from the plan's GPU (`planned_importance_batch`)."""
+    fits = largest_batch(lambda b: importance_step_bytes(a, b, length, scored, nbytes), budget)
+    return max(1, min(fits, per_rank))
+
+
+def planned_importance_batch(cfg: dict, a: Arch, gpus: int) -> int:
+    """importance.batch_size as a shard on `gpus` of the plan's GPUs resolves it: an int as it is; auto
+    (`auto_importance_batch`) from the memory beside the rank's parameters, at `model.max_length`
+    tokens and `plan.scored_tokens` scored, over `importance.n_examples` examples."""
+    imp = cfg["importance"]
+    if imp["batch_size"] != "auto":
+        return int(imp["batch_size"])
+    mem, resident, length, nb = _rank_memory(cfg, a, gpus)
+    return auto_importance_batch(a, mem - resident, length, int(cfg["plan"]["scored_tokens"]), nb,
+                                 math.ceil(int(imp["n_examples"]) / gpus))
 
 
 INTERCONNECTS = {

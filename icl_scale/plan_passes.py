@@ -29,7 +29,7 @@ from .models.zero import live_beside
 from .packed import packed_fits, packed_lengths
 from .passes import Tokenised, length_groups, naive_calls, pass_cost_tokens, plan_units, plan_work, request_cost
 from .plan_data import TaskCounts
-from .plan_machine import Arch, layer_params, n_params
+from .plan_machine import Arch, layer_params, n_params, planned_importance_batch
 from .pruning import n_removed
 from .tasks.base import Request
 
@@ -82,7 +82,7 @@ class Zero3:
         if setting != "auto":
             return int(setting)
         per_mask = mask_pass_bytes(tk, requests, batch_size, self.per_token, self.vocab)
-        return zero3_group_size(per_mask, n_masks, self.free_bytes, self.live_bytes)
+        return zero3_group_size(per_mask, n_masks, self.free_bytes - self.live_bytes)
 
 
 def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size: int, n_masks: int = 1,
@@ -273,7 +273,7 @@ def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: st
                    zero: Zero3 | None = None) -> Schedule:
     """Every call one rank makes in the shard (see the module docstring); `zero`: under ZeRO-3."""
     b_eval, setting = int(cfg["eval"]["batch_size"]), cfg["eval"]["masks_per_pass"]
-    imp = importance_calls(len(lists.importance), int(cfg["importance"]["batch_size"]), ranks)
+    imp = importance_calls(len(lists.importance), planned_importance_batch(cfg, a, ranks), ranks)
     cache: dict = {}  # the lists' work units, planned once
 
     def calls(reqs, n_masks):

@@ -56,7 +56,10 @@ class ImportanceConfig:
     normalize: Any = setting("paper", str, "paper: layers 0..L-2 / input tokens, last layer / gold-continuation "
                              "tokens; all_tokens: every layer / input tokens", options=("paper", "all_tokens"),
                              hashed=True)
-    batch_size: Any = setting(4, int, "examples per pass (each example's loss is its own mean NLL)", lo=1)
+    batch_size: Any = setting(4, int, "examples per pass on each rank (each example's loss is its own mean NLL); "
+                              "auto = the largest the device's free memory holds for the longest example (the "
+                              "planner's memory model; under ZeRO-3 beside the live parameters), at most a rank's "
+                              "share of the examples", lo=1, options=("auto",))
     abs: Any = setting("per_token", str, "per_token: sum_t |<o, dL/do>| (paper); sum: |sum_t <o, dL/do>|",
                        options=("per_token", "sum"), hashed=True)
     normalize_layers: Any = setting(False, bool, "Michel et al. per-layer L2 normalisation of head scores",

@@ -82,9 +82,10 @@ def gates_for(lm: LoadedModel, head_mask, ffn_mask):
     return Gates(lm.adapter, head_mask=head_mask, ffn_mask=ffn_mask)
 
 
-def _logprob_of(hidden: torch.Tensor, targets: torch.Tensor, unembed) -> torch.Tensor:
-    """log P(target) for each row of hidden [N, d] (unembedding applied only here)."""
-    logits = unembed(hidden).float()
+def _logprob_of(hidden: torch.Tensor, targets: torch.Tensor, logits_of) -> torch.Tensor:
+    """log P(target) for each row of hidden [N, d] (unembedding applied only here: `logits_of`,
+    Adapter.logits, also soft-caps where the model's own forward does)."""
+    logits = logits_of(hidden).float()
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
@@ -125,7 +126,7 @@ def _prefix_pass(base, rows_tok: list[list[int]], pad, dev):
     return last, cache, mask, ctx_len
 
 
-def score_units(base, unembed, tk, requests, chunk, pad, dev, cost, lock=None,
+def score_units(base, logits_of, tk, requests, chunk, pad, dev, cost, lock=None,
                  select=None) -> list[tuple[int, int, ChoiceScore]]:
     """Score every row of a group of units: one prefix pass, then the tails in passes of similar length,
     then one unembedding of every scored position (on a CPU each unembedding call reads the whole
@@ -133,7 +134,7 @@ def score_units(base, unembed, tk, requests, chunk, pad, dev, cost, lock=None,
     ~25 ms per call on SmolLM2 with 1 thread). `lock` (ZeRO-3 with data-parallel ranks): (Lockstep,
     continuation passes of this step in the schedule); placeholder passes make up the difference, before
     the unembedding. `select(request indices)` (several masks, `_mask_gates`): called with the request
-    of every batch row before each pass."""
+    of every batch row before each pass. `logits_of`: hidden states -> logits (Adapter.logits)."""
     if select:
         select([ijs[0][0] for _, ijs in chunk])
     last, cache, mask, ctx_len = _prefix_pass(base, [u[0] for u in chunk], pad, dev)
@@ -164,7 +165,7 @@ def score_units(base, unembed, tk, requests, chunk, pad, dev, cost, lock=None,
         owner.append(g_idx[row])
     if lock:
         lock[0].idle_base(lock[1] - len(groups))
-    lp = _logprob_of(torch.cat(hidden), torch.cat(targets), unembed)
+    lp = _logprob_of(torch.cat(hidden), torch.cat(targets), logits_of)
     total = torch.zeros(len(rows), device=dev, dtype=lp.dtype).index_add_(0, torch.cat(owner), lp)
     return [(i, j, ChoiceScore(t, len(toks))) for (_, i, j, toks, _), t in zip(rows, total.tolist())]
 
@@ -275,7 +276,7 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
     work = plan_work(tk, requests, len(masks), batch_size, cost, sync.regroup if sync else cache_regroupable(lm), packed)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     copies = list(requests) * len(masks)
-    base, unembed, pad = lm.model.base_model, lm.model.get_output_embeddings(), lm.tokenizer.pad_token_id
+    base, logits_of, pad = lm.model.base_model, lm.adapter.logits, lm.tokenizer.pad_token_id
     gates, select = _maskgates_for(lm, masks, n)
     if sync:
         sync.select = select
@@ -289,7 +290,7 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
             lock = (sync, sync.tails[step]) if sync else None
             chunk = [work.units[k] for k in g]
             for i, j, sc in score_packed(lm, tk, copies, chunk, select) if packed else score_units(
-                    base, unembed, tk, copies, chunk, pad, dev, cost, lock, select):
+                    base, logits_of, tk, copies, chunk, pad, dev, cost, lock, select):
                 out[i // n][i % n][j] = sc
             bar.update(len(g))
         bar.close()

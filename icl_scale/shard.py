@@ -194,8 +194,9 @@ class ShardRun(CurvesStage, ResumableRun):
         """Open the checkpoint (resumed when it has this config hash) and mark the shard running."""
         self.open_checkpoint()
         self.shard.remove_stale_temps()
+        self.resolved = sanitize_config(self.cfg)  # the settings; auto ones as they resolve
         self.shard.write_manifest(status="running", config_hash=self.hash, config=self.scfg,
-                                  resolved=sanitize_config(self.cfg), versions=library_versions(),
+                                  resolved=self.resolved, versions=library_versions(),
                                   started=t_start, data_sources=self.data_sources, truncated=self.truncated,
                                   ranks=dp_world()[1],  # data-parallel ranks that split the work
                                   parameters=n_parameters(self.lm.model))
@@ -236,7 +237,7 @@ class ShardRun(CurvesStage, ResumableRun):
 
     def gradient_importance(self, head_mask=None, state=None, on_batch=None) -> ImportanceState:
         ic = self.cfg["importance"]
-        return gradient_importance(self.lm, self.requests.importance, batch_size=int(ic["batch_size"]),
+        return gradient_importance(self.lm, self.requests.importance, batch_size=ic["batch_size"],
                                    head_mask=head_mask, abs_mode=ic["abs"], state=state,
                                    on_batch=on_batch, progress=self.show_progress,
                                    continuation=ic["continuation"])
@@ -265,6 +266,10 @@ class ShardRun(CurvesStage, ResumableRun):
         state = self.gradient_importance(state=state, on_batch=on_batch)
         write_tensors(path, state.tensors())
         self.imp_state, self.imp = state, self.importance_result(state)
+        log.info("stage importance: %d examples, importance.batch_size=%d per rank per step (setting: %s)",
+                 state.n_examples, state.batch_size, self.cfg["importance"]["batch_size"])
+        self.resolved["importance"]["batch_size"] = state.batch_size  # auto: the size its steps were made with
+        self.shard.write_manifest(resolved=self.resolved)
 
     def knockout(self) -> None:
         """FFN knock-out importance on the knock-out split (icl_scale.knockout: per batch of contexts one

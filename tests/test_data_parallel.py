@@ -210,20 +210,28 @@ def _draw(seed: int) -> tuple[str, int, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,ranks", [(14, 2), (5, 3)])  # copa 0-shot max_length 32; winogrande 1-shot
-def test_random_shards_under_zero3_on_2_and_3_ranks_write_the_one_process_store(tmp_path, seed, ranks):
+# (copa 0-shot max_length 32 on 2 ranks; winogrande 1-shot on 3)
+@pytest.mark.parametrize("seed,ranks,batch", [(14, 2, "auto"), (5, 3, "drawn")])
+def test_random_shards_under_zero3_on_2_and_3_ranks_write_the_one_process_store(tmp_path, seed, ranks, batch):
     """The pass schedule (scoring.Lockstep) keeps every rank in call-lockstep whatever its share:
     random draws of task, shot, limits, max_length, batch sizes and masks per pass finish on 2 and 3
     ZeRO-3 ranks and write what one process writes. (Single-process checks of the schedule over many
-    more draws: test_lockstep.py.)"""
+    more draws: test_lockstep.py.) On 2 ranks importance.batch_size=auto (sized from memory, the
+    same on both ranks) against the one process's drawn size."""
     task, shot, shard = _draw(seed)
     score(tmp_path / "one", "tiny-opt", shard=shard)
-    out = score(tmp_path / "zero", "tiny-opt", "model.deepspeed.enabled=true", ranks=ranks, shard=shard)
+    auto = ["importance.batch_size=auto"] if batch == "auto" else []
+    out = score(tmp_path / "zero", "tiny-opt", "model.deepspeed.enabled=true", *auto, ranks=ranks, shard=shard)
     assert out.count("done in") == ranks, shard
     assert_same_store(shard_dir(tmp_path / "one", "tiny-opt", task, shot),
                       shard_dir(tmp_path / "zero", "tiny-opt", task, shot))
+    manifest = json.loads((shard_dir(tmp_path / "zero", "tiny-opt", task, shot) / "manifest.json").read_text())
+    if auto:  # CPU ranks hold the tiny model's steps easily: one step, each rank its share of the examples
+        n = int(next(o for o in shard if o.startswith("importance.n_examples=")).split("=")[1])
+        assert manifest["resolved"]["importance"]["batch_size"] == -(-n // ranks), manifest["resolved"]
+        assert f"importance.batch_size={-(-n // ranks)} per rank per step (setting: auto)" in out
     # the gather counters: per stage, in the manifest and the stage log (none without ZeRO-3)
-    zero = json.loads((shard_dir(tmp_path / "zero", "tiny-opt", task, shot) / "manifest.json").read_text())["zero"]
+    zero = manifest["zero"]
     assert set(zero["stages"]) == {"importance", "knockout", "curves"}
     # (a whole forward gathers a little under the model: the persistent norms and biases never)
     assert all(s["gathers"] >= 0.5 and s["gathered_gb"] > 0 for s in zero["stages"].values()), zero

@@ -69,7 +69,10 @@ def copying_from(att: torch.Tensor, x: torch.Tensor, Uids: torch.Tensor, W_o: to
 def unembedding_matrix(adapter: Adapter, fold_norm: bool = True, ids: torch.Tensor | None = None) -> torch.Tensor:
     """[V, hidden] map from a residual-stream vector to logits, with the final norm's linear part
     folded in (weight, and centring for LayerNorm; the per-token 1/rms scale and bias are dropped)
-    and OPT's project_out applied. `ids`: only those rows ([len(ids), hidden])."""
+    and OPT's project_out applied. `ids`: only those rows ([len(ids), hidden]). Linear, so no
+    final-logit soft-capping (Gemma 2): the copying score is the paper's linear OV circuit (defined
+    on OPT, which has no cap), and one head's output lacks the logit scale the cap acts at
+    (docs/induction.md)."""
     U = adapter.unembedding_weight().detach()
     U = (U if ids is None else U[ids]).float()  # every step below is row-wise: rows first saves memory
     decoder = getattr(getattr(adapter.model, "model", None), "decoder", None)

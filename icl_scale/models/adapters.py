@@ -66,6 +66,7 @@ class Family:
     conv1d: bool  # GPT-2 stores Linear weights transposed (transformers Conv1D)
     mlp: str = ""  # the MLP module itself when `ffn` is a norm after it (Gemma); "" = `ffn`
     norm_offset: float = 0.0  # RMS norms scale by (offset + weight): Gemma 1.0
+    logit_softcap: bool = False  # the CausalLM soft-caps its logits by config.final_logit_softcapping (Gemma)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -88,7 +89,7 @@ FAMILIES: tuple[Family, ...] = (
         q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", qkv_proj="", qkv_layout="", o_proj="o_proj",
         ffn="post_feedforward_layernorm", ffn_output_is_flat=False, pre_attn_norm="input_layernorm",
         pre_ffn_norm="pre_feedforward_layernorm", final_norm="model.norm", embed="model.embed_tokens",
-        unembed="lm_head", rotary=True, conv1d=False, mlp="mlp", norm_offset=1.0,
+        unembed="lm_head", rotary=True, conv1d=False, mlp="mlp", norm_offset=1.0, logit_softcap=True,
     ),
     Family(
         name="phi3", model_types=("phi3",), layers="model.layers", attn="self_attn", q_proj="", k_proj="",
@@ -184,6 +185,16 @@ class Adapter:
     def unembedding_weight(self) -> torch.Tensor:
         """[vocab, hidden] matrix mapping the final residual (after the final norm) to logits."""
         return self.model.get_output_embeddings().weight  # the family's own name varies by version
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states [..., d] (the base model's output), as the family's CausalLM
+        forward computes them: the output embedding, then Gemma 2/3's cap * tanh(logits / cap) when
+        the config sets `final_logit_softcapping`. Whoever unembeds by hand calls this, not the head."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None) if self.family.logit_softcap else None
+        if cap is not None:  # the same operations, in the same order and dtype, as transformers
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # --- weights in a family-independent layout --------------------------------------------
     def o_proj_weight(self, l: int) -> torch.Tensor:

@@ -71,6 +71,14 @@ def least_free_memory() -> int:
     return -max_over_ranks(-free_memory_bytes())
 
 
+def memory_beside_parameters(lm) -> int:
+    """Device memory a pass's activations may take, the same on every rank: `least_free_memory`, less
+    under ZeRO-3 (a partitioned `lm`, whose spec holds the resolved stage-3 knobs) the parameters that
+    may be whole beside the module running."""
+    live = int(lm.spec["deepspeed"]["stage3_max_live_parameters"]) if lm.engine is not None else 0
+    return least_free_memory() - live * lm.dtype.itemsize
+
+
 def model_numbers(model: torch.nn.Module) -> tuple[int, int, int]:
     """(parameters of the model, of its largest decoder block, of its largest tensor), each parameter
     once, whole or partitioned."""
