@@ -190,14 +190,32 @@ def _advice(cfg: dict, c: TaskCounts, gpus: int, hours: float, lists: ShardLists
     more = next((g for g in (gpus * 2, gpus * 4, gpus * 8) if shard_time(cfg, c, g, lists).hours <= limit), None)
     if more:
         fixes.append(f"gpus={more}")
-    lo, hi = 0, doc_counts(cfg, c)[0]
-    while lo < hi:  # the largest eval.limit that fits the limit
-        mid = (lo + hi + 1) // 2
-        trial, trial_lists = limited(cfg, lists, mid)
-        lo, hi = (mid, hi) if shard_time(trial, c, gpus, trial_lists).hours <= limit else (lo, mid - 1)
+    def hours_at(n: int) -> float:
+        trial, trial_lists = limited(cfg, lists, n)
+        return shard_time(trial, c, gpus, trial_lists).hours
+
+    lo = largest_fitting(hours_at, doc_counts(cfg, c)[0], hours, limit)
     if lo:
         fixes.append(f"eval.limit={lo}")
     return f"over the {limit:g} h limit: " + ", or ".join(fixes)
+
+
+def largest_fitting(hours_at, n: int, hours_n: float, limit: float) -> int:
+    """The largest eval.limit in [0, n) whose hours are within `limit`, given `hours_at` (increasing in
+    it) and hours_n = hours_at(n) > limit: an interpolation search (hours are nearly linear in the
+    docs: a few probes, each a whole schedule), halving whenever a probe did not halve the interval."""
+    lo, hi, h_lo, h_hi, halve = 0, n, None, hours_n, False
+    while hi - lo > 1:
+        if halve or h_lo is None and lo > 0:
+            mid = (lo + hi) // 2
+        else:
+            base = 0.0 if h_lo is None else h_lo
+            mid = lo + int((limit - base) / max(h_hi - base, 1e-12) * (hi - lo))
+        mid = min(max(mid, lo + 1), hi - 1)
+        width, h = hi - lo, hours_at(mid)
+        lo, hi, h_lo, h_hi = (mid, hi, h, h_hi) if h <= limit else (lo, mid, h_lo, h)
+        halve = not halve and hi - lo > width // 2
+    return lo
 
 
 def plan_shards(cfg: dict, pl: Plan, counts: list[TaskCounts]) -> list[ShardPlan]:

@@ -94,15 +94,16 @@ def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size
     (passes.cache_regroupable; plain caches can). `zero`: under ZeRO-3 every mask keeps its
     `batch_size` prefixes per pass, and a step is one call of the whole model when it fits (packed.py).
     `cache`: a dict kept across calls on the same lists (their work units)."""
-    cost, packed = pass_cost_tokens(device), False
+    cost, packed, cache = pass_cost_tokens(device), False, {} if cache is None else cache
     if zero is not None:
         batch_size *= n_masks
-        cache, key = ({} if cache is None else cache), (id(requests), "rows")
-        if key not in cache:
-            cache[key] = packed_lengths(tk, requests)
-        packed = packed_fits(cache[key], batch_size, zero.heads, None, zero.free_bytes)
-    slices = [list(range(len(requests)))] if ranks == 1 else balanced_slices(
-        [request_cost(tk, r) for r in requests], ranks)
+        if (id(requests), "rows") not in cache:
+            cache[(id(requests), "rows")] = packed_lengths(tk, requests)
+        packed = packed_fits(cache[(id(requests), "rows")], batch_size, zero.heads, None, zero.free_bytes)
+    if (id(requests), "slices", ranks) not in cache:
+        cache[(id(requests), "slices", ranks)] = [list(range(len(requests)))] if ranks == 1 else balanced_slices(
+            [request_cost(tk, r) for r in requests], ranks)
+    slices = cache[(id(requests), "slices", ranks)]
     works = [_rank_passes(tk, requests, s, n_masks, batch_size, cost, regroup, packed, cache) for s in slices]
     steps = max(len(tails) for tails, _ in works)
     tails = sum(max((t[s] for t, _ in works if s < len(t)), default=0) for s in range(steps))
@@ -120,7 +121,6 @@ def _rank_passes(tk, requests, idx, n_masks, batch_size, cost, regroup, packed, 
     if not packed:
         w = plan_work(tk, reqs, n_masks, batch_size, cost, regroup)
         return w.tails, w.naive
-    cache = {} if cache is None else cache
     key = (id(requests), tuple(idx))
     if key not in cache:
         units, overflow = plan_units(tk, reqs)
@@ -276,8 +276,11 @@ def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: st
     imp = importance_calls(len(lists.importance), planned_importance_batch(cfg, a, ranks), ranks)
     cache: dict = {}  # the lists' work units, planned once
 
-    def calls(reqs, n_masks):
-        return scoring_calls(lists.tk, reqs, ranks, b_eval, n_masks, device, zero=zero, cache=cache)
+    def calls(reqs, n_masks):  # memoised: groups of one size plan the same passes
+        key = (id(reqs), "calls", n_masks)
+        if key not in cache:
+            cache[key] = scoring_calls(lists.tk, reqs, ranks, b_eval, n_masks, device, zero=zero, cache=cache)
+        return cache[key]
 
     runs = curve_mask_runs(cfg, a, lists.knockout_on_eval)
     if zero is None:
@@ -289,9 +292,7 @@ def shard_schedule(cfg: dict, lists: ShardLists, a: Arch, ranks: int, device: st
         for g in ko_groups:
             ko = ko + calls(lists.knockout, g)
         groups = mask_groups([sum(runs)], zero.group_size(setting, lists.tk, lists.eval, b_eval, sum(runs)))
-    curves, memo = Calls(), {}
+    curves = Calls()
     for k in groups:
-        if k not in memo:
-            memo[k] = calls(lists.eval, k)
-        curves = curves + memo[k]
+        curves = curves + calls(lists.eval, k)
     return Schedule(imp, ko, curves, sum(runs), len(groups), a.layers + 1, len(ko_groups))
