@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,8 @@ from icl_scale.models.zero import least_free_memory
 free_gb = least_free_memory() / 2**30  # what a shard's ZeRO-3 passes are sized from (as at its load)
 if td.get_rank() == 0:
     print("MEASURED " + json.dumps({
-        "free_gb": free_gb, "peak_tflops": tflops, "allgather_gbs": allgather, "started_s": started, "tokenize_ktok_s": tokenize,
+        "free_gb": free_gb, "peak_tflops": tflops, "allgather_gbs": allgather, "started_s": started,
+        "tokenize_ktok_s": tokenize,
         "loads": loads, "one_token_passes": passes}), flush=True)
 print("ENDED " + str(time.time()), flush=True)
 """
@@ -171,11 +173,12 @@ def measure(data: str) -> dict:
         p = subprocess.run(torchrun(str(script), str(t0), json.dumps(MICRO), json.dumps(PROBES), data), env=ENV,
                            capture_output=True, text=True, timeout=1200)
         ended = time.time()
-    lines = [x for x in p.stdout.splitlines() if x.startswith("MEASURED ")]
-    ends = [float(x.split()[1]) for x in p.stdout.splitlines() if x.startswith("ENDED ")]
+    # both ranks print to one pipe: a line may be cut by the other rank's, so read the records by pattern
+    lines = [json.JSONDecoder().raw_decode(x)[0] for x in re.findall(r"MEASURED (\{.*)", p.stdout)]
+    ends = [float(x) for x in re.findall(r"ENDED ([0-9.]+)", p.stdout)]
     if p.returncode or not lines or not ends:
         raise SystemExit(f"measuring failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    m = json.loads(lines[0].removeprefix("MEASURED "))
+    m = lines[0]
     _, per_byte = fit([[1, b] for b, _ in m["loads"]], [t for _, t in m["loads"]])  # load = a + bytes x per_byte
     m["load_gbs"] = 1 / max(per_byte, 1e-12) / 1e9
     # a one-token pass (less its FLOPs) = per pass + (layers + 1) x per block + bytes received (half) / bandwidth
@@ -246,7 +249,8 @@ def markdown(res: dict) -> str:
                      f"{r['planned_gathers']} / {r['measured_gathers']} |")
     lines += ["", f"Within {TOLERANCE:.0%}: {res.get('within_tolerance')} (complete: {res.get('complete')})", "",
               "Primitives measured before each shard:", ""]
-    lines += [f"* {r['shard']}: " + ", ".join(f"{k}={r['machine'][k]:.4g}" for k in (*PLAN_KEYS, "allgather_gbs", "free_gb"))
+    keys = (*PLAN_KEYS, "allgather_gbs", "free_gb")
+    lines += [f"* {r['shard']}: " + ", ".join(f"{k}={r['machine'][k]:.4g}" for k in keys if k in r["machine"])
               for r in res["shards"]]
     lines.append("")
     return "\n".join(lines)

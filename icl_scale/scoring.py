@@ -273,7 +273,8 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
     n = len(requests)
     dev = lm.device
     cost = pass_cost_tokens(dev)
-    work = plan_work(tk, requests, len(masks), batch_size, cost, sync.regroup if sync else cache_regroupable(lm), packed)
+    regroup = sync.regroup if sync else cache_regroupable(lm)
+    work = plan_work(tk, requests, len(masks), batch_size, cost, regroup, packed)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     copies = list(requests) * len(masks)
     base, logits_of, pad = lm.model.base_model, lm.adapter.logits, lm.tokenizer.pad_token_id

@@ -208,10 +208,9 @@ def test_largest_fitting_limit_is_the_bisections_in_fewer_probes():
     when the hours are nearly linear in the docs, never in more than about twice a bisection's."""
     for n, fixed, slope, curve, limit in [(10_000, 0.5, 0.01, 0.0, 40.0), (4848, 1.7, 0.012, 1e-6, 48.0),
                                           (100, 0.0, 1.0, 0.0, 0.5), (7, 2.0, 1.0, 0.5, 2.9)]:
-        def hours(x):
+        def hours(x, probes=(probes := []), fixed=fixed, slope=slope, curve=curve):
             probes.append(x)
             return fixed + slope * x + curve * x * x
-        probes = []
         got = P.largest_fitting(hours, n, fixed + slope * n + curve * n * n, limit)
         want = max([0] + [x for x in range(1, n) if fixed + slope * x + curve * x * x <= limit])
         assert got == want
