@@ -27,9 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ["copa", "arc_easy", "piqa", "hellaswag"]
-SHOTS = [0, 1, 5]
+# The tasks and shots are the preset's (sweep.tasks, sweep.shots): one source of truth.
+_PRESET = OmegaConf.load(ROOT / "conf" / "experiment" / "case_study.yaml")
+TASKS = list(_PRESET.sweep.tasks)
+SHOTS = list(_PRESET.sweep.shots)
 SEEDS = [0, 1, 2]
 MODEL = "smollm2-135m"
 
@@ -57,7 +61,7 @@ def compute(store: Path) -> None:
                 if not (out / "metrics.json").exists():
                     run(["jobs/evaluate.py", *common, f"task={task}", f"shot={shot}", f"seed={seed}",
                          f"out_dir={out}"])
-    for task in TASKS:  # cross-task transfer (Fig. 9) at 1 shot: the aggregate ranking of all four tasks
+    for task in TASKS if len(TASKS) > 1 else []:  # cross-task transfer (Fig. 9) at 1 shot: needs 2+ tasks
         run(["jobs/transfer.py", *common, f"task={task}", "shot=1"])
     run(["jobs/induction.py", *common])
     run(["jobs/reduce.py", *common])
