@@ -78,6 +78,19 @@ def baseline(store: Path, task: str, shot: int, seed: int) -> dict:
     return {"metric": key, "value": m[key]["value"], "ci95": m[key]["ci95"], "n": m[key]["n"]}
 
 
+def facts(store: Path) -> dict:
+    """What was run, from a shard's manifest (the newest shard: older ones lack the parameter count):
+    the model's size and the study's sizes."""
+    m = json.loads((store / MODEL / TASKS[-1] / f"{SHOTS[-1]}shot" / "seed0" / "manifest.json").read_text())
+    arch, r = m["resolved"]["model"]["arch"], m["resolved"]
+    return {"parameters": m["parameters"], "layers": arch["layers"], "heads_per_layer": arch["heads"],
+            "kv_heads": arch["kv_heads"], "heads": arch["layers"] * arch["heads"], "tasks": TASKS, "shots": SHOTS,
+            "eval_limit": r["eval"]["limit"], "importance_examples": r["importance"]["n_examples"],
+            "pruning_levels": r["pruning"]["levels"], "combined_levels": r["pruning"]["combined_levels"],
+            "random_seeds": r["pruning"]["random_seeds"], "induction_sequences": r["induction"]["n_seeds"],
+            "demonstration_seeds": SEEDS}
+
+
 def collect(store: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -88,13 +101,15 @@ def collect(store: Path, out: Path) -> None:
             rows.append({"task": task, "shot": shot, "seeds": seeds, "mean": statistics.mean(vals),
                          "sd_over_seeds": statistics.stdev(vals) if len(vals) > 1 else 0.0})
     (out / "summary.json").write_text(json.dumps({"model": MODEL, "store": "experiment=case_study",
-                                                  "baselines": rows}, indent=2) + "\n")
+                                                  "facts": facts(store), "baselines": rows}, indent=2) + "\n")
     figs = store / MODEL / "summary"
     report = (figs / "report.md").read_text()
     # The reducer's claims table (icl_scale/claims.py: paired bootstrap over docs, the random
     # baseline, the induction null) and its report, as written: the case study quotes these files.
     for name in ("report.md", "claims.json", "claims.md"):
         shutil.copy2(figs / name, out / name)
+    for f in out.glob("*.png"):  # figures of an earlier run that this one does not draw
+        f.unlink()
     for f in sorted(figs.glob("*.png")):  # the figures report.md shows, and the importance heatmaps
         if f.name in report or f.name == "fig3_importance.png":
             shutil.copy2(f, out / f.name)

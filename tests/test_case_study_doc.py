@@ -10,8 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "case-study-smollm2.md"
 OUT = REPO / "docs" / "case_study"
@@ -61,7 +59,6 @@ def test_the_number_filter_keeps_results_and_drops_settings():
     assert quoted_from("0.62", [0.6174]) and quoted_from("70", [0.7]) and not quoted_from("0.63", [0.6174])
 
 
-@pytest.mark.skipif(not (OUT / "claims.json").exists(), reason="the case study's claims file is not committed yet")
 def test_every_number_in_the_case_study_is_in_the_files_the_pipeline_wrote():
     values = source_values()
     missing = sorted({n for n in numbers(prose(DOC.read_text())) if not quoted_from(n, values)}, key=float)
