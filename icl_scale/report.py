@@ -296,6 +296,9 @@ def _md_cross_shot(t1: dict) -> list[str]:
 
 
 def _md_transfer(rows: list[dict]) -> list[str]:
+    if not rows:  # no figure drawn: say why instead of linking one
+        return ["## Fig. 9: cross-task transfer", "", "Not run: the transfer curves need jobs/transfer.py "
+                "(sweep.transfer=true, two or more tasks).", ""]
     return ["## Fig. 9: cross-task transfer", "", "![Fig. 9](fig9_transfer.png)", "",
             *_table(["task", "shot", "seed", "ranking", "level", "value"],
                     [[r["task"], r["shot"], r["seed"], r["ranking"], r["level"], r["value"]] for r in rows])]
