@@ -65,7 +65,6 @@ class Zero3:
 
     free_bytes: int
     live_bytes: int
-    live_params: int
     per_token: int
     vocab: int
     heads: int
@@ -74,8 +73,8 @@ class Zero3:
     def of(cls, a: Arch, free_bytes: int, width: int, max_live_parameters="auto") -> Zero3:
         tensor = max(a.vocab * (a.embed_dim or a.hidden), a.ffn * a.hidden)
         live = live_beside(max_live_parameters, n_params(a), layer_params(a), tensor, free_bytes, width)
-        return cls(int(free_bytes), live * width, live, pass_token_bytes(a.layers, a.kv_heads, a.head_dim, a.hidden,
-                                                                         width), a.vocab, a.heads)
+        per_token = pass_token_bytes(a.layers, a.kv_heads, a.head_dim, a.hidden, width)
+        return cls(int(free_bytes), live * width, per_token, a.vocab, a.heads)
 
     def group_size(self, setting, tk: Tokenised, requests: list[Request], batch_size: int, n_masks: int) -> int:
         """Masks sharing a pass (eval.masks_per_pass; auto: evaluator.zero3_masks_per_pass's rule)."""

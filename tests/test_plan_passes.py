@@ -87,7 +87,7 @@ def test_the_planned_calls_of_a_scoring_run_are_every_zero3_ranks(world, masks, 
     works = [plan_work(tk, [reqs[i] for i in s], masks, batch, cost, regroup) for s in slices]
     g = lm.adapter.geometry
     free = 2**34 if packed else 1  # room to pack every step, or none
-    zero = Zero3(free, 0, 0, 1, lm.model.config.vocab_size, g.n_heads)
+    zero = Zero3(free, 0, 1, lm.model.config.vocab_size, g.n_heads)
     assert packable(lm, tk, reqs, batch, free) == packed
     planned = scoring_calls(tk, reqs, world, 2, masks, device="cpu", regroup=regroup, zero=zero)
     mask_list = [(None, None)] + [(torch.ones(g.n_layers, g.n_heads), torch.ones(g.n_layers))] * (masks - 1)
