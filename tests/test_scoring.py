@@ -80,6 +80,39 @@ def testlength_groups():
     assert length_groups([0, 0], pass_cost=1) == []
 
 
+def _plain_dp_groups(lengths, pass_cost, m):
+    """The grouping DP written plainly (the first best cut on ties), as a reference."""
+    order = sorted((k for k, n in enumerate(lengths) if n > 0), key=lambda k: -lengths[k])
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for i in range(1, len(order) + 1):
+        for j in range(max(0, i - m), i):
+            c = best[j] + pass_cost + (i - j) * lengths[order[j]]
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    groups, i = [], len(order)
+    while i > 0:
+        groups.append(order[cut[i]: i])
+        i = cut[i]
+    return groups[::-1]
+
+
+def test_length_groups_by_runs_cuts_where_the_plain_dp_does():
+    """Lists under several masks repeat every length: length_groups then runs its DP by runs of equal
+    lengths (passes._cuts_by_runs), which must cut exactly where the plain DP cuts, ties included."""
+    import random
+
+    from icl_scale.passes import _cuts, _cuts_by_runs
+
+    rng = random.Random(0)
+    for _ in range(400):
+        values = [rng.randint(1, 40) for _ in range(rng.randint(1, 10))]
+        rows = sorted((rng.choice(values) for _ in range(rng.randint(1, 200))), reverse=True)
+        m, cost = rng.randint(1, 50), float(rng.choice([0, 1, 5, 40, 2048]))
+        assert _cuts_by_runs(rows, cost, m) == _cuts(rows, cost, m)
+    lengths = [rng.choice([30, 45, 60, 90]) for _ in range(300)] * 8  # one list under 8 masks: the fast path
+    assert length_groups(lengths, 40.0, max_size=48) == _plain_dp_groups(lengths, 40.0, 48)
+
+
 def _partitions(items):
     if not items:
         yield []
