@@ -127,11 +127,9 @@ def _cuts_by_runs(rows: list[int], pass_cost: float, m: int) -> list[int]:
     from collections import deque
 
     n = len(rows)
-    run_of, starts = [0] * n, []
-    for j, r in enumerate(rows):
-        if j == 0 or r != rows[j - 1]:
-            starts.append(j)
-        run_of[j] = len(starts) - 1
+    run_of = [0] * n  # the run (of equal lengths) each row is in
+    for j in range(1, n):
+        run_of[j] = run_of[j - 1] + (rows[j] != rows[j - 1])
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     cands: dict[int, deque] = {}
     active: deque = deque()  # runs with candidates, in order

@@ -38,6 +38,7 @@ from .plan_machine import (
     machine,
     make_plan,
     n_params,
+    usable_gpu_bytes,
 )
 from .plan_passes import Calls, Schedule, ShardLists, Zero3, doc_counts, shard_lists, shard_schedule, table_lists
 
@@ -137,9 +138,8 @@ def shard_time(cfg: dict, c: TaskCounts, gpus: int, lists: ShardLists | None = N
 
 def zero_sizes(cfg: dict, a: Arch, nb: int) -> Zero3:
     """What sizes the scorer's ZeRO-3 passes, as a rank sees it: its GPU's usable memory free
-    (`gpu_mem_gb` x SAFETY) and `model.deepspeed.max_live_parameters`."""
-    free = int(float(cfg["plan"]["gpu_mem_gb"]) * 2**30 * SAFETY)
-    return Zero3.of(a, free, nb, cfg["model"]["deepspeed"]["max_live_parameters"])
+    (`usable_gpu_bytes`) and `model.deepspeed.max_live_parameters`."""
+    return Zero3.of(a, int(usable_gpu_bytes(cfg)), nb, cfg["model"]["deepspeed"]["max_live_parameters"])
 
 
 def request_lists(cfg: dict, c: TaskCounts, a: Arch) -> ShardLists:

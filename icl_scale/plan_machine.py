@@ -255,13 +255,18 @@ def make_plan(cfg: dict) -> Plan:
                 imp_mem(imp_b), host, fits, largest_batch(eval_mem, mem), largest_batch(imp_mem, mem), imp_b)
 
 
+def usable_gpu_bytes(cfg: dict) -> float:
+    """One GPU's memory a rank may use: `gpu_mem_gb` less the SAFETY margin."""
+    return float(cfg["plan"]["gpu_mem_gb"]) * 2**30 * SAFETY
+
+
 def _rank_memory(cfg: dict, a: Arch, gpus: int) -> tuple[float, float, int, int]:
     """(usable bytes of one GPU, the bytes its parameters hold, a row's tokens at worst, dtype bytes) on
     `gpus` ranks."""
     spec, p = cfg["model"], cfg["plan"]
     nb = BYTES.get(str(spec.get("dtype") or "auto"), 2)
     resident = _resident(a, gpus, p.get("offload") or "none", nb)
-    return float(p["gpu_mem_gb"]) * 2**30 * SAFETY, resident, int(spec.get("max_length") or a.max_positions), nb
+    return usable_gpu_bytes(cfg), resident, int(spec.get("max_length") or a.max_positions), nb
 
 
 def largest_batch(mem_at, budget: float, cap: int = 4096) -> int:
