@@ -2,8 +2,8 @@
 the scorer itself plans its passes with (icl_scale/passes.py), for icl_scale/plan.py.
 
 * a scoring run of a request list under k masks (scoring.score_masks): `passes.plan_work` of the
-  list, or with several ranks of each rank's token-balanced slice, in call-lockstep as
-  `passes.Lockstep` schedules them (each step: the most passes any rank makes);
+  list, or with several ZeRO-3 ranks `passes.rank_works` (each rank's share of every pass), in
+  call-lockstep as `passes.Lockstep` schedules them (each step: the most passes any rank makes);
 * importance: ceil(examples / (batch x ranks)) steps, each one forward, one unembedding and one
   backward on every rank;
 * knock-out: the knock-out list scored once unpruned and once per FFN removed (under ZeRO-3 a whole
@@ -27,7 +27,16 @@ from .distributed import balanced_slices
 from .evaluator import mask_pass_bytes, masks_per_pass, pass_token_bytes, zero3_group_size
 from .models.zero import live_beside
 from .packed import packed_fits, packed_lengths
-from .passes import Tokenised, length_groups, naive_calls, pass_cost_tokens, plan_units, plan_work, request_cost
+from .passes import (
+    Tokenised,
+    length_groups,
+    naive_calls,
+    pass_cost_tokens,
+    plan_units,
+    plan_work,
+    rank_works,
+    request_cost,
+)
 from .plan_data import TaskCounts
 from .plan_machine import Arch, layer_params, n_params, planned_importance_batch
 from .pruning import n_removed
@@ -99,17 +108,39 @@ def scoring_calls(tk: Tokenised, requests: list[Request], ranks: int, batch_size
         if (id(requests), "rows") not in cache:
             cache[(id(requests), "rows")] = packed_lengths(tk, requests)
         packed = packed_fits(cache[(id(requests), "rows")], batch_size, zero.heads, None, zero.free_bytes)
-    if (id(requests), "slices", ranks) not in cache:
-        cache[(id(requests), "slices", ranks)] = [list(range(len(requests)))] if ranks == 1 else balanced_slices(
-            [request_cost(tk, r) for r in requests], ranks)
-    slices = cache[(id(requests), "slices", ranks)]
-    works = [_rank_passes(tk, requests, s, n_masks, batch_size, cost, regroup, packed, cache) for s in slices]
-    steps = max(len(tails) for tails, _ in works)
-    tails = sum(max((t[s] for t, _ in works if s < len(t)), default=0) for s in range(steps))
-    naive = max(n for _, n in works)
+    if zero is not None and ranks > 1:  # every rank's share of every pass (passes.rank_works)
+        steps, tails, naive = _zero3_passes(tk, requests, ranks, n_masks, batch_size, cost, regroup, packed, cache)
+    else:  # one process, or data-parallel ranks on their own slices (the busiest rank's calls, per step)
+        if (id(requests), "slices", ranks) not in cache:
+            cache[(id(requests), "slices", ranks)] = [list(range(len(requests)))] if ranks == 1 else balanced_slices(
+                [request_cost(tk, r) for r in requests], ranks)
+        works = [_rank_passes(tk, requests, s, n_masks, batch_size, cost, regroup, packed, cache)
+                 for s in cache[(id(requests), "slices", ranks)]]
+        steps = max(len(t) for t, _ in works)
+        tails = sum(max((t[s] for t, _ in works if s < len(t)), default=0) for s in range(steps))
+        naive = max(n for _, n in works)
     if packed:  # one whole-model call per step (its unembedding inside), no continuation passes
         return Calls(unembed=steps + naive, model=steps + naive)
     return Calls(base=steps + tails, unembed=steps + naive, model=naive)
+
+
+def _zero3_passes(tk, requests, ranks, n_masks, batch_size, cost, regroup, packed, cache) -> tuple[int, int, int]:
+    """(steps, continuation passes, naive calls) of ZeRO-3 ranks in call-lockstep, each with its share
+    of every pass (passes.rank_works). Packed, the steps are the prefix passes of the whole list with
+    `ranks` times the batch and the pass cost: planned from the units' lengths without the mask copies
+    (length_groups sorts them), and the naive calls from the over-length requests dealt by tokens."""
+    if not packed:
+        works = rank_works(tk, requests, n_masks, batch_size, cost, regroup, False, ranks)
+        return (len(works[0].prefixes), sum(max(w.tails[s] for w in works) for s in range(len(works[0].prefixes))),
+                max(w.naive for w in works))
+    if (id(requests), "units") not in cache:
+        units, overflow = plan_units(tk, requests)
+        naive = sorted({i for i, _ in overflow})
+        cache[(id(requests), "units")] = ([len(p) for p, _ in units], naive)
+    lengths, naive = cache[(id(requests), "units")]
+    steps = len(length_groups(lengths * n_masks, cost * ranks, max_size=batch_size * ranks))
+    parts = balanced_slices([request_cost(tk, requests[i]) for i in naive], ranks)
+    return steps, 0, max(naive_calls(requests, [(naive[x], 0) for x in p], n_masks) for p in parts)
 
 
 def _rank_passes(tk, requests, idx, n_masks, batch_size, cost, regroup, packed, cache) -> tuple[list[int], int]:

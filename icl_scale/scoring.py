@@ -55,6 +55,7 @@ from .passes import (
     pass_cost_tokens,
     plan_units,
     plan_work,
+    rank_works,
     regroupable,
     request_cost,
     tail_groups,
@@ -64,8 +65,8 @@ from .tasks.base import Request
 
 # (ChoiceScore, Tokenised, pad_right, ... are the passes' vocabulary: re-exported for the scorer's users)
 __all__ = ["ChoiceScore", "Lockstep", "Tokenised", "Work", "cache_regroupable", "gates_for", "length_groups",
-           "pad_right", "pass_cost_tokens", "plan_units", "plan_work", "regroupable", "request_cost", "score_masks",
-           "score_naive", "score_requests", "score_units"]
+           "pad_right", "pass_cost_tokens", "plan_units", "plan_work", "rank_works", "regroupable", "request_cost",
+           "score_masks", "score_naive", "score_requests", "score_units"]
 
 
 def _cache_kwarg(base) -> str:
@@ -198,7 +199,8 @@ def score_requests(lm: LoadedModel, requests: Sequence[Request], head_mask=None,
     """Prefix-cached scorer (see module docstring). `batch_size` = distinct prefixes per pass.
 
     With data-parallel ranks (icl_scale.distributed) each rank scores a token-balanced slice of the
-    requests and every rank returns all of them; under ZeRO-3 the ranks run in call-lockstep."""
+    requests and every rank returns all of them; under ZeRO-3 the ranks run in call-lockstep, each
+    with its share of every pass (passes.rank_works)."""
     return score_masks(lm, requests, [(head_mask, ffn_mask)], batch_size, progress, desc)[0]
 
 
@@ -224,20 +226,22 @@ def score_masks(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tu
         packed = packable(lm, tk, requests, batch_size, least_free_memory())
     if world == 1:
         return _score_local(lm, requests, masks, batch_size, progress, desc, tk=tk, packed=packed)
-    slices = balanced_slices([request_cost(tk, r) for r in requests], world)
-    mine = slices[rank]
-    sync = None
-    if lm.engine is not None:  # ZeRO-3: the schedule of every rank's passes, before any work
+    if lm.engine is not None:  # ZeRO-3: every rank's share of every pass, scheduled before any work
         cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
-        works = [plan_work(tk, [requests[i] for i in s], len(masks), batch_size, cost, regroup, packed) for s in slices]
-        sync = Lockstep(lm, works, regroup, packed)
-    local = _score_local(lm, [requests[i] for i in mine], masks, batch_size, progress, desc, sync, tk, packed)
+        works = rank_works(tk, requests, len(masks), batch_size, cost, regroup, packed, world)
+        local = _score_local(lm, requests, masks, batch_size, progress, desc, Lockstep(lm, works, regroup, packed),
+                             tk, packed, works[rank])
+        idx = range(len(requests))
+    else:  # each rank its own token-balanced slice of the requests, planned alone
+        idx = balanced_slices([request_cost(tk, r) for r in requests], world)[rank]
+        local = _score_local(lm, [requests[i] for i in idx], masks, batch_size, progress, desc, tk=tk, packed=packed)
+    # the choices this rank scored (under ZeRO-3 a request's choices may be in units of several ranks)
+    mine = [(k, i, j, c.logprob, c.n_tokens) for k, res in enumerate(local) for i, row in zip(idx, res)
+            for j, c in enumerate(row) if c is not None]
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
-    mine_rows = [[[(c.logprob, c.n_tokens) for c in row] for row in res] for res in local]
-    for idx, per_mask in gather_objects((mine, mine_rows)):
-        for res, rows in zip(out, per_mask):
-            for i, row in zip(idx, rows):
-                res[i] = [ChoiceScore(lp, n) for lp, n in row]
+    for part in gather_objects(mine):
+        for k, i, j, lp, n in part:
+            out[k][i][j] = ChoiceScore(lp, n)
     return out
 
 
@@ -263,10 +267,12 @@ def _maskgates_for(lm: LoadedModel, masks: Sequence[tuple], n: int):
 
 def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[tuple], batch_size: int,
                  progress: bool, desc: str, sync: Lockstep | None = None,
-                 tk: Tokenised | None = None, packed: bool = False) -> list[list[list[ChoiceScore]]]:
+                 tk: Tokenised | None = None, packed: bool = False,
+                 work: Work | None = None) -> list[list[list[ChoiceScore]]]:
     """score_masks on this process's requests (`sync`: ZeRO-3 call-lockstep with the other ranks, on
     its schedule; `tk`: the tokens of a superset of `requests`, when the caller has them; `packed`:
-    each step is one call of the whole model, icl_scale/packed.py)."""
+    each step is one call of the whole model, icl_scale/packed.py; `work`: this rank's share of the
+    passes over all of `requests`, passes.rank_works, whose other rows stay None)."""
     from .packed import score_packed
 
     tk = tk or Tokenised(lm, requests)
@@ -274,7 +280,7 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
     dev = lm.device
     cost = pass_cost_tokens(dev)
     regroup = sync.regroup if sync else cache_regroupable(lm)
-    work = plan_work(tk, requests, len(masks), batch_size, cost, regroup, packed)
+    work = work or plan_work(tk, requests, len(masks), batch_size, cost, regroup, packed)
     out: list = [[[None] * r.n_choices for r in requests] for _ in masks]
     copies = list(requests) * len(masks)
     base, logits_of, pad = lm.model.base_model, lm.adapter.logits, lm.tokenizer.pad_token_id
@@ -282,12 +288,12 @@ def _score_local(lm: LoadedModel, requests: Sequence[Request], masks: Sequence[t
     if sync:
         sync.select = select
     with gates:
-        bar = tqdm(total=len(work.units), disable=not progress, desc=desc, unit="ctx", leave=False)
+        bar = tqdm(total=sum(map(len, work.prefixes)), disable=not progress, desc=desc, unit="ctx", leave=False)
         for step in range(len(sync.tails) if sync else len(work.prefixes)):
-            if step >= len(work.prefixes):
+            g = work.prefixes[step] if step < len(work.prefixes) else []
+            if not g:  # nothing of this rank's in this step: the others' calls, on one pad token
                 sync.idle_units(step)
                 continue
-            g = work.prefixes[step]
             lock = (sync, sync.tails[step]) if sync else None
             chunk = [work.units[k] for k in g]
             for i, j, sc in score_packed(lm, tk, copies, chunk, select) if packed else score_units(

@@ -5,8 +5,8 @@ gather while another waits in an all-reduce (the hangs of `task=copa shot=0 eval
 
 Checked here in one process: every simulated rank of a random draw (task, shot, limit, max_length,
 batch size, masks, ranks) records the same calls of the base model, the unembedding and the whole
-model as every other rank, and the ranks' slices together give the one-process scores. The
-torchrun runs under real ZeRO-3 are in test_data_parallel.py."""
+model as every other rank, and the ranks' shares together give the one-process scores, each choice
+scored by exactly one rank. The torchrun runs under real ZeRO-3 are in test_data_parallel.py."""
 
 from __future__ import annotations
 
@@ -16,15 +16,13 @@ import random
 import pytest
 import torch
 
-from icl_scale.distributed import balanced_slices
 from icl_scale.scoring import (
     Lockstep,
     Tokenised,
     _score_local,
     cache_regroupable,
     pass_cost_tokens,
-    plan_work,
-    request_cost,
+    rank_works,
     score_masks,
 )
 from icl_scale.tasks import build_requests
@@ -57,27 +55,36 @@ def _recorded(lm):
 
 
 def _run_ranks(lm, reqs, masks, batch_size, world, packed=False):
-    """Each simulated rank's (call sequence, scores of its slice), on the schedule of all ranks
-    (`packed`: ZeRO-3's one call of the whole model per step)."""
+    """Each simulated rank's (call sequence, scores of its share: None elsewhere), on the schedule of all
+    ranks (`packed`: ZeRO-3's one call of the whole model per step)."""
     tk = Tokenised(lm, reqs)
-    slices = balanced_slices([request_cost(tk, r) for r in reqs], world)
     cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
-    works = [plan_work(tk, [reqs[i] for i in s], len(masks), batch_size, cost, regroup) for s in slices]
+    works = rank_works(tk, reqs, len(masks), batch_size, cost, regroup, packed, world)
     out = []
-    for s in slices:
+    for work in works:
         calls, hooks = _recorded(lm)
         try:
-            res = _score_local(lm, [reqs[i] for i in s], masks, batch_size, False, "",
-                               Lockstep(lm, works, regroup, packed), tk, packed)
+            res = _score_local(lm, reqs, masks, batch_size, False, "", Lockstep(lm, works, regroup, packed), tk,
+                               packed, work)
         finally:
             for h in hooks:
                 h.remove()
-        out.append((calls, s, res))
+        out.append((calls, res))
     return out
 
 
+def _assert_shares_give(ranks, whole, d):
+    """Every choice under every mask scored by exactly one rank, as the one process scores it."""
+    for k, per_mask in enumerate(whole):
+        for i, row in enumerate(per_mask):
+            for j, want in enumerate(row):
+                got = [res[k][i][j] for _, res in ranks if res[k][i][j] is not None]
+                assert len(got) == 1, (d, k, i, j)
+                assert got[0].n_tokens == want.n_tokens and abs(got[0].logprob - want.logprob) <= 1e-4, d
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_every_rank_makes_the_same_calls_and_the_slices_give_the_one_process_scores(seed):
+def test_every_rank_makes_the_same_calls_and_the_shares_give_the_one_process_scores(seed):
     rng = random.Random(seed)
     d = _draw(rng)
     base = get_model(d["model"])
@@ -85,15 +92,9 @@ def test_every_rank_makes_the_same_calls_and_the_slices_give_the_one_process_sco
     reqs = build_requests(d["task"], shot=d["shot"], limit=d["limit"], data_dir=data_dir(), seed=seed)
     masks = _masks(lm, d["masks"], rng)
     ranks = _run_ranks(lm, reqs, masks, d["batch_size"], d["world"])
-    assert all(calls == ranks[0][0] for calls, _, _ in ranks), d  # the same sequence of module calls
+    assert all(calls == ranks[0][0] for calls, _ in ranks), d  # the same sequence of module calls
     assert ranks[0][0], d  # the draw does some work
-    whole = score_masks(lm, reqs, masks, batch_size=d["batch_size"])
-    for _, idx, res in ranks:
-        for k in range(len(masks)):
-            for i, row in zip(idx, res[k]):
-                want = whole[k][i]
-                assert [c.n_tokens for c in row] == [c.n_tokens for c in want], d
-                assert max(abs(a.logprob - b.logprob) for a, b in zip(row, want)) <= 1e-4, d
+    _assert_shares_give(ranks, score_masks(lm, reqs, masks, batch_size=d["batch_size"]), d)
 
 
 def test_ranks_with_unequal_continuation_and_naive_passes_still_match():
@@ -104,10 +105,8 @@ def test_ranks_with_unequal_continuation_and_naive_passes_still_match():
     for shot, limit, max_length in [(0, 16, base.max_length), (1, 12, 28)]:
         lm = dataclasses.replace(base, max_length=max_length)
         reqs = build_requests("copa", shot=shot, limit=limit, data_dir=data_dir())
-        tk = Tokenised(lm, reqs)
-        slices = balanced_slices([request_cost(tk, r) for r in reqs], 2)
-        works = [plan_work(tk, [reqs[i] for i in s], 1, 8, pass_cost_tokens(lm.device), cache_regroupable(lm))
-                 for s in slices]
+        works = rank_works(Tokenised(lm, reqs), reqs, 1, 8, pass_cost_tokens(lm.device), cache_regroupable(lm),
+                           False, 2)
         assert works[0].tails != works[1].tails or works[0].naive != works[1].naive  # the plans differ
         ranks = _run_ranks(lm, reqs, [(None, None)], 8, 2)
         assert ranks[0][0] == ranks[1][0]
@@ -124,15 +123,10 @@ def test_packed_steps_make_the_same_calls_on_every_rank_and_give_the_cached_scor
     reqs = build_requests(d["task"], shot=d["shot"], limit=d["limit"], data_dir=data_dir(), seed=seed)
     masks = _masks(lm, d["masks"], rng)
     ranks = _run_ranks(lm, reqs, masks, d["batch_size"], d["world"], packed=True)
-    assert all(calls == ranks[0][0] for calls, _, _ in ranks), d
+    assert all(calls == ranks[0][0] for calls, _ in ranks), d
     # every call goes through the whole model (DeepSpeed's hooks run), nothing beside it (OPT's causal
     # LM calls its decoder, not the base model: no "base" there)
     calls = ranks[0][0]
     assert calls[0] == "model" and all(c.split() in (["base", "unembed"], ["unembed"])
                                        for c in " ".join(calls).split("model")[1:]), d
-    whole = score_masks(lm, reqs, masks, batch_size=d["batch_size"])
-    for _, idx, res in ranks:
-        for k in range(len(masks)):
-            for i, row in zip(idx, res[k]):
-                assert [c.n_tokens for c in row] == [c.n_tokens for c in whole[k][i]], d
-                assert max(abs(a.logprob - b.logprob) for a, b in zip(row, whole[k][i])) <= 1e-4, d
+    _assert_shares_give(ranks, score_masks(lm, reqs, masks, batch_size=d["batch_size"]), d)

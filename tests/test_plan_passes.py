@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from icl_scale import plan as P
-from icl_scale.distributed import balanced_slices
 from icl_scale.models.loading import document_start_ids
 from icl_scale.packed import packable
 from icl_scale.plan_passes import MeanTokens, Zero3, importance_calls, scoring_calls, shard_lists, shard_schedule
@@ -19,8 +18,7 @@ from icl_scale.scoring import (
     _score_local,
     cache_regroupable,
     pass_cost_tokens,
-    plan_work,
-    request_cost,
+    rank_works,
 )
 from icl_scale.shard import run_shard
 from icl_scale.tasks import build_requests
@@ -81,21 +79,19 @@ def test_the_planned_calls_of_a_scoring_run_are_every_zero3_ranks(world, masks, 
     lm = get_model("tiny-opt")
     reqs = build_requests("winogrande", shot=1, limit=7, data_dir=data_dir())
     tk = Tokenised(lm, reqs)
-    slices = balanced_slices([request_cost(tk, r) for r in reqs], world)
     cost, regroup = pass_cost_tokens(lm.device), cache_regroupable(lm)
     batch = 2 * masks
-    works = [plan_work(tk, [reqs[i] for i in s], masks, batch, cost, regroup) for s in slices]
     g = lm.adapter.geometry
     free = 2**34 if packed else 1  # room to pack every step, or none
     zero = Zero3(free, 0, 1, lm.model.config.vocab_size, g.n_heads)
     assert packable(lm, tk, reqs, batch, free) == packed
     planned = scoring_calls(tk, reqs, world, 2, masks, device="cpu", regroup=regroup, zero=zero)
     mask_list = [(None, None)] + [(torch.ones(g.n_layers, g.n_heads), torch.ones(g.n_layers))] * (masks - 1)
-    for s in slices:
+    works = rank_works(tk, reqs, masks, batch, cost, regroup, packed, world)
+    for work in works:
         calls, hooks = _counting(lm)
         try:
-            _score_local(lm, [reqs[i] for i in s], mask_list, batch, False, "", Lockstep(lm, works, regroup, packed),
-                         tk, packed)
+            _score_local(lm, reqs, mask_list, batch, False, "", Lockstep(lm, works, regroup, packed), tk, packed, work)
         finally:
             for h in hooks:
                 h.remove()
