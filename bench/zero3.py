@@ -7,7 +7,8 @@ model whole at once, and whether the stores equal this checkout's 1-rank one.
 
     python bench/zero3.py                       # writes bench/results/zero3.json and .md
     python bench/zero3.py --base 6fe03b8 --main 6bb1021 --collective-timeout-min 3
-    python bench/zero3.py --scale 4 --main '' --out bench/results/zero3_x4   # 4x the docs
+    python bench/zero3.py --scale 4 --main '' --repeat 2 --out bench/results/zero3_x4   # 4x the docs
+    python bench/zero3.py --scale 8 --base '' --main '' --repeat 2 --out bench/results/zero3_x8
 
 The model is a random OPT whose decoder blocks hold ~92% of its parameters (12 blocks of d=512,
 FFN 2048; the embedding projected to 64), so that a live-parameter budget of a quarter of the model
@@ -195,7 +196,7 @@ def compare(a: Path, b: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="6fe03b8", help="the earlier commit to compare with")
+    ap.add_argument("--base", default="6fe03b8", help="the earlier commit to compare with; '' to skip")
     ap.add_argument("--main", default="6bb1021", help="a second earlier commit (2 ranks only); '' to skip")
     ap.add_argument("--collective-timeout-min", type=float, default=3.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "zero3"))
@@ -219,7 +220,8 @@ def main(argv=None) -> int:
                 archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True,
                                          check=True).stdout
                 subprocess.run(["tar", "-x", "-C", str(trees[label])], input=archive, check=True)
-        todo = [("base", 1), ("base", 2)] + ([("main", 2)] if a.main else []) + [("this", 1), ("this", 2)]
+        todo = ([("base", 1), ("base", 2)] if a.base else []) + ([("main", 2)] if a.main else []) \
+            + [("this", 1), ("this", 2)]
         for label, ranks in todo:
             extra = [f"model.deepspeed.max_live_parameters={budget}", "importance.batch_size=auto"] \
                 if label == "this" else []

@@ -10,8 +10,9 @@ Big models run under DeepSpeed ZeRO-3 across the GPUs of a job (icl_scale/models
 rank holds a slice of the parameters and gathers the rest layer by layer during each forward, so
 all ranks must make the same sequence of module calls; their inputs may differ. Under ZeRO-3 the
 scorer follows a schedule every rank computes from the shard's inputs before any work
-(passes.rank_works: each pass's units dealt to the ranks by tokens; passes.Lockstep), the importance pass runs every step on every rank, and a rank with less work runs
-placeholder calls (one pad token, weight zero). A rank that fails ends the job (`FailureWatch`).
+(passes.rank_works: each pass's units dealt to the ranks by tokens; passes.Lockstep), the importance
+pass runs every step on every rank, and a rank with less work runs placeholder calls (one pad token,
+weight zero). A rank that fails ends the job (`FailureWatch`).
 
 `set_data_parallel(False)` makes every rank do all the work on identical inputs instead
 (lockstep, the earlier behaviour; kept for the benchmark that compares the two).

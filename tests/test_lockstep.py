@@ -130,3 +130,28 @@ def test_packed_steps_make_the_same_calls_on_every_rank_and_give_the_cached_scor
     assert calls[0] == "model" and all(c.split() in (["base", "unembed"], ["unembed"])
                                        for c in " ".join(calls).split("model")[1:]), d
     _assert_shares_give(ranks, score_masks(lm, reqs, masks, batch_size=d["batch_size"]), d)
+
+
+def test_every_pass_is_shared_out_by_tokens_each_unit_once():
+    """passes.rank_works: the ranks' shares of each step are the one-process pass of r x the batch, each
+    unit in one share, at most `batch_size` units each, the shares' tokens within one unit's of each
+    other (the rule that keeps a rank from waiting on a busier one); over-length requests go to one rank."""
+    from icl_scale.passes import plan_work, unit_tokens
+
+    lm = dataclasses.replace(get_model("tiny-opt"), max_length=40)
+    reqs = build_requests("hellaswag", shot=1, limit=23, data_dir=data_dir())
+    tk, cost, regroup = Tokenised(lm, reqs), pass_cost_tokens(lm.device), cache_regroupable(lm)
+    for world, batch, masks in [(2, 3, 1), (3, 2, 2), (4, 4, 3)]:
+        works = rank_works(tk, reqs, masks, batch, cost, regroup, True, world)
+        whole = plan_work(tk, reqs, masks, batch * world, cost * world, regroup, True)
+        copies = reqs * masks
+        assert all(len(w.prefixes) == len(whole.prefixes) for w in works)
+        for step, g in enumerate(whole.prefixes):
+            shares = [w.prefixes[step] for w in works]
+            assert sorted(k for s in shares for k in s) == sorted(g)
+            assert max(map(len, shares)) <= batch
+            loads = [sum(unit_tokens(tk, copies, whole.units[k]) for k in s) for s in shares]
+            assert max(loads) - min(loads) <= max(unit_tokens(tk, copies, whole.units[k]) for k in g)
+        owners = [{i for i, _ in w.overflow} for w in works]
+        assert sorted(i for o in owners for i in o) == sorted({i for i, _ in whole.overflow})
+        assert whole.overflow and sum(w.naive for w in works) == whole.naive
