@@ -40,12 +40,17 @@ def test_auto_knobs_come_from_free_memory_within_two_blocks_and_the_model(monkey
     assert knobs(monkeypatch, 10**12)["stage3_max_live_parameters"] == 30_000  # at most the model
 
 
-def test_explicit_knobs_are_kept_and_the_prefetch_stays_within_the_budget(monkeypatch):
+def test_explicit_knobs_are_kept_and_the_prefetch_stays_within_the_budget(monkeypatch, caplog):
     k = knobs(monkeypatch, 10**12, max_live_parameters=20_000, persistence_threshold=0)
     assert k["stage3_max_live_parameters"] == k["stage3_max_reuse_distance"] == 5_000
     assert k["stage3_prefetch_bucket_size"] == 5_000 and k["stage3_param_persistence_threshold"] == 0
     assert knobs(monkeypatch, 10**12, prefetch_bucket_size=123)["stage3_prefetch_bucket_size"] == 123
     small = knobs(monkeypatch, 10**12, max_live_parameters=12_000)  # under a block and a tensor: nothing beside
     assert small["stage3_max_live_parameters"] == small["stage3_prefetch_bucket_size"] == 0
+    # ... which is allowed but stops prefetching: a warning names the field and the least useful value
+    assert "max_live_parameters=12000 holds only the module running" in caplog.text and "25000 or more" in caplog.text
+    caplog.clear()
+    knobs(monkeypatch, 10**12, max_live_parameters=25_000)
+    assert "max_live_parameters" not in caplog.text
     cfg = zero.ds_config(torch.float32, "none", k)["zero_optimization"]
     assert cfg["stage"] == 3 and cfg["stage3_max_live_parameters"] == 5_000

@@ -99,6 +99,10 @@ def stage3_knobs(model: torch.nn.Module, ds: dict, dtype: torch.dtype) -> dict:
     stays whole only within it (a small model's tied embedding)."""
     total, block, tensor = model_numbers(model)
     beside = live_beside(ds["max_live_parameters"], total, block, tensor, least_free_memory(), dtype.itemsize)
+    if beside == 0 and ds["max_live_parameters"] != "auto":  # legal, but every module is gathered on demand
+        log.warning("model.deepspeed.max_live_parameters=%s holds only the module running (largest block %d + "
+                    "largest tensor %d parameters): nothing is prefetched; set it to %d or more (one block beside) "
+                    "or auto", ds["max_live_parameters"], block, tensor, 2 * block + tensor)
     prefetch = block if ds["prefetch_bucket_size"] == "auto" else int(ds["prefetch_bucket_size"])
     persist = ds["persistence_threshold"]
     persist = int(getattr(model.config, "hidden_size", 0)) if persist == "auto" else persist
