@@ -23,7 +23,7 @@ from .collect import read_induction
 from .config import setup_environment
 from .lease import describe, is_live, read_holder
 from .resources import SweepError, check_request, job_resources, slurm_resources, tasks_per_node
-from .store import Shard, check_writable, shard_seed
+from .store import Shard, check_writable, induction_dir, shard_seed
 from .sweep_models import manifest_entry, model_cfgs, write_manifest
 from .tracking import sanitize_config
 
@@ -84,9 +84,15 @@ def shard_state(c: dict) -> str:
 
 
 def induction_done(cfg: dict) -> bool:
-    """The model's induction scores are in the store and read back (icl_scale.collect)."""
+    """The model's induction scores are in the store, read back (icl_scale.collect), and made with these
+    settings (their scores.json's hash, icl_scale.induction.induction_key)."""
+    from .induction import done_paths, induction_key
+
+    if cfg["store"]["force"]:
+        return False
     scores, problem = read_induction(cfg["store"]["root"], cfg["model"]["name"])
-    return scores is not None and problem is None and not cfg["store"]["force"]
+    out = induction_dir(cfg["store"]["root"], cfg["model"]["name"])
+    return scores is not None and problem is None and done_paths(out, induction_key(cfg)) is not None
 
 
 # --- the jobs (callables submitit pickles and runs on the compute node) ---------------------------

@@ -26,7 +26,7 @@ from icl_scale.induction import (
     run_job,
     token_pool,
 )
-from icl_scale.induction.job import CONFIG_KEYS
+from icl_scale.induction.job import CONFIG_KEYS, induction_key
 from icl_scale.induction.reference import reference_copying, reference_prefix_matching
 from icl_scale.models import Adapter, Gates, UnsupportedArchitecture, load_model
 from icl_scale.pruning import random_ranking
@@ -276,6 +276,35 @@ def test_job_writes_store(tmp_path):
     assert all((out / f"{k}.png").stat().st_size > 0 for k in t)
     assert sorted(p.name for p in out.iterdir()) == sorted(["scores.safetensors", "scores.json",
                                                             *(f"{k}.png" for k in t)])
+
+
+def test_a_rerun_with_the_same_settings_loads_nothing_and_a_changed_setting_recomputes(tmp_path, monkeypatch):
+    """scores.json records the settings' hash: the same settings again are done (no model loaded, the
+    files untouched, the sweep submits nothing), another n_seeds or store.force=true computes anew."""
+    from icl_scale import models
+    from icl_scale.sweep import induction_done
+
+    cfg = _compose_induction("model=tiny-llama", "induction.n_seeds=2", "induction.progress=false",
+                             f"store.root={tmp_path}")
+    assert not induction_done(cfg)
+    paths = run_job(cfg)
+    meta = json.loads(Path(paths["json"]).read_text())
+    assert meta["config_hash"] == induction_key(cfg) and induction_done(cfg)
+    stamps = {k: Path(v).stat().st_mtime_ns for k, v in paths.items()}
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda spec: loads.append(spec) or real(spec))
+    again = run_job(cfg)
+    assert loads == [] and again == paths and {k: Path(v).stat().st_mtime_ns for k, v in again.items()} == stamps
+    more = _compose_induction("model=tiny-llama", "induction.n_seeds=3", "induction.progress=false",
+                              f"store.root={tmp_path}")
+    assert induction_key(more) != induction_key(cfg) and not induction_done(more)
+    assert json.loads(Path(run_job(more)["json"]).read_text())["n_seeds"] == 3 and len(loads) == 1
+    forced = _compose_induction("model=tiny-llama", "induction.n_seeds=3", "induction.progress=false",
+                                f"store.root={tmp_path}", "store.force=true")
+    assert not induction_done(forced)
+    run_job(forced)
+    assert len(loads) == 2
 
 
 def _compose_induction(*overrides: str) -> dict:

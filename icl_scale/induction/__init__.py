@@ -31,7 +31,7 @@ Read top to bottom:
 """
 
 from .analysis import PRUNE_LEVELS, mask_from_ranking, ranking_masks, retained_capacity
-from .job import heatmap, run_job, save_result
+from .job import done_paths, heatmap, induction_key, run_job, save_result
 from .options import SCORES, CopyingOptions, InductionConfigError, copying_options_from
 from .reductions import copying_from, most_attended, prefix_from_lse, prefix_from_probs, unembedding_matrix
 from .scores import InductionResult, induction_scores, top_heads
@@ -46,7 +46,8 @@ from .sequences import (
 
 __all__ = [
     "PRUNE_LEVELS", "SCORES", "CopyingOptions", "InductionConfigError", "InductionResult", "copying_from",
-    "copying_options_from", "default_lengths", "expected_uniform_prefix", "heatmap", "induction_scores",
+    "copying_options_from", "default_lengths", "done_paths", "expected_uniform_prefix", "heatmap", "induction_key",
+    "induction_scores",
     "make_sequences", "mask_from_ranking", "most_attended", "prefix_from_lse", "prefix_from_probs",
     "prefix_targets", "ranked_vocabulary", "ranking_masks", "retained_capacity", "run_job", "save_result",
     "token_pool", "top_heads", "unembedding_matrix",

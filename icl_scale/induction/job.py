@@ -1,15 +1,21 @@
 """The induction job (jobs/induction.py, the sweep's InductionJob, the demo): load the model, score
-every head, write <store.root>/<model>/induction/ (scores.safetensors, scores.json, heatmaps)."""
+every head, write <store.root>/<model>/induction/ (scores.safetensors, scores.json, heatmaps).
+
+scores.json records the settings' hash (`induction_key`: the model's hashed settings and the
+induction block), so a rerun with the same settings finds the scores done and loads nothing, and
+the sweep submits the job again only when a setting changed (store.force=true recomputes)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from .. import store
 from ..figures import pyplot, save_png
+from ..schema import hashed_settings
 from .options import InductionConfigError, copying_options_from
 from .scores import InductionResult, induction_scores
 
@@ -17,6 +23,7 @@ from .scores import InductionResult, induction_scores
 CONFIG_KEYS = ("n_seeds", "seed", "exclude_frac", "bos", "scores", "original_indexing", "copying", "top_k",
                "progress", "dtype")
 DTYPES = (None, "auto", "float32", "bfloat16", "float16")  # induction.dtype; null: model.dtype
+log = logging.getLogger(__name__)
 
 
 def heatmap(scores: torch.Tensor, title: str, path: Path, cmap: str = "viridis") -> None:
@@ -35,19 +42,20 @@ def heatmap(scores: torch.Tensor, title: str, path: Path, cmap: str = "viridis")
     save_png(fig, path)
 
 
-def save_result(result: InductionResult, out_dir: Path, k: int = 10) -> dict[str, Path]:
-    """scores.safetensors ([L, H] float32 each), heatmaps (mean, variance) and scores.json, each
-    written to a temporary file in out_dir and renamed into place (icl_scale.store)."""
+def save_result(result: InductionResult, out_dir: Path, k: int = 10, key: str | None = None) -> dict[str, Path]:
+    """scores.safetensors ([L, H] float32 each), heatmaps (mean, variance) and scores.json (with the
+    settings' hash `key`), each written to a temporary file in out_dir and renamed into place
+    (icl_scale.store); scores.json last, so its hash says the rest is written."""
     out_dir = Path(out_dir)
     tensors = {k_: v.float().contiguous() for k_, v in result.scores().items()}
-    meta = result.metadata(k)
+    meta = result.metadata(k) | ({"config_hash": key} if key else {})
     paths = {"scores": out_dir / "scores.safetensors", "json": out_dir / "scores.json"}
     store.write_tensors(paths["scores"], tensors, metadata={"json": json.dumps(meta)})
-    for key, t in tensors.items():
-        label = key.replace("_var", " (variance)").replace("_", " ")
-        paths[key] = out_dir / f"{key}.png"
-        heatmap(t, f"{result.model} {label}, {result.n_seeds} seeds", paths[key],
-                cmap="magma" if key.endswith("_var") else "viridis")
+    for name, t in tensors.items():
+        label = name.replace("_var", " (variance)").replace("_", " ")
+        paths[name] = out_dir / f"{name}.png"
+        heatmap(t, f"{result.model} {label}, {result.n_seeds} seeds", paths[name],
+                cmap="magma" if name.endswith("_var") else "viridis")
     store.write_json(paths["json"], meta)
     return paths
 
@@ -81,6 +89,26 @@ def induction_model_spec(cfg, ind: dict) -> dict:
     return spec if ind["dtype"] is None else {**spec, "dtype": ind["dtype"]}
 
 
+def induction_key(cfg) -> str:
+    """The hash of what the scores depend on: the model's hashed settings (induction.dtype in place of
+    model.dtype when set) and the induction block but its progress bar."""
+    ind = induction_settings(cfg)
+    model = hashed_settings({"model": induction_model_spec(cfg, ind)}, "model")
+    return store.config_hash({"model": model, "induction": {k: v for k, v in ind.items() if k != "progress"}})
+
+
+def done_paths(out_dir: Path, key: str) -> dict[str, Path] | None:
+    """The files of scores made with the settings hashed as `key`, or None when they are not all there."""
+    try:
+        meta = json.loads((Path(out_dir) / "scores.json").read_text())
+    except (OSError, ValueError):
+        return None
+    paths = {"scores": Path(out_dir) / "scores.safetensors", "json": Path(out_dir) / "scores.json"}
+    paths |= {p.stem: p for p in sorted(Path(out_dir).glob("*.png"))}
+    ok = isinstance(meta, dict) and meta.get("config_hash") == key and paths["scores"].exists()
+    return paths if ok else None
+
+
 def weights_read(lm) -> list:
     """The parameters the scores read outside a forward pass (the copying score's OV circuit: every
     output projection, the unembedding, the final norm, OPT-350m's project_out). Under ZeRO-3 they
@@ -100,13 +128,18 @@ def run_job(cfg) -> dict:
     from ..models.zero import gathered
 
     ind = induction_settings(cfg)
+    key, spec = induction_key(cfg), induction_model_spec(cfg, ind)
+    done = None if cfg["store"]["force"] else done_paths(store.induction_dir(cfg["store"]["root"], spec["name"]), key)
+    if done:  # every rank reads the same files, so every rank skips
+        log.info("%s induction scores are complete (settings %s): nothing to do", spec["name"], key)
+        return {k: str(v) for k, v in done.items()}
     store.set_writer(dist_env().is_main)  # several ranks (ZeRO-3) compute the same scores; rank 0 writes
-    lm = load_model(induction_model_spec(cfg, ind))
+    lm = load_model(spec)
     with gathered(weights_read(lm)):  # ZeRO-3: full tensors of what the scores read directly
         result = induction_scores(
             lm, bos=ind["bos"], n_seeds=int(ind["n_seeds"]), seed=int(ind["seed"]),
             exclude_frac=float(ind["exclude_frac"]), scores=tuple(ind["scores"]),
             original_indexing=bool(ind["original_indexing"]), copying=copying_options_from(ind["copying"]),
             progress=bool(ind["progress"]))
-    paths = save_result(result, store.induction_dir(cfg["store"]["root"], lm.name), k=int(ind["top_k"]))
+    paths = save_result(result, store.induction_dir(cfg["store"]["root"], lm.name), k=int(ind["top_k"]), key=key)
     return {k: str(v) for k, v in paths.items()}
