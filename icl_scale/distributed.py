@@ -69,6 +69,7 @@ def init_process_group(backend: str | None = None) -> DistEnv:
     os.environ.setdefault("WORLD_SIZE", str(de.world_size))
     os.environ["MASTER_ADDR"] = master_addr()
     os.environ["MASTER_PORT"] = str(master_port())
+    clear_stale_build_locks()
     if not td.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
@@ -77,6 +78,38 @@ def init_process_group(backend: str | None = None) -> DistEnv:
                               timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     start_failure_watch()
     return de
+
+
+# A JIT build of a torch extension (DeepSpeed's CPU shared-memory collectives, built when its comm
+# starts) holds a `lock` file in its build folder; a build that was killed leaves it, and every later
+# job then waits on it forever (torch's FileBaton has no timeout). A build takes about a minute.
+STALE_BUILD_LOCK_S = 600
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove torch extension build locks older than `max_age_s` (TORCH_EXTENSIONS_DIR, else torch's
+    default build root), with a warning each; returns their paths."""
+    import glob
+    import logging
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    locks = glob.glob(os.path.join(root, "*", "lock")) if root else glob.glob(
+        os.path.join(get_default_build_root(), "*", "*", "lock"))
+    removed = []
+    for lock in locks:
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                logging.getLogger(__name__).warning(
+                    "removed %s, left by a torch extension build that did not finish (older than %d s); the "
+                    "extension is built again", lock, max_age_s)
+        except FileNotFoundError:  # another rank removed it, or the build finished
+            pass
+    return removed
 
 
 def ranks_on_this_node() -> int:

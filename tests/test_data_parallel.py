@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from icl_scale.distributed import balanced_slices
+from icl_scale.distributed import balanced_slices, clear_stale_build_locks
 from icl_scale.store import read_tensors
 
 from conftest import REPO, assert_same_store, data_dir
@@ -56,6 +56,19 @@ def kill_job(p: subprocess.Popen) -> None:
 
 def shard_dir(root: Path, model: str, task: str = "copa", shot: int = 1) -> Path:
     return root / model / task / f"{shot}shot" / "seed0"
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """A killed JIT build (DeepSpeed's CPU collectives) leaves `lock` in its build folder and torch waits
+    on it forever; the job's start removes one older than the limit, never a build still running."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks(600) == [str(stale)]
+    assert not stale.exists() and fresh.exists() and "did not finish" in caplog.text
 
 
 def test_balanced_slices_are_deterministic_balanced_and_capped():
