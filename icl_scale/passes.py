@@ -290,8 +290,9 @@ def naive_calls(requests: Sequence[Request], overflow, n_masks: int) -> int:
 class Lockstep:
     """ZeRO-3 with data-parallel ranks: every rank must make the same sequence of module calls,
     whatever its share of the work. The sequence is a schedule every rank computes from the shard's
-    inputs before any work (`schedule`: every rank's `plan_work`, each step the most passes any rank
-    makes); a rank with fewer runs placeholder calls on one pad token (`idle_*`) where it has nothing.
+    inputs before any work (every rank's Work, `rank_works`; each step the most continuation passes
+    any rank makes); a rank with fewer runs placeholder calls on one pad token (`idle_*`) where it has
+    nothing.
     Nothing is agreed while the ranks work, so no rank can wait in an all-reduce while another is in a
     parameter gather. None of this is needed (or used) without ZeRO-3: each rank runs its own work."""
 
