@@ -84,15 +84,13 @@ def shard_state(c: dict) -> str:
 
 
 def induction_done(cfg: dict) -> bool:
-    """The model's induction scores are in the store, read back (icl_scale.collect), and made with these
-    settings (their scores.json's hash, icl_scale.induction.induction_key)."""
+    """The model's induction scores read back (icl_scale.collect), made with these settings (induction_key)."""
     from .induction import done_paths, induction_key
 
-    if cfg["store"]["force"]:
-        return False
-    scores, problem = read_induction(cfg["store"]["root"], cfg["model"]["name"])
-    out = induction_dir(cfg["store"]["root"], cfg["model"]["name"])
-    return scores is not None and problem is None and done_paths(out, induction_key(cfg)) is not None
+    root, name = cfg["store"]["root"], cfg["model"]["name"]
+    scores, problem = read_induction(root, name)
+    return (scores is not None and problem is None and not cfg["store"]["force"]
+            and done_paths(induction_dir(root, name), induction_key(cfg)) is not None)
 
 
 # --- the jobs (callables submitit pickles and runs on the compute node) ---------------------------
