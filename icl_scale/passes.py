@@ -264,16 +264,22 @@ def rank_works(tk: Tokenised, requests: Sequence[Request], n_masks: int, batch_s
         cap = -(-len(g) // world)  # <= batch_size: the pass held at most batch_size x world units
         for r, part in enumerate(balanced_slices([unit_tokens(tk, copies, whole.units[k]) for k in g], world, cap)):
             shares[r].append([g[x] for x in part])  # ascending positions: longest prefix first, as in g
-    naive = sorted({i for i, _ in whole.overflow})
-    naive_parts = balanced_slices([request_cost(tk, requests[i]) for i in naive], world)
     works = []
-    for r in range(world):
-        mine = {naive[x] for x in naive_parts[r]}
+    for r, mine in enumerate(naive_shares(tk, requests, whole.overflow, world)):
         overflow = [(i, j) for i, j in whole.overflow if i in mine]
         tails = [0 if packed or not g else len(tail_groups(tail_rows(tk, copies, [whole.units[k] for k in g]), cost,
                                                            regroup)) for g in shares[r]]
         works.append(Work(whole.units, overflow, shares[r], tails, naive_calls(requests, overflow, n_masks)))
     return works
+
+
+def naive_shares(tk: Tokenised, requests: Sequence[Request], overflow, world: int) -> list[set[int]]:
+    """The over-length requests (those with a pair in `overflow`: the naive path) dealt to `world` ranks
+    by tokens: each rank's request indices."""
+    from .distributed import balanced_slices
+
+    naive = sorted({i for i, _ in overflow})
+    return [{naive[x] for x in part} for part in balanced_slices([request_cost(tk, requests[i]) for i in naive], world)]
 
 
 def unit_tokens(tk: Tokenised, copies: Sequence[Request], unit) -> int:

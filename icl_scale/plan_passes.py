@@ -31,6 +31,7 @@ from .passes import (
     Tokenised,
     length_groups,
     naive_calls,
+    naive_shares,
     pass_cost_tokens,
     plan_units,
     plan_work,
@@ -135,12 +136,11 @@ def _zero3_passes(tk, requests, ranks, n_masks, batch_size, cost, regroup, packe
                 max(w.naive for w in works))
     if (id(requests), "units") not in cache:
         units, overflow = plan_units(tk, requests)
-        naive = sorted({i for i, _ in overflow})
-        cache[(id(requests), "units")] = ([len(p) for p, _ in units], naive)
-    lengths, naive = cache[(id(requests), "units")]
+        cache[(id(requests), "units")] = ([len(p) for p, _ in units], overflow)
+    lengths, overflow = cache[(id(requests), "units")]
     steps = len(length_groups(lengths * n_masks, cost * ranks, max_size=batch_size * ranks))
-    parts = balanced_slices([request_cost(tk, requests[i]) for i in naive], ranks)
-    return steps, 0, max(naive_calls(requests, [(naive[x], 0) for x in p], n_masks) for p in parts)
+    return steps, 0, max(naive_calls(requests, [(i, j) for i, j in overflow if i in mine], n_masks)
+                         for mine in naive_shares(tk, requests, overflow, ranks))
 
 
 def _rank_passes(tk, requests, idx, n_masks, batch_size, cost, regroup, packed, cache) -> tuple[list[int], int]:
